@@ -1,0 +1,1 @@
+"""Simulated galaxies (GalSim) and mock HSC surveys."""

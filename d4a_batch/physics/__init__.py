@@ -1,0 +1,1 @@
+"""The HSC observation model: cosmology scaling, stretch, resampling, PSF, likelihood. Pure torch + astropy."""

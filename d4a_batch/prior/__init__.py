@@ -1,0 +1,1 @@
+"""The diffusion prior: UNet, Gaussian diffusion schedules, artifacts. Pure torch."""

@@ -1,0 +1,1 @@
+"""Diffusion posterior sampling, posterior summaries and quality flags. Pure torch."""

@@ -1,0 +1,119 @@
+"""The one module that owns output column names, flag bits, status values and paths.
+
+Everything that writes or reads a column of the output catalog, tests a flag
+bit, or builds a default path imports it from here.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+# --------------------------------------------------------------------------- paths
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRIORS_DIR = REPO_ROOT / "priors"
+DEMO_PRIOR_DIR = PRIORS_DIR / "demo-64"
+CATALOGS_DIR = REPO_ROOT / "catalogs"
+DEMO_SURVEY_DIR = CATALOGS_DIR / "demo" / "survey"  # built on first use, not committed
+DEMO_OUTPUT_DIR = CATALOGS_DIR / "out" / "demo_posteriors"
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+# prior artifact file names
+PRIOR_WEIGHTS = "weights.safetensors"
+PRIOR_CONFIG = "config.json"
+PRIOR_STATS = "stats.safetensors"
+
+# run ledger / output metadata file names (next to the output catalog)
+LEDGER_FILE = "_d4a_ledger.parquet"
+RUN_CONFIG_FILE = "_d4a_run_config.json"
+
+
+# --------------------------------------------------------------------------- status
+class Status(enum.StrEnum):
+    OK = "ok"  # sampled; flags may still be set
+    ERROR = "error"  # input could not be used; see message; summaries are NaN
+
+
+# --------------------------------------------------------------------------- flags
+class Flag(enum.IntFlag):
+    """Quality flags: one bit each. ``FLAG_REASONS`` says what each means."""
+
+    PRIOR_DOMINATED = 1 << 0
+    UPSAMPLING_HIGH = 1 << 1
+    POOR_FIT = 1 << 2
+    MASKED_FRACTION_HIGH = 1 << 3
+    PSF_BAD = 1 << 4
+    PHOTOZ_BAD = 1 << 5
+    INPUT_ERROR = 1 << 6
+
+
+FLAG_REASONS: dict[Flag, str] = {
+    Flag.PRIOR_DOMINATED: "variance ratio in the core above threshold: the prior, not the data, drives the image",
+    Flag.UPSAMPLING_HIGH: "upsampling factor 0.168''/theta above limit: deconvolution unreliable",
+    Flag.POOR_FIT: "reduced chi2 of the re-convolved posterior mean above threshold",
+    Flag.MASKED_FRACTION_HIGH: "fraction of masked pixels in the stamp above threshold",
+    Flag.PSF_BAD: "PSF missing, renormalised or off-centre",
+    Flag.PHOTOZ_BAD: "photo-z missing, invalid or outside the prior's validity range",
+    Flag.INPUT_ERROR: "input could not be read or used; see status_message",
+}
+
+
+def flag_names(bits: int) -> list[str]:
+    """Names of the flags set in ``bits`` (lowest bit first)."""
+    return [f.name for f in Flag if bits & f.value]
+
+
+# --------------------------------------------------------------------------- output columns
+class Col:
+    """Output catalog column names."""
+
+    # identity (copied from input)
+    OBJECT_ID = "object_id"
+    RA = "ra"
+    DEC = "dec"
+    HEALPIX = "_healpix_29"
+    PHOTOZ = "photoz"
+    # status
+    STATUS = "status"
+    MESSAGE = "status_message"
+    FLAGS = "flags"
+    FLAG_NAMES = "flag_names"
+    FLAG_REASONS = "flag_reasons"
+    # geometry
+    THETA_ARCSEC = "model_pixel_arcsec"
+    UPSAMPLING = "upsampling"
+    N_OUT = "footprint_hsc_pixels"
+    STAMP_SIZE = "stamp_size"
+    MASKED_FRACTION = "masked_fraction"
+    # summaries (per band columns are f"{name}_{band}")
+    HALLUCINATION = "hallucination_score"
+    VARIANCE_RATIO_MEAN = "variance_ratio_mean"
+    CHI2 = "chi2_reduced"
+    FLUX = "flux"  # per band: flux_{band} (counts, zp 27)
+    FLUX_ERR = "flux_err"
+    MAG = "mag"  # per band: mag_{band} (AB)
+    MAG_ERR = "mag_err"
+    ALPHA = "alpha"  # per band amplitude
+    BETA = "beta"  # per band background
+    # maps (tensor columns)
+    MEAN_X = "mean_x"
+    STD_X = "std_x"
+    MEAN_FLUX = "mean_flux"
+    STD_FLUX = "std_flux"
+    VARIANCE_RATIO = "variance_ratio"
+    SAMPLES_X = "samples_x"
+    # provenance
+    RUN_ID = "run_id"
+    PRIOR_ID = "prior_id"
+    PRIOR_HASH = "prior_hash"
+    CONFIG_HASH = "config_hash"
+    CODE_VERSION = "code_version"
+    SEED = "seed"
+    STEPS = "steps"
+    SAMPLES = "samples"
+    CREATED = "created_utc"
+
+
+def band_col(name: str, band: str) -> str:
+    """Per-band column name, e.g. ``band_col(Col.FLUX, "i") == "flux_i"``."""
+    return f"{name}_{band}"

@@ -1,0 +1,1 @@
+"""Survey inputs and outputs: HSC FITS readers/writers, HATS catalogs, staging."""

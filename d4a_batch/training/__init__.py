@@ -1,0 +1,1 @@
+"""Training data and the Ray Train loop for the prior."""
