@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from d4a_batch.ray_setup import apply_local_env, init_ray
 from d4a_batch.schema import SHARED_DATA_DIR
 
-# Local clusters may switch token auth on depending on machine state: be explicit.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Token auth explicit, Ray on loopback only; inherited by every subprocess a test starts.
+apply_local_env()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -31,15 +32,6 @@ def rng():
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray cluster for the whole test session (logical CPUs oversubscribed for headroom)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
-        )
+    ray = init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,55 @@
+"""How every d4a-batch entry point starts or joins Ray.
+
+Local clusters are kept on the loopback interface (127.0.0.1), and token auth is
+set explicitly: recent Ray switches it on for local clusters depending on machine
+state. A job that joins an existing cluster (``RAY_ADDRESS`` set, e.g. under
+``ray job submit``) passes no resources to ``ray.init()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOOPBACK = "127.0.0.1"
+
+#: Environment for local clusters and the processes they start.
+LOCAL_RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    # makes Ray resolve this node's address to 127.0.0.1 instead of the eth0 address
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def apply_local_env() -> None:
+    """Set the local-cluster environment (without overriding what the user set)."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: int | None = None,
+    **kwargs,
+):
+    """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local cluster on loopback.
+
+    Returns the ``ray`` module. Idempotent: an initialised Ray is left as it is.
+    """
+    import ray
+
+    apply_local_env()
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            _node_ip_address=LOOPBACK,
+            runtime_env={"env_vars": dict(LOCAL_RAY_ENV)},
+            **kwargs,
+        )
+    return ray

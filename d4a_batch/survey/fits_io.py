@@ -1,0 +1,343 @@
+"""HSC cutout-service and PSF-picker FITS files: readers, writers, mask helper.
+
+Cutout (HSC cutout service, coadd): HDU0 empty primary (FLUXMAG0 = 10^(0.4 zp)),
+HDU1 ``IMAGE`` (float32 counts at zero point 27 AB, celestial WCS), HDU2 ``MASK``
+(int32 bit planes; header keywords ``MP_<NAME> = bit`` name them, long names as
+HIERARCH cards), HDU3 ``VARIANCE`` (float32, counts²). PSF (PSF picker): one
+primary HDU holding a P×P image (43×43 for HSC). Everything goes through fsspec,
+so local paths, ``memory://`` and ``s3://`` URLs work alike; a given ``fs`` takes
+precedence over the URL's protocol. Any problem with a file raises ``InputError``
+naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
+from astropy.wcs import WCS, FITSFixedWarning
+from fsspec.implementations.local import LocalFileSystem
+from numpy.typing import ArrayLike, NDArray
+
+HSC_ZEROPOINT = 27.0
+HSC_PIXEL_ARCSEC = 0.168
+PSF_SIZE = 43
+
+# Mask planes of HSC PDR3 coadds (bit numbers as in the MP_* keywords of real cutouts).
+HSC_MASK_PLANES: dict[str, int] = {
+    "BAD": 0,
+    "SAT": 1,
+    "INTRP": 2,
+    "CR": 3,
+    "EDGE": 4,
+    "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6,
+    "SUSPECT": 7,
+    "NO_DATA": 8,
+    "BRIGHT_OBJECT": 9,
+    "CROSSTALK": 10,
+    "NOT_DEBLENDED": 11,
+    "UNMASKEDNAN": 12,
+    "REJECTED": 13,
+    "CLIPPED": 14,
+    "SENSOR_EDGE": 15,
+    "INEXACT_PSF": 16,
+}
+
+
+class InputError(ValueError):
+    """A file that cannot be used: ``str(err) == f"{uri}: {what}"``. Pickles (crosses Ray)."""
+
+    def __init__(self, uri: str, what: str) -> None:
+        super().__init__(f"{uri}: {what}")
+        self.uri = str(uri)
+        self.what = what
+
+    def __reduce__(self):
+        return (type(self), (self.uri, self.what))
+
+
+@dataclass
+class HSCCutout:
+    """One band of one cutout: image/variance float32 [H,W], mask int32 [H,W] (native byte order)."""
+
+    image: NDArray[np.float32]
+    mask: NDArray[np.int32]
+    variance: NDArray[np.float32]
+    mask_planes: dict[str, int]
+    wcs: WCS
+    header: fits.Header  # the IMAGE HDU's header
+    zeropoint: float = HSC_ZEROPOINT  # AB zero point of the counts (from FLUXMAG0 when present)
+
+    def valid(self, bad_plane_names: Iterable[str]) -> NDArray[np.bool_]:
+        """Usable pixels: no bad mask bit, finite image, finite variance > 0. [H, W] bool."""
+        return (
+            mask_to_valid(self.mask, self.mask_planes, bad_plane_names)
+            & np.isfinite(self.image)
+            & np.isfinite(self.variance)
+            & (self.variance > 0)
+        )
+
+
+@dataclass
+class PSFStamp:
+    """A PSF read from a PSF-picker file, renormalised to sum 1, with what the caller needs to flag it.
+
+    array: float64 [P, Q], sums to 1, centre pixel (P//2, Q//2); raw_sum: its sum as stored;
+    centroid_offset: (dy, dx) of its flux centroid from the centre pixel, pixels.
+    """
+
+    array: NDArray[np.float64]
+    raw_sum: float
+    centroid_offset: tuple[float, float]
+
+
+def mask_to_valid(
+    mask: ArrayLike, planes: Mapping[str, int], bad_plane_names: Iterable[str]
+) -> NDArray[np.bool_]:
+    """True where none of the named bad planes' bits is set in ``mask``.
+
+    ``planes`` maps plane names to bit numbers (``HSCCutout.mask_planes``); bad names the
+    file does not define cannot be set in it and are ignored.
+    """
+    bits = 0
+    for name in bad_plane_names:
+        if name in planes:
+            bits |= 1 << int(planes[name])
+    m = np.asarray(mask)
+    if not np.issubdtype(m.dtype, np.integer):
+        raise ValueError(f"mask_to_valid: mask must be an integer array, got {m.dtype}")
+    return (m.astype(np.int64) & bits) == 0
+
+
+# --------------------------------------------------------------------------- plumbing
+def _fs_path(
+    uri: str, fs: fsspec.AbstractFileSystem | None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    if fs is not None:
+        return fs, uri
+    return fsspec.core.url_to_fs(uri)
+
+
+def _read_hdus(uri: str, fs: fsspec.AbstractFileSystem | None) -> fits.HDUList:
+    """Read the whole file and parse every HDU's header and data; problems -> InputError."""
+    try:
+        filesystem, path = _fs_path(uri, fs)
+        with filesystem.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, ValueError) as e:
+        raise InputError(uri, f"cannot open ({type(e).__name__}: {e})") from e
+    if len(raw) == 0:
+        raise InputError(uri, "empty file")
+    try:
+        with warnings.catch_warnings():
+            # astropy only warns about truncated files and bad headers: make them errors
+            warnings.simplefilter("error", AstropyUserWarning)
+            hdul = fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False)
+            for hdu in hdul:
+                _ = hdu.data
+    except Exception as e:  # astropy raises OSError, TypeError, ValueError, ... on bad bytes
+        raise InputError(uri, f"not a readable FITS file ({type(e).__name__}: {e})") from e
+    if len(raw) % 2880:
+        raise InputError(uri, f"truncated FITS file: {len(raw)} bytes is not a multiple of 2880")
+    return hdul
+
+
+def _write_bytes(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | None) -> None:
+    filesystem, path = _fs_path(uri, fs)
+    if isinstance(filesystem, LocalFileSystem):
+        parent = os.path.dirname(path)
+        if parent:
+            filesystem.makedirs(parent, exist_ok=True)
+    with filesystem.open(path, "wb") as f:
+        f.write(data)
+
+
+def _find_hdu(hdul: fits.HDUList, name: str, index: int, uri: str) -> fits.ImageHDU:
+    """The HDU called ``name``, or the one at ``index`` if it has no EXTNAME."""
+    for hdu in hdul[1:]:
+        if hdu.header.get("EXTNAME", "").strip().upper() == name:
+            return hdu
+    if index < len(hdul) and "EXTNAME" not in hdul[index].header:
+        return hdul[index]
+    raise InputError(uri, f"missing HDU {name} (HDU{index}); file has {len(hdul)} HDUs")
+
+
+def _image_data(hdu: fits.ImageHDU, name: str, uri: str) -> np.ndarray:
+    data = hdu.data
+    if data is None or not isinstance(data, np.ndarray) or data.ndim != 2:
+        shape = None if data is None else getattr(data, "shape", type(data).__name__)
+        raise InputError(uri, f"HDU {name} must hold a 2-D image, got {shape}")
+    return data
+
+
+# --------------------------------------------------------------------------- cutouts
+def _zeropoint(hdul: fits.HDUList, image_header: fits.Header, uri: str) -> float:
+    for header in (hdul[0].header, image_header):
+        if "FLUXMAG0" in header:
+            fluxmag0 = header["FLUXMAG0"]
+            if not isinstance(fluxmag0, int | float) or not fluxmag0 > 0:
+                raise InputError(uri, f"invalid FLUXMAG0 {fluxmag0!r}")
+            return 2.5 * math.log10(float(fluxmag0))
+    return HSC_ZEROPOINT
+
+
+def _mask_planes(header: fits.Header, uri: str) -> dict[str, int]:
+    planes: dict[str, int] = {}
+    for key in header:
+        if not key.startswith("MP_"):
+            continue
+        bit = header[key]
+        if isinstance(bit, bool) or not isinstance(bit, int) or not 0 <= bit <= 31:
+            raise InputError(uri, f"mask plane keyword {key} = {bit!r} is not a bit number 0..31")
+        if bit in planes.values():
+            raise InputError(uri, f"mask plane keyword {key} reuses bit {bit}")
+        planes[key[3:]] = bit
+    return planes
+
+
+def read_hsc_cutout(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> HSCCutout:
+    """Read one HSC cutout-service FITS file (local path or any fsspec URL)."""
+    hdul = _read_hdus(uri, fs)
+    image_hdu = _find_hdu(hdul, "IMAGE", 1, uri)
+    mask_hdu = _find_hdu(hdul, "MASK", 2, uri)
+    var_hdu = _find_hdu(hdul, "VARIANCE", 3, uri)
+    image = _image_data(image_hdu, "IMAGE", uri)
+    mask = _image_data(mask_hdu, "MASK", uri)
+    variance = _image_data(var_hdu, "VARIANCE", uri)
+    for name, arr in (("MASK", mask), ("VARIANCE", variance)):
+        if arr.shape != image.shape:
+            raise InputError(uri, f"HDU {name} has shape {arr.shape}, IMAGE has {image.shape}")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise InputError(uri, f"HDU MASK must be integer, got {mask.dtype}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(image_hdu.header)
+    except Exception as e:
+        raise InputError(uri, f"invalid WCS in the IMAGE header ({type(e).__name__}: {e})") from e
+    if not wcs.has_celestial:
+        raise InputError(uri, "the IMAGE header has no celestial WCS")
+    return HSCCutout(
+        image=image.astype(np.float32),
+        mask=mask.astype(np.int32),
+        variance=variance.astype(np.float32),
+        mask_planes=_mask_planes(mask_hdu.header, uri),
+        wcs=wcs.celestial,
+        header=image_hdu.header,
+        zeropoint=_zeropoint(hdul, image_hdu.header, uri),
+    )
+
+
+def hsc_tan_wcs(
+    ra: float, dec: float, shape: tuple[int, int], pixel_arcsec: float = HSC_PIXEL_ARCSEC
+) -> WCS:
+    """A TAN WCS with (ra, dec) deg at the stamp centre (H/2, W/2 in pixel-edge coordinates)."""
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [ra, dec]
+    wcs.wcs.crpix = [shape[1] / 2 + 0.5, shape[0] / 2 + 0.5]  # FITS pixel centres are integers
+    wcs.wcs.cdelt = [-pixel_arcsec / 3600.0, pixel_arcsec / 3600.0]
+    wcs.wcs.cunit = ["deg", "deg"]
+    return wcs
+
+
+def write_hsc_cutout(
+    uri: str,
+    image: ArrayLike,
+    mask: ArrayLike,
+    variance: ArrayLike,
+    wcs: WCS,
+    mask_planes: Mapping[str, int] | None = None,
+    *,
+    zeropoint: float = HSC_ZEROPOINT,
+    fs: fsspec.AbstractFileSystem | None = None,
+) -> None:
+    """Write an HSC cutout-service FITS file: image/variance [H,W] float, mask [H,W] int.
+
+    ``mask_planes`` (name -> bit) default to ``HSC_MASK_PLANES``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    variance = np.asarray(variance, dtype=np.float32)
+    mask = np.asarray(mask)
+    if image.ndim != 2 or variance.shape != image.shape or mask.shape != image.shape:
+        raise ValueError(
+            f"write_hsc_cutout: image, mask, variance must share a 2-D shape, got "
+            f"{image.shape}, {mask.shape}, {variance.shape}"
+        )
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"write_hsc_cutout: mask must be integer, got {mask.dtype}")
+    primary = fits.PrimaryHDU()
+    primary.header["FLUXMAG0"] = (
+        10 ** (0.4 * zeropoint),
+        "flux of a zero-magnitude source (counts)",
+    )
+    image_header = wcs.to_header()
+    image_header["EXTTYPE"] = "IMAGE"
+    image_header["BUNIT"] = "count"
+    mask_header = fits.Header()
+    mask_header["EXTTYPE"] = "MASK"
+    for name, bit in (HSC_MASK_PLANES if mask_planes is None else mask_planes).items():
+        key = f"MP_{name}"
+        mask_header[key if len(key) <= 8 else f"HIERARCH {key}"] = int(bit)
+    var_header = fits.Header()
+    var_header["EXTTYPE"] = "VARIANCE"
+    hdul = fits.HDUList(
+        [
+            primary,
+            fits.ImageHDU(image, header=image_header, name="IMAGE"),
+            fits.ImageHDU(mask.astype(np.int32), header=mask_header, name="MASK"),
+            fits.ImageHDU(variance, header=var_header, name="VARIANCE"),
+        ]
+    )
+    buf = io.BytesIO()
+    hdul.writeto(buf)
+    _write_bytes(uri, buf.getvalue(), fs)
+
+
+# --------------------------------------------------------------------------- PSFs
+def read_psf(
+    uri: str, fs: fsspec.AbstractFileSystem | None = None, size: int | None = PSF_SIZE
+) -> PSFStamp:
+    """Read a PSF-picker FITS file: primary HDU with a ``size``×``size`` image (any square if None).
+
+    Returns the PSF normalised to sum 1 with its stored sum and centroid offset; a missing
+    image, wrong shape, non-finite values or a sum <= 0 raise ``InputError``.
+    """
+    hdul = _read_hdus(uri, fs)
+    data = _image_data(hdul[0], "PRIMARY", uri)
+    if data.shape[0] != data.shape[1] or (size is not None and data.shape != (size, size)):
+        want = "square" if size is None else f"{size}x{size}"
+        raise InputError(uri, f"PSF must be {want}, got shape {data.shape}")
+    psf = data.astype(np.float64)
+    if not np.all(np.isfinite(psf)):
+        raise InputError(uri, f"PSF has {int((~np.isfinite(psf)).sum())} non-finite pixels")
+    total = float(psf.sum())
+    if not total > 0:
+        raise InputError(uri, f"PSF sums to {total!r} (must be > 0)")
+    psf /= total
+    yy, xx = np.indices(psf.shape)
+    offset = (
+        float((psf * yy).sum() - psf.shape[0] // 2),
+        float((psf * xx).sum() - psf.shape[1] // 2),
+    )
+    return PSFStamp(array=psf, raw_sum=total, centroid_offset=offset)
+
+
+def write_psf(uri: str, psf: ArrayLike, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Write a PSF-picker FITS file: one primary HDU holding ``psf[P, P]`` (float64, as LSST's
+    ``computeImage`` gives it)."""
+    arr = np.asarray(psf, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"write_psf: expected a 2-D PSF, got shape {arr.shape}")
+    buf = io.BytesIO()
+    fits.PrimaryHDU(arr).writeto(buf)
+    _write_bytes(uri, buf.getvalue(), fs)
