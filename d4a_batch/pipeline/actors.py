@@ -1,0 +1,155 @@
+"""The sampling actor: loads the prior once, turns packs of staged objects into output rows."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from d4a_batch.config import RunConfig, from_dict
+from d4a_batch.physics.operator import ObservationBatch
+from d4a_batch.schema import Col
+from d4a_batch.survey.hats_io import INPUT_PHOTOZ_HI, INPUT_PHOTOZ_LO
+from d4a_batch.survey.output import OutputSpec, Provenance, output_table
+from d4a_batch.survey.staging import (
+    IMAGE,
+    KIND_ERRORS,
+    OFFSET,
+    PSF,
+    VALID,
+    VARIANCE,
+    pack_arrays,
+    pack_from_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DeconvolveActor:
+    """Ray Data callable class: ``{pack_id, kind, stamp_size, n_objects, pack}`` rows -> output rows.
+
+    ``__init__`` loads the prior artifact from ``prior_path`` (on CUDA when the actor
+    has a GPU, else on CPU with ``torch_threads`` threads). ``__call__`` runs
+    ``sampling.deconvolve`` on each pack of staged objects (all of one stamp size) and
+    passes error records through; a pack whose sampling fails becomes error rows.
+    """
+
+    def __init__(
+        self,
+        prior_path: str,
+        run_config: dict[str, Any],
+        spec: OutputSpec,
+        provenance: Provenance,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        from d4a_batch.prior.artifact import load_prior
+
+        if torch_threads:
+            torch.set_num_threads(max(1, min(int(torch_threads), os.cpu_count() or 1)))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.prior = load_prior(prior_path, device=device)
+        if self.prior.sha256 != provenance.prior_hash:
+            raise RuntimeError(
+                f"prior {prior_path} has sha256 {self.prior.sha256}, the run expects "
+                f"{provenance.prior_hash}: the artifact changed under the run"
+            )
+        self.config: RunConfig = from_dict(RunConfig, run_config)
+        self.spec = spec
+        self.provenance = provenance
+        cfg = self.prior.config
+        self.z_range = (cfg.z_min, cfg.z_max)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = [
+            self.process(kind, pack)
+            for kind, pack in zip(batch["kind"].to_pylist(), batch["pack"].to_pylist())
+        ]
+        return pa.concat_tables(tables)
+
+    def _table(self, pack: pa.Table, results, error: str | None = None) -> pa.Table:
+        return output_table(
+            pack,
+            results,
+            self.spec,
+            self.provenance,
+            self.config.sampler.flags,
+            self.z_range,
+            error=error,
+        )
+
+    def process(self, kind: str, data: bytes) -> pa.Table:
+        """Output rows of one pack (Parquet bytes)."""
+        from d4a_batch.sampling.dps import deconvolve
+
+        pack = pack_from_bytes(data)
+        if kind == KIND_ERRORS:
+            return self._table(pack, None)
+        a = pack_arrays(pack)
+        try:
+            obs = ObservationBatch.from_arrays(
+                a[IMAGE],
+                a[VARIANCE],
+                a[VALID].astype(bool),
+                a[PSF],
+                a[OFFSET],
+                device=self.prior.device,
+            )
+            summaries = deconvolve(
+                obs,
+                a[Col.PHOTOZ],
+                self.prior,
+                self.config.sampler,
+                a[Col.OBJECT_ID].tolist(),
+                physics=self.config.physics,
+                photoz_err=np.stack([a[INPUT_PHOTOZ_LO], a[INPUT_PHOTOZ_HI]], axis=1),
+            )
+        except Exception as e:  # a failing pack becomes error rows; the run goes on
+            log.exception("sampling failed for %d objects", pack.num_rows)
+            return self._table(pack, None, error=f"sampling failed: {type(e).__name__}: {e}")
+        return self._table(pack, summaries.rows(maps=bool(self.spec.map_shapes())))
+
+
+def actor_resources(
+    cluster: dict[str, float],
+    actors: int | None,
+    gpus_per_actor: float | None,
+    cpus_per_actor: float | None,
+    task_cpus: float,
+) -> tuple[int, float, float]:
+    """(actors, cpus per actor, gpus per actor) for a cluster's resources.
+
+    With GPUs: one actor per GPU, one GPU and one CPU each. Without: one actor (or
+    as asked) sharing the CPUs minus a headroom of max(2 task slots, 10 %), because
+    actors that hold every CPU leave the read/stage/write tasks unscheduled and the
+    dataset waits forever (DESIGN.md section 5).
+    """
+    n_cpu = float(cluster.get("CPU", 1.0))
+    n_gpu = float(cluster.get("GPU", 0.0))
+    gpus = (1.0 if n_gpu >= 1 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
+    if actors is None:
+        actors = max(1, int(n_gpu // gpus)) if gpus > 0 else 1
+    if cpus_per_actor is None:
+        if gpus > 0:
+            cpus_per_actor = 1.0
+        else:
+            headroom = max(2 * task_cpus, 0.1 * n_cpu)
+            cpus_per_actor = max(0.25, (n_cpu - headroom) / actors)
+    if actors * cpus_per_actor > n_cpu - task_cpus + 1e-9:
+        raise ValueError(
+            f"{actors} actors x {cpus_per_actor} CPUs leave no CPU for the read/stage/write "
+            f"tasks on a cluster of {n_cpu:g} CPUs"
+        )
+    if gpus > 0 and actors * gpus > n_gpu + 1e-9:
+        raise ValueError(f"{actors} actors x {gpus} GPUs exceed the cluster's {n_gpu:g} GPUs")
+    return int(actors), float(cpus_per_actor), gpus
+
+
+def torch_threads_for(cpus_per_actor: float) -> int:
+    """Torch threads of a CPU actor: its CPU share, at least 1."""
+    return max(1, math.floor(cpus_per_actor + 0.5))

@@ -1,0 +1,170 @@
+"""Quality flags: one check per `Flag` bit, each returning ``(bit, reason | None)``.
+
+A check returns its bit and a human-readable reason when it fires, ``None`` as
+the reason when it does not. `evaluate_flags` runs every check whose inputs are
+given and ORs the bits. Thresholds come from `FlagThresholds`; bit values and
+their meanings from `d4a_batch.schema` (never redefined here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from d4a_batch.config import FlagThresholds
+from d4a_batch.schema import Flag
+
+FlagResult = tuple[Flag, str | None]
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def check_prior_dominated(hallucination: float, thresholds: FlagThresholds) -> FlagResult:
+    """Core variance ratio (hallucination score) above ``hallucination_max``; NaN fires too."""
+    if not _finite(hallucination):
+        return Flag.PRIOR_DOMINATED, f"hallucination score is not finite ({hallucination})"
+    if hallucination > thresholds.hallucination_max:
+        return Flag.PRIOR_DOMINATED, (
+            f"hallucination score {hallucination:.3g} > {thresholds.hallucination_max:.3g}"
+        )
+    return Flag.PRIOR_DOMINATED, None
+
+
+def check_upsampling(upsampling: float, thresholds: FlagThresholds) -> FlagResult:
+    """Upsampling factor u = 0.168''/theta above ``upsampling_max``."""
+    if not _finite(upsampling):
+        return Flag.UPSAMPLING_HIGH, f"upsampling factor is not finite ({upsampling})"
+    if upsampling > thresholds.upsampling_max:
+        return Flag.UPSAMPLING_HIGH, (
+            f"upsampling factor {upsampling:.3g} > {thresholds.upsampling_max:.3g}"
+        )
+    return Flag.UPSAMPLING_HIGH, None
+
+
+def check_chi2(chi2_reduced: float, thresholds: FlagThresholds) -> FlagResult:
+    """Reduced chi2 of the re-convolved posterior mean above ``chi2_max`` (or not finite)."""
+    if not _finite(chi2_reduced):
+        return Flag.POOR_FIT, f"reduced chi2 is not finite ({chi2_reduced})"
+    if chi2_reduced > thresholds.chi2_max:
+        return Flag.POOR_FIT, f"reduced chi2 {chi2_reduced:.3g} > {thresholds.chi2_max:.3g}"
+    return Flag.POOR_FIT, None
+
+
+def check_masked_fraction(masked_fraction: float, thresholds: FlagThresholds) -> FlagResult:
+    """Fraction of unusable stamp pixels (all bands) above ``masked_fraction_max``."""
+    if not _finite(masked_fraction):
+        return Flag.MASKED_FRACTION_HIGH, f"masked fraction is not finite ({masked_fraction})"
+    if masked_fraction > thresholds.masked_fraction_max:
+        return Flag.MASKED_FRACTION_HIGH, (
+            f"masked fraction {masked_fraction:.3g} > {thresholds.masked_fraction_max:.3g}"
+        )
+    return Flag.MASKED_FRACTION_HIGH, None
+
+
+def check_psf(
+    psf_sum: Sequence[float] | np.ndarray | None,
+    centroid_offset: Sequence[float] | np.ndarray | None,
+    thresholds: FlagThresholds,
+    bands: Sequence[str] | None = None,
+) -> FlagResult:
+    """PSF missing, renormalised or off-centre, per band.
+
+    ``psf_sum[C]``: each band's PSF sum *before* normalisation (None or NaN:
+    missing; <= 0: unusable). ``centroid_offset``: each PSF's centroid offset from its
+    nominal centre in pixels, as distances [C] or (dy, dx) pairs [C, 2] (as
+    ``survey.fits_io.PSFStamp.centroid_offset``). Fires when a PSF is missing,
+    when ``|sum - 1| > psf_sum_tolerance`` (it was renormalised) or when the
+    offset exceeds ``psf_centroid_tolerance``.
+    """
+    if psf_sum is None:
+        return Flag.PSF_BAD, "PSF missing"
+    sums = np.atleast_1d(np.asarray(psf_sum, dtype=np.float64))
+    offs = None
+    if centroid_offset is not None:
+        offs = np.asarray(centroid_offset, dtype=np.float64)
+        offs = np.hypot(offs[..., 0], offs[..., 1]) if offs.ndim == 2 else np.atleast_1d(offs)
+    names = list(bands) if bands is not None else [str(c) for c in range(sums.size)]
+    problems: list[str] = []
+    for c, s in enumerate(sums):
+        if not math.isfinite(s):
+            problems.append(f"{names[c]}: PSF missing")
+        elif s <= 0:
+            problems.append(f"{names[c]}: PSF sum {s:.3g} <= 0")
+        elif abs(s - 1.0) > thresholds.psf_sum_tolerance:
+            problems.append(f"{names[c]}: PSF sum {s:.4g} renormalised to 1")
+    if offs is None:
+        problems.append("PSF centroid unknown")
+    else:
+        for c, d in enumerate(offs):
+            if not math.isfinite(d) or d > thresholds.psf_centroid_tolerance:
+                problems.append(
+                    f"{names[c]}: PSF centroid {d:.3g} px off centre "
+                    f"(> {thresholds.psf_centroid_tolerance:.3g})"
+                )
+    return Flag.PSF_BAD, ("; ".join(problems) if problems else None)
+
+
+def check_photoz(photoz: float | None, z_min: float, z_max: float) -> FlagResult:
+    """Photo-z missing, NaN, not positive, or outside the prior's ``[z_min, z_max]``."""
+    if photoz is None:
+        return Flag.PHOTOZ_BAD, "photo-z missing"
+    z = float(photoz)
+    if not math.isfinite(z):
+        return Flag.PHOTOZ_BAD, f"photo-z is not finite ({z})"
+    if z <= 0:
+        return Flag.PHOTOZ_BAD, f"photo-z {z:.3g} <= 0"
+    if not z_min <= z <= z_max:
+        return Flag.PHOTOZ_BAD, f"photo-z {z:.3g} outside the prior's range [{z_min:g}, {z_max:g}]"
+    return Flag.PHOTOZ_BAD, None
+
+
+def check_input_error(error: str | None) -> FlagResult:
+    """Input could not be read or used: ``error`` is its message (None or "" when fine)."""
+    return Flag.INPUT_ERROR, (f"input error: {error}" if error else None)
+
+
+def evaluate_flags(
+    thresholds: FlagThresholds,
+    *,
+    photoz: float | None,
+    z_range: tuple[float, float],
+    psf_sum: Sequence[float] | np.ndarray | None,
+    psf_centroid_offset: Sequence[float] | np.ndarray | None,
+    bands: Sequence[str] | None = None,
+    masked_fraction: float | None = None,
+    upsampling: float | None = None,
+    hallucination: float | None = None,
+    chi2_reduced: float | None = None,
+    error: str | None = None,
+) -> tuple[int, list[str]]:
+    """All flags of one object -> ``(bits, reasons)`` (one reason per fired check).
+
+    The input checks (photo-z, PSF, error) always run. The summary checks run
+    only when their value is given (``None``: not available, e.g. the object
+    failed before sampling), so a failed object is not also flagged for a fit
+    that never happened.
+    """
+    results = [
+        check_input_error(error),
+        check_photoz(photoz, *z_range),
+        check_psf(psf_sum, psf_centroid_offset, thresholds, bands),
+    ]
+    if masked_fraction is not None:
+        results.append(check_masked_fraction(masked_fraction, thresholds))
+    if upsampling is not None:
+        results.append(check_upsampling(upsampling, thresholds))
+    if hallucination is not None:
+        results.append(check_prior_dominated(hallucination, thresholds))
+    if chi2_reduced is not None:
+        results.append(check_chi2(chi2_reduced, thresholds))
+    bits = 0
+    reasons: list[str] = []
+    for bit, reason in results:
+        if reason is not None:
+            bits |= int(bit)
+            reasons.append(f"{bit.name}: {reason}")
+    return bits, reasons

@@ -1,0 +1,230 @@
+"""Posterior summaries of B objects from S DPS samples each (numpy, one entry per object).
+
+Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
+- ``mean_x``, ``std_x`` [C,N,N]: sample mean and standard deviation (ddof = 1) of x_k.
+- flux samples F_k = alpha_k · v(x_k) [C,N,N] (counts per model pixel, zero point
+  ``PhysicsConfig.zeropoint_ab``; alpha_k is sample k's profiled amplitude); ``mean_flux``,
+  ``std_flux`` are their mean and std, on the model grid (pixel θ = ``theta_arcsec``).
+- ``variance_ratio`` [N,N]: var(x_k) / prior ``stats_var``, averaged over bands;
+  ``hallucination``: its mean inside the centred disc of radius
+  ``aperture_radius_frac · N`` (pixel centres within the radius of the image centre);
+  ``variance_ratio_mean``: its mean over the whole image.
+- ``chi2``: reduced chi² of the re-convolved posterior mean *flux* image:
+  y ≈ PSF ⊛ R(mean_flux) + beta_c with only the background beta_c profiled (weighted mean
+  of the residual per band; alpha is already inside the flux image), at the nominal
+  redshift; dof = valid pixels − 1 per band with valid pixels.
+- ``flux``, ``flux_err`` [C]: mean and std over samples of sum(F_k) (counts); ``mag`` =
+  zp − 2.5 log10(flux) (NaN when flux ≤ 0), ``mag_err`` = std of the per-sample
+  magnitudes. These stds are DPS posterior widths, known to be too narrow (DESIGN.md:
+  measure coverage on mocks).
+- ``alpha``, ``beta`` [C]: mean over samples of the profiled amplitude and background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from d4a_batch.config import PhysicsConfig, SamplerConfig
+from d4a_batch.physics.operator import ForwardOperator, ObservationBatch
+from d4a_batch.physics.stretch import inverse_stretch
+from d4a_batch.schema import Col, band_col
+
+
+def aperture_mask(n: int, radius_frac: float) -> np.ndarray:
+    """Boolean [n, n] disc: pixel centres within ``radius_frac · n`` of the image centre."""
+    c = np.arange(n) + 0.5 - n / 2
+    return (c[:, None] ** 2 + c[None, :] ** 2) <= (radius_frac * n) ** 2
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _std(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sample std (ddof = 1) over ``dim``; NaN with a single sample."""
+    if t.shape[dim] < 2:
+        return torch.full_like(t.select(dim, 0), float("nan"))
+    return t.std(dim=dim, correction=1)
+
+
+def reconvolved_chi2(
+    mean_flux: torch.Tensor, obs: ObservationBatch, op: ForwardOperator
+) -> torch.Tensor:
+    """Reduced chi² [B] of y ≈ op.linear(mean_flux) + beta_c (beta profiled per band).
+
+    mean_flux[B,C,N,N] in counts per model pixel; NaN where no dof is left.
+    """
+    m = op.linear(mean_flux)
+    w = obs.weight()
+    y = obs.masked_image()
+    w_sum = w.sum((-2, -1))
+    beta = (w * (y - m)).sum((-2, -1)) / torch.where(w_sum > 0, w_sum, 1.0)
+    res = y - m - beta[..., None, None]
+    chi2 = (w * res * res).sum((1, 2, 3))
+    n_valid = obs.valid.sum((-2, -1))
+    dof = (n_valid - (n_valid > 0).to(n_valid.dtype)).sum(-1).to(chi2.dtype)
+    return chi2 / torch.where(dof > 0, dof, float("nan"))
+
+
+@dataclass
+class PosteriorSummaries:
+    """Summaries of B objects; arrays have a leading object axis (see the module docstring)."""
+
+    object_id: np.ndarray  # [B] int64
+    bands: tuple[str, ...]
+    redshift: np.ndarray  # [B] nominal z
+    theta_arcsec: np.ndarray  # [B] model pixel size at z
+    upsampling: np.ndarray  # [B] u = 0.168''/theta
+    footprint: np.ndarray  # [B] model footprint in HSC pixels, N·theta/0.168''
+    masked_fraction: np.ndarray  # [B] invalid fraction of the stamp (all bands)
+    mean_x: np.ndarray  # [B,C,N,N]
+    std_x: np.ndarray  # [B,C,N,N]
+    mean_flux: np.ndarray  # [B,C,N,N] counts per model pixel
+    std_flux: np.ndarray  # [B,C,N,N]
+    variance_ratio: np.ndarray  # [B,N,N]
+    hallucination: np.ndarray  # [B]
+    variance_ratio_mean: np.ndarray  # [B]
+    chi2: np.ndarray  # [B]
+    flux: np.ndarray  # [B,C] counts
+    flux_err: np.ndarray  # [B,C]
+    mag: np.ndarray  # [B,C] AB
+    mag_err: np.ndarray  # [B,C]
+    alpha: np.ndarray  # [B,C]
+    beta: np.ndarray  # [B,C]
+    steps: int
+    samples: int
+    seed: int
+    samples_x: np.ndarray | None = None  # [B,K,C,N,N], K = config.keep_samples
+
+    def __len__(self) -> int:
+        return int(self.object_id.shape[0])
+
+    @classmethod
+    def from_samples(
+        cls,
+        x: torch.Tensor,
+        alpha: torch.Tensor,
+        beta: torch.Tensor,
+        obs: ObservationBatch,
+        op: ForwardOperator,
+        stats_var: torch.Tensor,
+        *,
+        object_ids: Sequence[int],
+        redshift: np.ndarray,
+        scale: np.ndarray,
+        bands: tuple[str, ...],
+        config: SamplerConfig,
+        physics: PhysicsConfig,
+    ) -> PosteriorSummaries:
+        """Reduce samples x[B,S,C,N,N] with their profiled alpha, beta [B,S,C].
+
+        ``obs``/``op``: the B objects' observations and operators at the nominal
+        redshift (for the chi²); ``stats_var[C,N,N]``: the prior's variance map;
+        ``scale[B]``: nominal model pixel width in HSC pixels.
+        """
+        n_obj, n_samp, n_band, n = x.shape[:4]
+        if x.shape != (n_obj, n_samp, n_band, n, n) or alpha.shape != (n_obj, n_samp, n_band):
+            raise ValueError(f"from_samples: x {tuple(x.shape)}, alpha {tuple(alpha.shape)}")
+        if tuple(stats_var.shape) != (n_band, n, n):
+            raise ValueError(
+                f"from_samples: stats_var {tuple(stats_var.shape)} != {(n_band, n, n)}"
+            )
+        with torch.no_grad():
+            x = x.float()
+            a = op.stretch_a
+            flux_s = alpha[..., None, None] * inverse_stretch(x, a)  # [B,S,C,N,N]
+            mean_flux = flux_s.mean(1)
+            var_x = _std(x, 1) ** 2
+            ratio = (var_x / stats_var.float().clamp_min(1e-12)).mean(1)  # [B,N,N]
+            disc = torch.as_tensor(aperture_mask(n, config.aperture_radius_frac), device=x.device)
+            total = flux_s.sum((-2, -1))  # [B,S,C]
+            mag_s = physics.zeropoint_ab - 2.5 * torch.log10(
+                torch.where(total > 0, total, float("nan"))
+            )
+            flux = total.mean(1)
+            mag = physics.zeropoint_ab - 2.5 * torch.log10(
+                torch.where(flux > 0, flux, float("nan"))
+            )
+            mag_ok = torch.isfinite(mag_s)
+            mag_mean = torch.where(mag_ok, mag_s, 0.0).sum(1) / mag_ok.sum(1).clamp_min(1)
+            mag_dev = torch.where(mag_ok, mag_s - mag_mean[:, None], 0.0)
+            mag_err = (mag_dev.pow(2).sum(1) / (mag_ok.sum(1) - 1).clamp_min(0)).sqrt()
+            chi2 = reconvolved_chi2(mean_flux, obs, op)
+            masked = 1.0 - obs.valid.double().mean((1, 2, 3))
+        scale = np.asarray(scale, dtype=np.float64)
+        keep = min(int(config.keep_samples), n_samp)
+        return cls(
+            object_id=np.asarray(object_ids, dtype=np.int64),
+            bands=tuple(bands),
+            redshift=np.asarray(redshift, dtype=np.float64),
+            theta_arcsec=scale * physics.hsc_pixel_arcsec,
+            upsampling=1.0 / scale,
+            footprint=n * scale,
+            masked_fraction=_np(masked),
+            mean_x=_np(x.mean(1)).astype(np.float32),
+            std_x=_np(_std(x, 1)).astype(np.float32),
+            mean_flux=_np(mean_flux).astype(np.float32),
+            std_flux=_np(_std(flux_s, 1)).astype(np.float32),
+            variance_ratio=_np(ratio).astype(np.float32),
+            hallucination=_np(ratio[:, disc].mean(-1)),
+            variance_ratio_mean=_np(ratio.mean((-2, -1))),
+            chi2=_np(chi2),
+            flux=_np(flux),
+            flux_err=_np(_std(total, 1)),
+            mag=_np(mag),
+            mag_err=_np(mag_err),
+            alpha=_np(alpha.mean(1)),
+            beta=_np(beta.mean(1)),
+            steps=int(config.steps),
+            samples=n_samp,
+            seed=int(config.seed),
+            samples_x=_np(x[:, :keep]).astype(np.float32) if keep > 0 else None,
+        )
+
+    def rows(self, maps: bool = True) -> list[dict[str, Any]]:
+        """One dict per object keyed by ``Col`` names (band columns via ``band_col``).
+
+        Scalars are Python floats/ints; with ``maps`` the image maps are numpy arrays
+        (``MEAN_X``/``STD_X``/``MEAN_FLUX``/``STD_FLUX`` [C,N,N], ``VARIANCE_RATIO`` [N,N],
+        ``SAMPLES_X`` [K,C,N,N] when samples were kept).
+        """
+        out = []
+        for o in range(len(self)):
+            row: dict[str, Any] = {
+                Col.OBJECT_ID: int(self.object_id[o]),
+                Col.THETA_ARCSEC: float(self.theta_arcsec[o]),
+                Col.UPSAMPLING: float(self.upsampling[o]),
+                Col.N_OUT: float(self.footprint[o]),
+                Col.MASKED_FRACTION: float(self.masked_fraction[o]),
+                Col.HALLUCINATION: float(self.hallucination[o]),
+                Col.VARIANCE_RATIO_MEAN: float(self.variance_ratio_mean[o]),
+                Col.CHI2: float(self.chi2[o]),
+                Col.SEED: self.seed,
+                Col.STEPS: self.steps,
+                Col.SAMPLES: self.samples,
+            }
+            for c, band in enumerate(self.bands):
+                for name, arr in (
+                    (Col.FLUX, self.flux),
+                    (Col.FLUX_ERR, self.flux_err),
+                    (Col.MAG, self.mag),
+                    (Col.MAG_ERR, self.mag_err),
+                    (Col.ALPHA, self.alpha),
+                    (Col.BETA, self.beta),
+                ):
+                    row[band_col(name, band)] = float(arr[o, c])
+            if maps:
+                row[Col.MEAN_X] = self.mean_x[o]
+                row[Col.STD_X] = self.std_x[o]
+                row[Col.MEAN_FLUX] = self.mean_flux[o]
+                row[Col.STD_FLUX] = self.std_flux[o]
+                row[Col.VARIANCE_RATIO] = self.variance_ratio[o]
+                if self.samples_x is not None:
+                    row[Col.SAMPLES_X] = self.samples_x[o]
+            out.append(row)
+        return out

@@ -1,0 +1,309 @@
+"""The output catalog: one row per input object, the schema, result chunks, FITS maps.
+
+Columns (names from ``d4a_batch.schema.Col``; C bands, N the prior's image side):
+
+- identity: object_id, ra, dec, _healpix_29, photoz (the catalog's photo-z);
+- status: status ("ok" | "error"), status_message (why, for errors), flags (int64
+  bitmask of ``schema.Flag``), flag_names ("|"-joined names), flag_reasons ("; "-joined);
+- geometry: model_pixel_arcsec, upsampling, footprint_hsc_pixels, stamp_size,
+  masked_fraction;
+- summaries: hallucination_score, variance_ratio_mean, chi2_reduced and per band
+  flux_{b}, flux_err_{b}, mag_{b}, mag_err_{b}, alpha_{b}, beta_{b} (NaN for errors);
+- maps (``RunConfig.write_maps``): mean_x, std_x, mean_flux, std_flux [C,N,N],
+  variance_ratio [N,N] (and samples_x [K,C,N,N] with ``keep_samples``) as Arrow
+  fixed_shape_tensor columns (NaN for errors). pandas sees flat arrays; reshape with
+  ``np.stack(df["mean_flux"]).reshape(-1, C, N, N)`` (the shape is in the column type);
+- provenance: run_id, prior_id, prior_hash, config_hash, code_version, seed, steps,
+  samples, created_utc.
+
+Result chunks (one per pack and partition) are written under a work folder while a
+run goes on; ``merge_partition`` turns them into the partition's single Parquet file.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from d4a_batch.config import FlagThresholds
+from d4a_batch.sampling.flags import evaluate_flags
+from d4a_batch.schema import Col, Status, band_col, flag_names
+from d4a_batch.survey.hats_io import ORDER, PIXEL, write_partition
+from d4a_batch.survey.staging import PSF_CENTROID, PSF_SUM, SCALE, pack_id
+from d4a_batch.survey.storage import filesystem, join_uri
+from d4a_batch.survey.tensors import tensor_array, tensor_numpy, tensor_type
+
+PER_BAND = (Col.FLUX, Col.FLUX_ERR, Col.MAG, Col.MAG_ERR, Col.ALPHA, Col.BETA)
+SUMMARIES = (Col.HALLUCINATION, Col.VARIANCE_RATIO_MEAN, Col.CHI2)
+GEOMETRY = (Col.THETA_ARCSEC, Col.UPSAMPLING, Col.N_OUT)
+FITS_DIR = "fits"  # per-object FITS maps: <catalog>/fits/<Norder>_<Npix>/<object_id>.fits
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the output rows hold: bands, map shape and type, kept samples."""
+
+    bands: tuple[str, ...]
+    image_size: int
+    maps: bool = True
+    map_dtype: str = "float32"
+    keep_samples: int = 0
+
+    def map_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{map column: cell shape} of the tensor columns (empty without maps)."""
+        if not self.maps:
+            return {}
+        c, n = len(self.bands), self.image_size
+        shapes = {name: (c, n, n) for name in (Col.MEAN_X, Col.STD_X, Col.MEAN_FLUX, Col.STD_FLUX)}
+        shapes[Col.VARIANCE_RATIO] = (n, n)
+        if self.keep_samples > 0:
+            shapes[Col.SAMPLES_X] = (self.keep_samples, c, n, n)
+        return shapes
+
+    def schema(self) -> pa.Schema:
+        """The output catalog's Arrow schema (without the partition columns)."""
+        f64 = pa.float64()
+        fields = [
+            (Col.OBJECT_ID, pa.int64()), (Col.RA, f64), (Col.DEC, f64),
+            (Col.HEALPIX, pa.int64()), (Col.PHOTOZ, f64),
+            (Col.STATUS, pa.string()), (Col.MESSAGE, pa.string()), (Col.FLAGS, pa.int64()),
+            (Col.FLAG_NAMES, pa.string()), (Col.FLAG_REASONS, pa.string()),
+            *((name, f64) for name in GEOMETRY),
+            (Col.STAMP_SIZE, pa.int32()), (Col.MASKED_FRACTION, f64),
+            *((name, f64) for name in SUMMARIES),
+            *((band_col(name, b), f64) for b in self.bands for name in PER_BAND),
+            *((name, tensor_type(self.map_dtype, shape)) for name, shape in self.map_shapes().items()),
+            (Col.RUN_ID, pa.string()), (Col.PRIOR_ID, pa.string()), (Col.PRIOR_HASH, pa.string()),
+            (Col.CONFIG_HASH, pa.string()), (Col.CODE_VERSION, pa.string()),
+            (Col.SEED, pa.int64()), (Col.STEPS, pa.int32()), (Col.SAMPLES, pa.int32()),
+            (Col.CREATED, pa.timestamp("us", tz="UTC")),
+        ]  # fmt: skip
+        return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The run's provenance, the same in every row."""
+
+    run_id: str
+    prior_id: str
+    prior_hash: str
+    config_hash: str
+    code_version: str
+    seed: int
+    steps: int
+    samples: int
+    created_utc: datetime
+
+    def columns(self, n: int) -> dict[str, pa.Array]:
+        values = {
+            Col.RUN_ID: (self.run_id, pa.string()),
+            Col.PRIOR_ID: (self.prior_id, pa.string()),
+            Col.PRIOR_HASH: (self.prior_hash, pa.string()),
+            Col.CONFIG_HASH: (self.config_hash, pa.string()),
+            Col.CODE_VERSION: (self.code_version, pa.string()),
+            Col.SEED: (self.seed, pa.int64()),
+            Col.STEPS: (self.steps, pa.int32()),
+            Col.SAMPLES: (self.samples, pa.int32()),
+            Col.CREATED: (self.created_utc, pa.timestamp("us", tz="UTC")),
+        }
+        return {k: pa.array([v] * n, t) for k, (v, t) in values.items()}
+
+
+def output_table(
+    pack: pa.Table,
+    results: list[dict[str, Any]] | None,
+    spec: OutputSpec,
+    provenance: Provenance,
+    thresholds: FlagThresholds,
+    z_range: tuple[float, float],
+    error: str | None = None,
+) -> pa.Table:
+    """Output rows of one pack, plus its Norder/Npix columns (the writer splits on them).
+
+    ``results``: ``PosteriorSummaries.rows()`` of the pack's objects in pack order, or
+    None when they were not sampled (their message says why; ``error`` overrides it
+    for the whole pack, e.g. when sampling itself failed). Flags come from
+    ``sampling.flags.evaluate_flags``: input checks always, fit checks only for
+    sampled objects.
+    """
+    n = pack.num_rows
+    if results is not None and len(results) != n:
+        raise ValueError(f"output_table: {n} objects but {len(results)} results")
+    ident = {
+        k: pack[k].to_numpy() for k in (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX, Col.PHOTOZ)
+    }
+    messages = [error or m for m in pack[Col.MESSAGE].to_pylist()]
+    psf_sum, psf_cen = tensor_numpy(pack[PSF_SUM]), tensor_numpy(pack[PSF_CENTROID])
+    staged = {
+        Col.THETA_ARCSEC: pack[Col.THETA_ARCSEC].to_numpy(),
+        Col.UPSAMPLING: 1.0 / pack[SCALE].to_numpy(),
+        Col.N_OUT: pack[Col.N_OUT].to_numpy(),
+        Col.MASKED_FRACTION: pack[Col.MASKED_FRACTION].to_numpy(),
+    }
+    scalars: dict[str, list[float]] = {
+        name: [] for name in (*GEOMETRY, Col.MASKED_FRACTION, *SUMMARIES)
+    }
+    scalars |= {band_col(name, b): [] for b in spec.bands for name in PER_BAND}
+    bits, names, reasons = [], [], []
+    for i in range(n):
+        res = results[i] if results is not None and messages[i] is None else None
+        if res is not None and int(res[Col.OBJECT_ID]) != int(ident[Col.OBJECT_ID][i]):
+            raise ValueError("output_table: results are not in pack order")
+        for name in scalars:
+            if name in staged and res is None:
+                scalars[name].append(float(staged[name][i]))
+            else:
+                scalars[name].append(float(res[name]) if res is not None else math.nan)
+        fit = res or {}
+        b, why = evaluate_flags(
+            thresholds,
+            photoz=float(ident[Col.PHOTOZ][i]),
+            z_range=z_range,
+            psf_sum=psf_sum[i],
+            psf_centroid_offset=psf_cen[i],
+            bands=spec.bands,
+            masked_fraction=fit.get(Col.MASKED_FRACTION),
+            upsampling=fit.get(Col.UPSAMPLING),
+            hallucination=fit.get(Col.HALLUCINATION),
+            chi2_reduced=fit.get(Col.CHI2),
+            error=messages[i],
+        )
+        bits.append(b)
+        names.append("|".join(flag_names(b)))
+        reasons.append("; ".join(why))
+    cols: dict[str, Any] = {k: pa.array(v) for k, v in ident.items()}
+    cols[Col.STATUS] = pa.array([str(Status.ERROR if m else Status.OK) for m in messages])
+    cols[Col.MESSAGE] = pa.array(messages, pa.string())
+    cols[Col.FLAGS] = pa.array(bits, pa.int64())
+    cols[Col.FLAG_NAMES] = pa.array(names, pa.string())
+    cols[Col.FLAG_REASONS] = pa.array(reasons, pa.string())
+    cols[Col.STAMP_SIZE] = pack[Col.STAMP_SIZE].combine_chunks()
+    cols |= {k: pa.array(v, pa.float64()) for k, v in scalars.items()}
+    for name, shape in spec.map_shapes().items():
+        arr = np.full((n, *shape), np.nan, spec.map_dtype)
+        for i in range(n):
+            if results is not None and messages[i] is None:
+                arr[i] = results[i][name]
+        cols[name] = tensor_array(arr)
+    cols |= provenance.columns(n)
+    table = pa.table({f.name: cols[f.name] for f in spec.schema()}, schema=spec.schema())
+    return table.append_column(ORDER, pack[ORDER]).append_column(PIXEL, pack[PIXEL])
+
+
+# --------------------------------------------------------------------------- FITS maps
+def model_wcs(ra: float, dec: float, theta_arcsec: float, n: int) -> WCS:
+    """TAN WCS of an n×n model image of θ'' pixels centred on (ra, dec) (centre at edge n/2)."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra, dec]
+    w.wcs.crpix = [n / 2 + 0.5, n / 2 + 0.5]
+    w.wcs.cdelt = [-theta_arcsec / 3600.0, theta_arcsec / 3600.0]
+    w.wcs.cunit = ["deg", "deg"]
+    return w
+
+
+def fits_maps_bytes(row: dict[str, Any], bands: tuple[str, ...], zeropoint: float) -> bytes:
+    """A FITS file of one object's maps: MEAN_FLUX_<B>, STD_FLUX_<B> per band, VARIANCE_RATIO.
+
+    ``row``: an output row with its maps as arrays. Each HDU carries the WCS of the model
+    grid (θ = model_pixel_arcsec), so DS9 overlays it on the HSC cutout.
+    """
+    n = int(np.asarray(row[Col.VARIANCE_RATIO]).shape[-1])
+    header = model_wcs(row[Col.RA], row[Col.DEC], row[Col.THETA_ARCSEC], n).to_header()
+    primary = fits.PrimaryHDU()
+    primary.header["OBJID"] = (str(row[Col.OBJECT_ID]), "object_id")
+    primary.header["PHOTOZ"] = row[Col.PHOTOZ]
+    primary.header["STATUS"] = row[Col.STATUS]
+    primary.header["FLAGS"] = row[Col.FLAGS]
+    primary.header["RUNID"] = row[Col.RUN_ID]
+    hdus: list[fits.ImageHDU | fits.PrimaryHDU] = [primary]
+    for name, col in (("MEAN_FLUX", Col.MEAN_FLUX), ("STD_FLUX", Col.STD_FLUX)):
+        cube = np.asarray(row[col], np.float32)
+        for c, b in enumerate(bands):
+            h = header.copy()
+            h["BUNIT"] = ("count", f"per model pixel, AB zero point {zeropoint}")
+            h["MAGZERO"] = zeropoint
+            hdus.append(fits.ImageHDU(cube[c], header=h, name=f"{name}_{b.upper()}"))
+    hdus.append(
+        fits.ImageHDU(
+            np.asarray(row[Col.VARIANCE_RATIO], np.float32), header=header, name="VARIANCE_RATIO"
+        )
+    )
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+def fits_maps_uri(root: str, order: int, pixel: int, object_id: int) -> str:
+    """Where an object's FITS maps go under the output catalog root."""
+    return join_uri(root, FITS_DIR, f"{order}_{pixel}", f"{int(object_id)}.fits")
+
+
+# --------------------------------------------------------------------------- chunks
+def chunk_dir(work_root: str, order: int, pixel: int) -> str:
+    return join_uri(work_root, f"{ORDER}={order}", f"{PIXEL}={pixel}")
+
+
+def write_chunks(
+    table: pa.Table, work_root: str, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Write output rows split by partition as result chunks; one summary dict per chunk.
+
+    A chunk's name derives from its object ids, so a retried task overwrites its chunk.
+    """
+    out = []
+    keys = table.select([ORDER, PIXEL]).group_by([ORDER, PIXEL]).aggregate([]).to_pylist()
+    for key in keys:
+        o, p = int(key[ORDER]), int(key[PIXEL])
+        part = table.filter(pc.and_(pc.equal(table[ORDER], o), pc.equal(table[PIXEL], p)))
+        ids = part[Col.OBJECT_ID].to_pylist()
+        uri = join_uri(chunk_dir(work_root, o, p), f"{pack_id(ids)}.parquet")
+        fs, path = filesystem(uri, storage_options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        pq.write_table(part.drop_columns([ORDER, PIXEL]), path, filesystem=fs)
+        status = part[Col.STATUS].to_numpy(zero_copy_only=False)
+        flags = part[Col.FLAGS].to_numpy()
+        ok = status == str(Status.OK)
+        out.append(
+            {
+                ORDER: o,
+                PIXEL: p,
+                "n": part.num_rows,
+                "n_ok": int(ok.sum()),
+                "n_error": int((~ok).sum()),
+                "n_flagged": int(((flags != 0) & ok).sum()),
+            }
+        )
+    return out
+
+
+def merge_partition(
+    work_root: str,
+    output_root: str,
+    order: int,
+    pixel: int,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    """Merge a partition's result chunks into its catalog file; returns its row count.
+
+    Rows of an object written twice (a retried task under another chunk name) are kept once.
+    """
+    fs, path = filesystem(chunk_dir(work_root, order, pixel), storage_options)
+    files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
+    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+    _, first = np.unique(table[Col.OBJECT_ID].to_numpy(), return_index=True)
+    if len(first) != table.num_rows:
+        table = table.take(pa.array(np.sort(first)))
+    write_partition(table, output_root, order, pixel, storage_options)
+    return table.num_rows

@@ -1,0 +1,308 @@
+"""Staging: from catalog rows to packs of stamps that the sampler can take as they are.
+
+Per object (a row of ``hats_io.read_partition``; C = the prior's bands):
+
+1. the PSF of every band (``read_psf``: normalised; its stored sum and centroid
+   offset are kept for the PSF flag);
+2. the photo-z, which must be finite and > 0;
+3. the operator parameters at that z: model pixel θ, scale θ/0.168'' (= 1/u),
+   footprint n_out = N·θ/0.168'' and the stamp side H: the smallest
+   ``StagingConfig.stamp_sizes`` bucket ≥ ceil(n_out) + 2·psf_margin (else the largest);
+4. the cutout of every band: an H×H stamp around the object's WCS position
+   (``cut_stamp``), the object at the stamp centre + offset, |offset| ≤ 0.5 px; pixels
+   outside the cutout or with a bad mask plane are invalid. The bands must share
+   a pixel grid (HSC coadds do): the object's offset is taken from the first band.
+
+A problem with any of these (missing or corrupt file, wrong shape, no usable
+pixel in a band, missing PSF, unusable photo-z, object off the cutout) makes
+the object an error record carrying the message; the others are unaffected.
+
+Packs: up to ``pack_size`` staged objects of one stamp size in an Arrow table
+with fixed_shape_tensor columns (image, variance [C,H,W] float32, valid [C,H,W]
+uint8, psf [C,P,P] float32), or the error records of a batch (no tensors);
+each is carried as Parquet bytes (``pack_to_bytes`` / ``pack_from_bytes``), so
+a staged dataset is plain Parquet that can be written and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
+from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
+from d4a_batch.schema import Col
+from d4a_batch.survey.fits_io import HSCCutout, InputError, read_hsc_cutout, read_psf
+from d4a_batch.survey.hats_io import (
+    INPUT_PHOTOZ_HI,
+    INPUT_PHOTOZ_LO,
+    ORDER,
+    PIXEL,
+    cutout_column,
+    psf_column,
+)
+from d4a_batch.survey.storage import filesystem, resolve_uri
+from d4a_batch.survey.tensors import tensor_array, tensor_numpy
+
+# sub-pixel offsets of the bands may differ by this much (HSC pixels) before the object is refused
+BAND_OFFSET_TOLERANCE = 0.1
+KIND_OBJECTS = "objects"
+KIND_ERRORS = "errors"
+# pack columns besides the identity columns
+PSF_SUM = "psf_sum"  # [C] PSF sums as stored (NaN: PSF not read)
+PSF_CENTROID = "psf_centroid_offset"  # [C] |centroid - centre| in pixels (NaN: not read)
+OFFSET = "offset"  # [2] (dy, dx) of the object from the stamp centre, HSC pixels
+SCALE = "model_scale"  # model pixel width in HSC pixels, θ/0.168''
+IMAGE, VARIANCE, VALID, PSF = "image", "variance", "valid", "psf"
+IDENTITY = (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX, ORDER, PIXEL, Col.PHOTOZ,
+            INPUT_PHOTOZ_LO, INPUT_PHOTOZ_HI)  # fmt: skip
+
+
+@dataclass
+class StagedObject:
+    """One object after staging: identity, geometry, and stamps unless ``error`` is set."""
+
+    ident: dict[str, Any]
+    psf_sum: np.ndarray  # [C]
+    psf_centroid: np.ndarray  # [C]
+    error: str | None = None
+    stamp_size: int = 0
+    offset: tuple[float, float] = (math.nan, math.nan)
+    theta_arcsec: float = math.nan
+    scale: float = math.nan
+    footprint: float = math.nan
+    masked_fraction: float = math.nan
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # image, variance, valid, psf
+
+
+def stamp_size(footprint: float, staging: StagingConfig) -> int:
+    """Stamp side (HSC pixels) for a model footprint of ``footprint`` pixels."""
+    need = math.ceil(footprint) + 2 * staging.psf_margin
+    sizes = sorted(staging.stamp_sizes)
+    return next((s for s in sizes if s >= need), sizes[-1])
+
+
+def cut_stamp(
+    cutout: HSCCutout, ra: float, dec: float, size: int, bad_planes: tuple[str, ...], uri: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    """``(image, variance, valid, offset)`` of the size×size stamp around (ra, dec).
+
+    image/variance float32 [size, size] (0 at invalid pixels), valid bool; the stamp's
+    corner is the pixel edge nearest to position − size/2, so the object sits at the
+    centre + offset with |offset| ≤ 0.5. Pixels beyond the cutout are invalid.
+    """
+    px, py = (float(v) for v in cutout.wcs.world_to_pixel_values(ra, dec))
+    cy, cx = py + 0.5, px + 0.5  # pixel-edge coordinates
+    h, w = cutout.image.shape
+    if not (0.0 <= cy < h and 0.0 <= cx < w):
+        raise InputError(
+            uri, f"object (ra={ra:.6f}, dec={dec:.6f}) lies outside the {h}x{w} cutout"
+        )
+    y0, x0 = math.floor(cy - size / 2 + 0.5), math.floor(cx - size / 2 + 0.5)
+    offset = (cy - (y0 + size / 2), cx - (x0 + size / 2))
+    ys, xs = slice(max(y0, 0), min(y0 + size, h)), slice(max(x0, 0), min(x0 + size, w))
+    yd, xd = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
+    image = np.zeros((size, size), np.float32)
+    variance = np.zeros((size, size), np.float32)
+    valid = np.zeros((size, size), bool)
+    valid[yd, xd] = cutout.valid(bad_planes)[ys, xs]
+    image[yd, xd] = np.where(valid[yd, xd], cutout.image[ys, xs], 0.0)
+    variance[yd, xd] = np.where(valid[yd, xd], cutout.variance[ys, xs], 0.0)
+    return image, variance, valid, offset
+
+
+@dataclass(frozen=True)
+class Stager:
+    """Stages catalog rows (engine names) of one catalog for one prior."""
+
+    catalog_root: str
+    prior: PriorConfig
+    physics: PhysicsConfig
+    staging: StagingConfig
+    storage_options: dict[str, Any] | None = None
+
+    def _read(self, row: dict[str, Any], column: str, reader):
+        uri = row[column]
+        if uri is None or uri == "":
+            raise InputError(column, "no URI in the catalog")
+        uri = resolve_uri(str(uri), self.catalog_root)
+        fs, _ = filesystem(uri, self.storage_options)
+        return reader(uri, fs), uri
+
+    def stage(self, row: dict[str, Any]) -> StagedObject:
+        """Stage one object; any problem is recorded in ``error``, never raised."""
+        bands = self.prior.bands
+        c = len(bands)
+        obj = StagedObject(
+            ident={k: row[k] for k in IDENTITY},
+            psf_sum=np.full(c, np.nan),
+            psf_centroid=np.full(c, np.nan),
+        )
+        errors: list[str] = []
+        psfs: list[np.ndarray] = []
+        for i, b in enumerate(bands):
+            try:
+                stamp, _ = self._read(
+                    row, psf_column(b), lambda u, fs: read_psf(u, fs, self.staging.psf_size)
+                )
+            except InputError as e:
+                errors.append(f"PSF {b}: {e}")
+                continue
+            obj.psf_sum[i] = stamp.raw_sum
+            obj.psf_centroid[i] = math.hypot(*stamp.centroid_offset)
+            psfs.append(stamp.array)
+        z = row[Col.PHOTOZ]
+        if z is None or not (math.isfinite(z) and z > 0):
+            errors.append(f"photo-z {z!r} is not a finite positive redshift")
+        if errors:
+            obj.error = "; ".join(errors)
+            return obj
+        try:
+            self._geometry(obj, float(z))
+            self._cutouts(obj, row)
+        except (InputError, ValueError, OSError) as e:
+            obj.error = str(e)
+            return obj
+        except Exception as e:  # one odd object must not stop a survey run
+            obj.error = f"unexpected {type(e).__name__}: {e}"
+            return obj
+        obj.arrays[PSF] = np.stack(psfs).astype(np.float32)
+        return obj
+
+    def _geometry(self, obj: StagedObject, z: float) -> None:
+        p, ph = self.prior, self.physics
+        obj.theta_arcsec = float(model_pixel_arcsec(z, p.kpc_per_pixel, ph.cosmology))
+        obj.scale = obj.theta_arcsec / ph.hsc_pixel_arcsec
+        obj.footprint = float(
+            footprint_hsc_pixels(
+                z, p.kpc_per_pixel, p.image_size, ph.hsc_pixel_arcsec, ph.cosmology
+            )
+        )
+        obj.stamp_size = stamp_size(obj.footprint, self.staging)
+
+    def _cutouts(self, obj: StagedObject, row: dict[str, Any]) -> None:
+        size = obj.stamp_size
+        planes: dict[str, list[np.ndarray]] = {IMAGE: [], VARIANCE: [], VALID: []}
+        for b in self.prior.bands:
+            cutout, uri = self._read(row, cutout_column(b), read_hsc_cutout)
+            image, var, valid, off = cut_stamp(
+                cutout, row[Col.RA], row[Col.DEC], size, self.staging.bad_mask_planes, uri
+            )
+            if not valid.any():
+                raise InputError(
+                    uri, f"no usable pixel in the {size}x{size} stamp (all masked or NaN)"
+                )
+            if (
+                planes[IMAGE]
+                and max(abs(off[0] - obj.offset[0]), abs(off[1] - obj.offset[1]))
+                > BAND_OFFSET_TOLERANCE
+            ):
+                raise InputError(
+                    uri, f"band {b} is not on the pixel grid of band {self.prior.bands[0]}"
+                )
+            if not planes[IMAGE]:
+                obj.offset = off
+            planes[IMAGE].append(image)
+            planes[VARIANCE].append(var)
+            planes[VALID].append(valid)
+        obj.arrays[IMAGE] = np.stack(planes[IMAGE])
+        obj.arrays[VARIANCE] = np.stack(planes[VARIANCE])
+        obj.arrays[VALID] = np.stack(planes[VALID]).astype(np.uint8)
+        obj.masked_fraction = float(1.0 - obj.arrays[VALID].mean())
+
+    def stage_rows(self, rows: list[dict[str, Any]], threads: int = 8) -> list[StagedObject]:
+        """Stage rows concurrently (I/O bound: remote reads overlap); order is kept."""
+        if threads <= 1 or len(rows) <= 1:
+            return [self.stage(r) for r in rows]
+        with ThreadPoolExecutor(max_workers=min(threads, len(rows))) as pool:
+            return list(pool.map(self.stage, rows))
+
+
+# --------------------------------------------------------------------------- packs
+def _common_columns(objs: list[StagedObject]) -> dict[str, pa.Array]:
+    cols: dict[str, pa.Array] = {}
+    for k in IDENTITY:
+        typ = pa.int64() if k in (Col.OBJECT_ID, Col.HEALPIX, ORDER, PIXEL) else pa.float64()
+        cols[k] = pa.array([o.ident[k] for o in objs], typ)
+    cols[Col.MESSAGE] = pa.array([o.error for o in objs], pa.string())
+    cols[PSF_SUM] = tensor_array(np.stack([o.psf_sum for o in objs]))
+    cols[PSF_CENTROID] = tensor_array(np.stack([o.psf_centroid for o in objs]))
+    cols[Col.STAMP_SIZE] = pa.array([o.stamp_size for o in objs], pa.int32())
+    cols[OFFSET] = tensor_array(np.array([o.offset for o in objs], np.float64))
+    for name, attr in ((Col.THETA_ARCSEC, "theta_arcsec"), (SCALE, "scale"),
+                       (Col.N_OUT, "footprint"), (Col.MASKED_FRACTION, "masked_fraction")):  # fmt: skip
+        cols[name] = pa.array([getattr(o, attr) for o in objs], pa.float64())
+    return cols
+
+
+def pack_table(objs: list[StagedObject]) -> pa.Table:
+    """Arrow table of staged objects: stamps when none has an error, else error records only."""
+    cols = _common_columns(objs)
+    if all(o.error is None for o in objs):
+        for name in (IMAGE, VARIANCE, VALID, PSF):
+            cols[name] = tensor_array(np.stack([o.arrays[name] for o in objs]))
+    elif any(o.error is None for o in objs):
+        raise ValueError("pack_table: a pack holds either staged objects or error records")
+    return pa.table(cols)
+
+
+def pack_id(object_ids: list[int]) -> str:
+    """Stable name of a pack (or result chunk) from its object ids."""
+    digest = hashlib.sha1(",".join(str(int(i)) for i in sorted(object_ids)).encode())
+    return digest.hexdigest()[:20]
+
+
+def make_packs(objs: list[StagedObject], pack_size: int) -> list[dict[str, Any]]:
+    """Group staged objects into packs: one per stamp size (≤ pack_size objects), one of errors.
+
+    Returns rows ``{pack_id, kind, stamp_size, n_objects, pack}`` (pack: Parquet bytes).
+    """
+    groups: dict[tuple[str, int], list[StagedObject]] = defaultdict(list)
+    for o in objs:
+        key = (KIND_ERRORS, 0) if o.error else (KIND_OBJECTS, o.stamp_size)
+        groups[key].append(o)
+    rows = []
+    for (kind, size), members in sorted(groups.items()):
+        step = len(members) if kind == KIND_ERRORS else max(1, int(pack_size))
+        for i in range(0, len(members), step):
+            chunk = members[i : i + step]
+            rows.append(
+                {
+                    "pack_id": pack_id([o.ident[Col.OBJECT_ID] for o in chunk]),
+                    "kind": kind,
+                    "stamp_size": size,
+                    "n_objects": len(chunk),
+                    "pack": pack_to_bytes(pack_table(chunk)),
+                }
+            )
+    return rows
+
+
+def pack_to_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes of a pack table."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def pack_from_bytes(data: bytes) -> pa.Table:
+    """A pack table from its Parquet bytes."""
+    return pq.read_table(io.BytesIO(data))
+
+
+def pack_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """numpy arrays (writable copies) of a pack of staged objects: tensors ``[B, ...]``, scalars ``[B]``."""
+    tensors = (IMAGE, VARIANCE, VALID, PSF, OFFSET, PSF_SUM, PSF_CENTROID)
+    out = {name: np.array(tensor_numpy(table[name])) for name in tensors}
+    for name in (*IDENTITY, SCALE, Col.MASKED_FRACTION):
+        out[name] = table[name].to_numpy()
+    return out

@@ -1,0 +1,131 @@
+"""Prior evaluation: galaxy morphology features, their Fréchet distance, a PCA projection.
+
+Features are measured on normalised flux ``v = inverse_stretch(x)`` (each band
+divided by its brightest pixel, as the prior sees it), so the absolute flux
+and the colours are not in them; what is:
+
+- ``log_ratio_g_r``, ``log_ratio_i_r``: log10 of the summed v of g (i) over r,
+  i.e. how extended each band is relative to its peak (colour gradients);
+- ``log_flux_to_peak``: log10 of the summed v of r (large for extended light);
+- ``r50``: half-light radius (pixels) of the r band about its centroid;
+- ``concentration``: 5 log10(r80 / r20) of the r band;
+- ``asymmetry``: sum |I - I_180| / (2 sum I) of r, rotated about the centroid pixel;
+- ``ellipticity``: 1 - b/a from the light-weighted second moments of r.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+
+from d4a_batch.physics.stretch import inverse_stretch
+
+FEATURE_NAMES = (
+    "log_ratio_g_r",
+    "log_ratio_i_r",
+    "log_flux_to_peak",
+    "r50",
+    "concentration",
+    "asymmetry",
+    "ellipticity",
+)
+
+
+def _radius_enclosing(
+    img: np.ndarray, cy: float, cx: float, fracs: tuple[float, ...]
+) -> list[float]:
+    yy, xx = np.indices(img.shape) + 0.5
+    r = np.hypot(yy - cy, xx - cx).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(img.ravel()[order])
+    return [float(np.interp(f * cum[-1], cum, r[order])) for f in fracs]
+
+
+def morphology_features(
+    x: np.ndarray, a: float, bands: tuple[str, ...] = ("g", "r", "i")
+) -> np.ndarray:
+    """Features ``[K, len(FEATURE_NAMES)]`` of x-space images ``x[K, C, N, N]`` (bands g, r, i)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] != len(bands):
+        raise ValueError(f"expected x[K, {len(bands)}, N, N], got {x.shape}")
+    ig, ir, ii = (bands.index(b) for b in ("g", "r", "i"))
+    v = np.clip(inverse_stretch(np.clip(x, -1.0, 1.0), a), 0.0, None)
+    n = x.shape[-1]
+    yy, xx = np.indices((n, n)) + 0.5
+    out = np.empty((len(x), len(FEATURE_NAMES)))
+    tiny = 1e-12
+    for k, img in enumerate(v):
+        sums = img.sum(axis=(1, 2)) + tiny
+        r = img[ir]
+        tot = r.sum() + tiny
+        cy, cx = (r * yy).sum() / tot, (r * xx).sum() / tot
+        r20, r50, r80 = _radius_enclosing(r, cy, cx, (0.2, 0.5, 0.8))
+        # asymmetry about the centroid's pixel: roll it to the grid centre, rotate by 180°
+        sy, sx = round(n / 2 - cy), round(n / 2 - cx)
+        rc = np.roll(r, (sy, sx), axis=(0, 1))
+        asym = np.abs(rc - rc[::-1, ::-1]).sum() / (2 * tot)
+        dy, dx = yy - cy, xx - cx
+        myy, mxx, mxy = ((r * dy * dy).sum(), (r * dx * dx).sum(), (r * dx * dy).sum())
+        ev = np.linalg.eigvalsh(np.array([[mxx, mxy], [mxy, myy]]) / tot)
+        ell = 1.0 - np.sqrt(max(ev[0], 0.0) / max(ev[1], tiny))
+        out[k] = (
+            np.log10(sums[ig] / sums[ir]),
+            np.log10(sums[ii] / sums[ir]),
+            np.log10(tot),
+            r50,
+            5 * np.log10(max(r80, tiny) / max(r20, tiny)),
+            asym,
+            ell,
+        )
+    return out
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Fréchet distance of Gaussians fitted to feature sets ``f1[K1, D]`` and ``f2[K2, D]``.
+
+    d² = |μ1 - μ2|² + Tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½)  (the FID formula).
+    """
+    mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
+    s1, s2 = np.atleast_2d(np.cov(f1, rowvar=False)), np.atleast_2d(np.cov(f2, rowvar=False))
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.all(np.isfinite(covmean)):
+        eps = 1e-6 * np.eye(len(s1))
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = np.real(covmean)
+    d2 = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return max(d2, 0.0)
+
+
+def standardise(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Scale features to the reference set's mean 0 / std 1 (same transform for all sets)."""
+    mu, sd = reference.mean(axis=0), reference.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    return [(f - mu) / sd for f in (reference, *others)]
+
+
+def pca_fit(features: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(mean[D], components[n, D]) of ``features[K, D]`` by SVD."""
+    mu = features.mean(axis=0)
+    _, _, vt = np.linalg.svd(features - mu, full_matrices=False)
+    return mu, vt[:n_components]
+
+
+def pca_project(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    return (features - mean) @ components.T
+
+
+def sample_grid_rgb(
+    x: np.ndarray, ncol: int, bands: tuple[str, ...] = ("g", "r", "i")
+) -> np.ndarray:
+    """RGB mosaic ``[rows*N, ncol*N, 3]`` in [0, 1] of x-space images ``x[K, C, N, N]``.
+
+    Red, green, blue are i, r, g at (x + 1) / 2: the stretch itself is the display map.
+    """
+    k, _, n, _ = x.shape
+    rows = -(-k // ncol)
+    rgb = np.clip((np.asarray(x)[:, [bands.index(b) for b in ("i", "r", "g")]] + 1) / 2, 0, 1)
+    grid = np.zeros((rows * n, ncol * n, 3))
+    for j, img in enumerate(rgb):
+        r, c = divmod(j, ncol)
+        grid[r * n : (r + 1) * n, c * n : (c + 1) * n] = img.transpose(1, 2, 0)
+    return grid

@@ -1,0 +1,326 @@
+"""Ray Train (V2) training of the diffusion prior, checkpoints, resume and artifact export.
+
+``train_loop_per_worker`` runs on every worker of a ``TorchTrainer``: DDP model
+(gloo on CPU, nccl on GPU, via ``prepare_model``), its shard of the ``"train"``
+dataset (column ``x`` [C,N,N] in x-space), random shifts/flips/rotations, the
+ε-MSE of ``GaussianDiffusion.training_losses``, AdamW with warmup + cosine
+decay, an EMA of the weights, bf16 autocast on GPU only. Every step all ranks
+call ``ray.train.report`` (loss, images/s); every ``checkpoint_every`` steps
+rank 0 attaches a checkpoint folder (``state.pt``: model, EMA, optimizer, step,
+history; ``config.json``: the TrainConfig), and a restarted run (worker
+failure under ``FailureConfig``, or the driver run again with the same
+storage path and name) continues from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d4a_batch.config import PriorConfig, from_dict, to_dict
+from d4a_batch.prior.artifact import compute_prior_stats, save_prior
+from d4a_batch.prior.diffusion import build_diffusion
+from d4a_batch.prior.unet import build_unet
+from d4a_batch.training.data import X_COLUMN, augment, default_max_shift
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training run (batch size is per worker)."""
+
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_fraction: float = 0.1  # cosine decay from lr to this fraction at max_steps
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # ramped as min(decay, (1 + step) / (10 + step))
+    max_steps: int = 2000
+    max_train_seconds: float = 0.0  # also stop (and finish the schedule) at this time; 0: none
+    checkpoint_every: int = 200
+    max_shift: int = -1  # random shift in pixels; -1: default_max_shift(image_size)
+    shuffle_buffer: int = 256
+    seed: int = 0
+
+
+def progress(cfg: TrainConfig, step: int, seconds: float) -> float:
+    """Fraction of the run done: by steps or by training time, whichever is further along."""
+    frac = step / cfg.max_steps
+    if cfg.max_train_seconds > 0:
+        frac = max(frac, seconds / cfg.max_train_seconds)
+    return frac
+
+
+def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Learning rate of step ``step`` (0-based): linear warmup, then cosine to min_lr_fraction.
+
+    The cosine follows ``progress`` (steps or time), rescaled to start after the warmup.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    start = cfg.warmup_steps / cfg.max_steps
+    frac = min(1.0, max(0.0, (progress(cfg, step, seconds) - start) / max(1e-9, 1 - start)))
+    return cfg.lr * (
+        cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(pm.detach(), 1.0 - decay)
+
+
+def save_checkpoint_dir(folder: Path, state: dict[str, Any], cfg: TrainConfig) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / STATE_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+    return folder
+
+
+def load_checkpoint_dir(folder: str | Path) -> tuple[dict[str, Any], TrainConfig]:
+    """(state, TrainConfig) of a checkpoint folder; tensors only are unpickled."""
+    folder = Path(folder)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    cfg = from_dict(TrainConfig, json.loads((folder / CONFIG_FILE).read_text()))
+    return state, cfg
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function; ``config = {"train": to_dict(TrainConfig), "threads": int}``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, config["train"])
+    torch.set_num_threads(int(config.get("threads", 1)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_bf16 = device.type == "cuda"
+    torch.manual_seed(cfg.seed + 1000 * rank)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
+
+    net = build_unet(cfg.prior)
+    ema = build_unet(cfg.prior)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history, train_seconds, resumed_from = 0, [], 0.0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state, _ = load_checkpoint_dir(d)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), list(state["history"])
+        train_seconds = float(state["train_seconds"])
+        resumed_from = step
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {step}", flush=True)
+    ema.to(device).eval().requires_grad_(False)
+    model = ray.train.torch.prepare_model(net)
+    diffusion = build_diffusion(cfg.prior)
+    max_shift = default_max_shift(cfg.prior.image_size) if cfg.max_shift < 0 else cfg.max_shift
+    shard = ray.train.get_dataset_shard("train")
+    T = diffusion.num_timesteps
+
+    done = step >= cfg.max_steps
+    while not done:
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            dtypes=torch.float32,
+        )
+        for batch in batches:
+            t0 = time.perf_counter()
+            x0 = batch[X_COLUMN]
+            if x0.shape[1:] != (cfg.prior.in_channels, cfg.prior.image_size, cfg.prior.image_size):
+                raise ValueError(
+                    f"training batch of shape {tuple(x0.shape)} does not fit the prior"
+                )
+            x0 = augment(x0.cpu(), gen, max_shift).to(device)
+            t = torch.randint(0, T, (x0.shape[0],), generator=gen).to(device)
+            lr = lr_at(cfg, step, train_seconds)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = diffusion.training_losses(model, x0, t)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            metrics = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "grad_norm": float(grad_norm),
+                "lr": lr,
+                "images_per_s": world * x0.shape[0] / dt,
+                "train_seconds": train_seconds,
+                "resumed_from": -1 if resumed_from is None else resumed_from,
+            }
+            history.append([step, metrics["loss"], metrics["images_per_s"]])
+            frac = torch.tensor([progress(cfg, step, train_seconds)])
+            if world > 1:  # every rank must agree on the last step
+                torch.distributed.all_reduce(frac, op=torch.distributed.ReduceOp.MAX)
+            done = float(frac) >= 1.0
+            if rank == 0 and (step % 10 == 0 or step == 1 or done):
+                print(
+                    f"[train] step {step}/{cfg.max_steps} loss {metrics['loss']:.4f} "
+                    f"{metrics['images_per_s']:.1f} img/s lr {metrics['lr']:.2e} "
+                    f"train {train_seconds:.0f} s",
+                    flush=True,
+                )
+            if step % cfg.checkpoint_every == 0 or done:
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if rank == 0:
+                        state = {
+                            "model": net.state_dict(),
+                            "ema": ema.state_dict(),
+                            "optimizer": opt.state_dict(),
+                            "step": step,
+                            "history": history,
+                            "train_seconds": train_seconds,
+                            "world_size": world,
+                        }
+                        save_checkpoint_dir(Path(tmp), state, cfg)
+                        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(
+                        metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}"
+                    )
+            else:
+                ray.train.report(metrics)
+            if done:
+                break
+
+
+def run_training(
+    cfg: TrainConfig,
+    dataset: Any,
+    storage_path: str | Path,
+    name: str,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: int = 1,
+    max_failures: int = 3,
+):
+    """Fit a ``TorchTrainer`` on ``dataset`` (Ray dataset with column ``x``); returns its Result.
+
+    Running again with the same ``storage_path`` and ``name`` continues from the
+    latest checkpoint of that run.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "threads": cpus_per_worker},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def list_checkpoints(storage_path: str | Path, name: str) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    run = Path(storage_path) / name
+    return sorted(p for p in run.glob("checkpoint_*") if (p / STATE_FILE).exists())
+
+
+def training_record(state: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """Summary of a checkpoint's training: steps, loss curve, wall time, machine."""
+    hist = torch.tensor([h[:2] for h in state["history"]], dtype=torch.float64)
+    losses = hist[:, 1]
+    n = len(losses)
+    window = max(1, min(50, n // 10))
+    curve = []
+    for s in sorted({*range(0, n, max(1, n // 20)), n - window}):
+        lo = max(0, s)
+        curve.append(
+            [int(hist[min(lo + window, n) - 1, 0]), float(losses[lo : lo + window].mean())]
+        )
+    return {
+        "steps": int(state["step"]),
+        "images_seen": int(state["step"]) * cfg.batch_size * int(state.get("world_size", 1)),
+        "train_seconds": float(state["train_seconds"]),
+        "loss_first": float(losses[:window].mean()),
+        "loss_last": float(losses[-window:].mean()),
+        "loss_window_steps": window,
+        "loss_curve": curve,
+        "images_per_s_median": float(torch.tensor([h[2] for h in state["history"]]).median()),
+        "world_size": int(state.get("world_size", 1)),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "train_config": to_dict(cfg),
+    }
+
+
+def export_prior(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    n_stats: int = 256,
+    stats_steps: int = 100,
+    seed: int = 0,
+    extra_meta: dict[str, Any] | None = None,
+    record_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the prior artifact of a checkpoint: EMA weights, config, stats, training record.
+
+    ``record_extra`` (JSON-serialisable) is merged into training_record.json.
+    """
+    state, cfg = load_checkpoint_dir(checkpoint_dir)
+    model = build_unet(cfg.prior)
+    model.load_state_dict(state["ema"])
+    model.eval().requires_grad_(False)
+    C, N = cfg.prior.in_channels, cfg.prior.image_size
+    t0 = time.perf_counter()
+    stats = compute_prior_stats(
+        model,
+        build_diffusion(cfg.prior),
+        (C, N, N),
+        n=n_stats,
+        steps=stats_steps,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    record = training_record(state, cfg)
+    record["stats_seconds"] = time.perf_counter() - t0
+    record["stats_samples"], record["stats_steps"] = n_stats, stats_steps
+    record.update(record_extra or {})
+    meta = {"training": {"steps": record["steps"], "checkpoint": Path(checkpoint_dir).name}}
+    out = save_prior(out_dir, state["ema"], cfg.prior, stats, {**meta, **(extra_meta or {})})
+    (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out

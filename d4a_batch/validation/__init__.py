@@ -1,0 +1,1 @@
+"""Validation against the truth: image metrics, posterior calibration, baselines, experiments."""

@@ -1,0 +1,276 @@
+"""Throughput measurements of the DPS sampler: timing, FLOPs, machine peak, memory.
+
+- FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around real DPS steps
+  (``sampling.dps.dps_sample``: network forward, guidance backward, operator): it counts matmul / convolution / attention ops, forward and backward, and
+  leaves out FFTs and elementwise ops, so achieved FLOP/s are a slight undercount.
+- The machine's peak is measured in the same process: a large square matmul and a
+  3×3 convolution of UNet-like size, each timed after a warm-up, FLOPs counted the same way.
+- Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's resident set
+  (RSS) polled every few milliseconds by a thread (``psutil``), reported as the peak
+  above the RSS at entry (torch's CPU allocator is invisible to tracemalloc). glibc keeps
+  freed blocks resident once its dynamic mmap threshold has grown, which hides a call's
+  memory behind the previous call's; ``return_freed_memory`` pins the thresholds so that
+  large tensors go back to the system when freed and each call's peak shows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from d4a_batch.config import PhysicsConfig, SamplerConfig
+from d4a_batch.physics.operator import (
+    ForwardOperator,
+    ObservationBatch,
+    model_pixel_scale,
+    whitened_residual,
+)
+from d4a_batch.prior.artifact import Prior
+from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
+from d4a_batch.validation.magnitude import MagnitudeConfig, make_observations
+
+
+class _GlobalOnly:
+    """Stand-in for ``FlopCounterMode``'s module tracker: all FLOPs count under "Global".
+
+    The tracker's backward hooks fail under ``torch.autograd.grad`` (which DPS guidance
+    uses: "A leaf node was passed to _will_engine_execute_node"); per-module totals are
+    not needed here.
+    """
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` (no display) that works with ``torch.autograd.grad``."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """glibc: mmap blocks of ``threshold`` bytes and more, trim the heap above it (fixed
+    values switch glibc's dynamic threshold off). False where glibc is not there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(
+        libc.mallopt(m_trim_threshold, threshold)
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of fn(), synchronised on CUDA."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+class PeakMemory:
+    """Context manager: peak memory of the block (bytes) in ``peak`` (see module docstring)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = device
+        self.interval = interval_s
+        self.peak = 0
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "rss_above_entry"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                self._max = max(self._max, self._proc.memory_info().rss)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, self._proc.memory_info().rss)
+        self.peak = int(self._max - self._base)
+
+
+def synthetic_batch(
+    prior: Prior, n_objects: int, z: float = 0.3
+) -> tuple[ObservationBatch, list[float], list[int]]:
+    """B mock observations for the prior (one galaxy at i = 19..23 mag, HSC noise, Gaussian
+    PSFs; ``validation.magnitude``): (obs on the prior's device, redshifts, object ids)."""
+    cfg = prior.config
+    mags = tuple(float(m) for m in np.linspace(19.0, 23.0, n_objects))
+    data = make_observations(
+        cfg.bands, cfg.kpc_per_pixel, cfg.image_size, MagnitudeConfig(magnitudes=mags, z=z),
+        SamplerConfig().aperture_radius_frac,
+    )  # fmt: skip
+    obs = data.obs.to(device=prior.device, dtype=torch.float32)
+    return obs, [z] * n_objects, list(range(1, n_objects + 1))
+
+
+def select(obs: ObservationBatch, rows: slice) -> ObservationBatch:
+    """Rows ``rows`` of an observation batch."""
+    return ObservationBatch(
+        obs.image[rows], obs.variance[rows], obs.valid[rows], obs.psf[rows], obs.offset[rows]
+    )
+
+
+def dps_step_flops(prior: Prior, obs: ObservationBatch, z: Sequence[float], samples: int) -> int:
+    """FLOPs of one DPS step over B·S rows (``FlopCounterMode``; see the module docstring)."""
+    rows = obs.repeat_interleave(samples)
+    scale = model_pixel_scale(np.repeat(np.asarray(z, dtype=np.float64), samples), prior.config)
+    op = ForwardOperator.for_observations(
+        rows, torch.as_tensor(scale, dtype=torch.float32, device=prior.device),
+        prior.config.stretch.a,
+    )  # fmt: skip
+    gens = row_generators(0, list(range(obs.image.shape[0])), samples, prior.device)
+    counter = flop_counter()
+    with counter:  # two steps (a one-step respacing is degenerate); every step does the same ops
+        dps_sample(
+            prior, lambda x0: whitened_residual(x0, rows, op)[0], gens, steps=2,
+            guidance=SamplerConfig().guidance,
+        )  # fmt: skip
+    return int(counter.get_total_flops()) // 2
+
+
+def measured_peak(
+    device: torch.device, size: int = 2048, conv_images: int = 32, repeats: int = 5
+) -> dict[str, float]:
+    """FLOP/s of a size×size float32 matmul and of a UNet-like 3×3 conv (64→64 channels,
+    ``conv_images`` images of 64²), best of ``repeats`` (the first call, counted, warms up)."""
+    out: dict[str, float] = {}
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    x = torch.randn(conv_images, 64, 64, 64, device=device)
+    w = torch.randn(64, 64, 3, 3, device=device)
+    ops = {
+        "matmul": lambda: a @ b,
+        "conv3x3": lambda: torch.nn.functional.conv2d(x, w, padding=1),
+    }
+    for name, fn in ops.items():
+        counter = flop_counter()
+        with counter:
+            fn()
+        flops = counter.get_total_flops()
+        best = min(timed(fn, device)[0] for _ in range(repeats))
+        out[name] = flops / best
+    return out
+
+
+def sample_once(
+    prior: Prior,
+    obs: ObservationBatch,
+    z: Sequence[float],
+    ids: Sequence[int],
+    steps: int,
+    samples: int,
+    seed: int = 0,
+    physics: PhysicsConfig | None = None,
+) -> float:
+    """Seconds of one ``deconvolve`` call (B objects × ``samples``), synchronised."""
+    cfg = SamplerConfig(steps=steps, samples=samples, seed=seed)
+    seconds, _ = timed(lambda: deconvolve(obs, z, prior, cfg, ids, physics), prior.device)
+    return seconds
+
+
+def naive_loop(
+    prior: Prior,
+    obs: ObservationBatch,
+    z: Sequence[float],
+    ids: Sequence[int],
+    steps: int,
+    samples: int,
+    batch: int,
+) -> float:
+    """Seconds to draw the same samples one object at a time, ``batch`` samples per call
+    (the reference code's pattern); chunks use different seeds so the samples differ."""
+    if samples % batch:
+        raise ValueError(f"naive_loop: samples {samples} not a multiple of batch {batch}")
+    total = 0.0
+    for o in range(obs.image.shape[0]):
+        for chunk in range(samples // batch):
+            total += sample_once(prior, select(obs, slice(o, o + 1)), [z[o]], [ids[o]], steps,
+                                 batch, seed=chunk)  # fmt: skip
+    return total
+
+
+def per_step_seconds(
+    prior: Prior,
+    obs: ObservationBatch,
+    z: Sequence[float],
+    ids: Sequence[int],
+    samples: int,
+    steps: tuple[int, int] = (2, 6),
+) -> float:
+    """Seconds per DPS step for B·S rows: (T(steps_b) − T(steps_a)) / (steps_b − steps_a), which
+    removes the per-call overhead (operator setup, summaries)."""
+    a, b = steps
+    return (
+        sample_once(prior, obs, z, ids, b, samples) - sample_once(prior, obs, z, ids, a, samples)
+    ) / (b - a)
+
+
+class _NoAutocast(torch.nn.Module):
+    """The network with autocast switched off inside (``dps_sample`` enables bf16 on CUDA)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.inner(x.float(), t)
+
+
+VARIANTS = ("fp32", "bf16", "bf16+compile", "bf16+cudagraphs")
+
+
+def variant_prior(prior: Prior, variant: str) -> Prior:
+    """The same prior run another way: "fp32" (autocast off), "bf16" (``dps_sample``'s own
+    autocast on CUDA), "bf16+compile" (``torch.compile``), "bf16+cudagraphs"
+    (``torch.compile(mode="reduce-overhead")``, CUDA graphs)."""
+    model = prior.model
+    if variant == "fp32":
+        model = _NoAutocast(model)
+    elif variant == "bf16+compile":
+        model = torch.compile(model)
+    elif variant == "bf16+cudagraphs":
+        model = torch.compile(model, mode="reduce-overhead")
+    elif variant != "bf16":
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    return Prior(model, prior.config, prior.prior_id, prior.sha256, prior.stats, prior.metadata)

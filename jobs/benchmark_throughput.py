@@ -1,0 +1,294 @@
+"""Throughput of the batched DPS sampler: batched vs naive, FLOP/s vs peak, batch size, actors.
+
+    python jobs/benchmark_throughput.py                    # demo prior (or random weights)
+    python jobs/benchmark_throughput.py --objects 8 --samples 8 --steps 20 --actors 1,2
+    python jobs/benchmark_throughput.py --random --paper    # + the paper's 256-px UNet
+
+All in one run, with identical prior, steps and samples:
+
+1. batched: one ``sampling.deconvolve`` call over B objects × S samples (what the engine's
+   actor does with a pack) against a naive loop (one object at a time, ``--naive-batch``
+   samples per call, like the reference code); objects/s, samples/s and their ratio;
+2. FLOPs of one DPS step (``FlopCounterMode``) and the achieved FLOP/s of the batched
+   run against this machine's measured peak (a large matmul and a 3×3 conv, timed here);
+3. throughput and peak memory against objects per call (B);
+4. throughput of the whole engine (``pipeline.engine.run_survey`` on a small mock survey)
+   against the number of Ray actors;
+5. with a GPU: fp32 vs bf16 autocast, torch.compile and CUDA graphs (per-step time), and the
+   paper's 256-pixel configuration (random weights) in seconds per posterior sample at its
+   1000 steps (from the measured per-step time).
+
+Prints a table and writes throughput.json to ``--out`` (default runs/throughput-<time>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, to_dict
+from d4a_batch.prior.artifact import Prior, PriorStats, load_prior, save_prior
+from d4a_batch.prior.unet import build_unet
+from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
+from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
+from d4a_batch.validation.throughput import (
+    VARIANTS,
+    PeakMemory,
+    dps_step_flops,
+    measured_peak,
+    naive_loop,
+    per_step_seconds,
+    return_freed_memory,
+    sample_once,
+    select,
+    synthetic_batch,
+    variant_prior,
+)
+
+# the published diffusion4astro prior (arXiv:2411.19158): 256 px, improved-diffusion flags
+PAPER_PRIOR = PriorConfig(
+    name="paper-256-random", image_size=256, num_channels=192, num_res_blocks=3,
+    channel_mult=(1, 1, 2, 2, 4, 4), attention_resolutions=(16, 8), num_heads=4,
+    noise_schedule="cosine", rescale_timesteps=True, learn_sigma=False,
+)  # fmt: skip
+PAPER_STEPS = 1000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prior", default=str(DEMO_PRIOR_DIR), help="prior artifact folder")
+    p.add_argument("--random", action="store_true", help="random weights of PriorConfig()")
+    p.add_argument("--out", type=Path, help="output folder (default runs/throughput-<time>)")
+    p.add_argument("--objects", type=int, default=4, help="objects per batched call (B)")
+    p.add_argument("--samples", type=int, default=4, help="posterior samples per object (S)")
+    p.add_argument("--steps", type=int, default=10, help="DPS steps")
+    p.add_argument("--naive-batch", type=int, default=1, help="samples per naive call")
+    p.add_argument("--repeats", type=int, default=2, help="timings per sampler (best kept)")
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="objects per call to sweep")
+    p.add_argument("--actors", default="1,2", help="Ray actor counts to sweep ('' skips)")
+    p.add_argument("--actor-objects", type=int, default=8, help="mock objects per engine run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    p.add_argument("--paper", action="store_true", help="time the 256-px paper UNet on CPU too")
+    p.add_argument("--paper-rows", type=int, default=4, help="rows of the paper-config timing")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[throughput] {msg}", flush=True)
+
+
+def random_prior(cfg: PriorConfig, device: str | torch.device) -> Prior:
+    """A prior with random weights (the UNet's initialisation plus N(0, 0.02²) on every
+    parameter, so the zero-initialised output layers are not zero) and unit prior variance."""
+    torch.manual_seed(0)
+    model = build_unet(cfg, device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    ones = torch.ones(shape)
+    return Prior(model, cfg, cfg.name, "random", PriorStats(0 * ones, ones, 0, 0))
+
+
+def batched_vs_naive(prior: Prior, args) -> dict[str, Any]:
+    obs, z, ids = synthetic_batch(prior, args.objects)
+    n_samples = args.objects * args.samples
+    sample_once(prior, select(obs, slice(0, 1)), z[:1], ids[:1], 2, 2)  # warm-up
+    t_batched, t_naive, peak = float("inf"), float("inf"), 0
+    for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
+        with PeakMemory(prior.device) as mem:
+            t_batched = min(t_batched, sample_once(prior, obs, z, ids, args.steps, args.samples))
+        peak = max(peak, mem.peak)
+        t_naive = min(t_naive, naive_loop(prior, obs, z, ids, args.steps, args.samples,
+                                          args.naive_batch))  # fmt: skip
+    flops = dps_step_flops(prior, obs, z, args.samples)
+    return {
+        "objects": args.objects, "samples": args.samples, "steps": args.steps,
+        "naive_batch": args.naive_batch,
+        "batched_seconds": t_batched, "naive_seconds": t_naive,
+        "batched_objects_per_s": args.objects / t_batched,
+        "naive_objects_per_s": args.objects / t_naive,
+        "batched_samples_per_s": n_samples / t_batched,
+        "naive_samples_per_s": n_samples / t_naive,
+        "speedup": t_naive / t_batched,
+        "repeats": args.repeats,
+        "batched_peak_memory_bytes": peak, "memory_kind": mem.kind,
+        "flops_per_step": flops, "flops_per_row_step": flops / n_samples,
+        "achieved_flops_per_s": flops * args.steps / t_batched,
+    }  # fmt: skip
+
+
+def batch_sweep(prior: Prior, args) -> list[dict[str, Any]]:
+    rows = []
+    for b in (int(v) for v in args.batch_sizes.split(",") if v):
+        obs, z, ids = synthetic_batch(prior, b)
+        with PeakMemory(prior.device) as mem:
+            t = sample_once(prior, obs, z, ids, args.steps, args.samples)
+        rows.append({
+            "objects_per_call": b, "rows": b * args.samples, "seconds": t,
+            "objects_per_s": b / t, "samples_per_s": b * args.samples / t,
+            "peak_memory_mib": mem.peak / 2**20,
+        })  # fmt: skip
+        log(f"B={b}: {b / t:.3f} objects/s, peak memory {mem.peak / 2**20:.0f} MiB")
+    return rows
+
+
+def actor_sweep(prior_path: str, prior_cfg: PriorConfig, args, work: Path) -> list[dict]:
+    """The whole engine (Ray Data: read, stage, sample, write) on a small mock survey."""
+    from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
+    from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+    from d4a_batch.ray_setup import init_ray
+
+    survey = ensure_mock_survey(work / "survey", MockSurveyConfig(
+        n_objects=args.actor_objects, bands=tuple(prior_cfg.bands),
+        kpc_per_pixel=prior_cfg.kpc_per_pixel, n_model=prior_cfg.image_size,
+    ))  # fmt: skip
+    ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    config = RunConfig(sampler=SamplerConfig(steps=args.steps, samples=args.samples))
+    rows = []
+    try:
+        for n in (int(v) for v in args.actors.split(",") if v):
+            opts = ExecutionOptions(actors=n, batch_size=max(1, args.actor_objects // (2 * n)),
+                                    overwrite=True)  # fmt: skip
+            s = run_survey(str(survey), str(work / f"out-{n}"), prior_path, config, opts)
+            rows.append({"actors": n, "objects": s.objects, "seconds": s.seconds,
+                         "objects_per_s": s.objects_per_s, "batch_size": opts.batch_size})  # fmt: skip
+            log(f"{n} actor(s): {s.line()}")
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def gpu_variants(prior: Prior, args) -> list[dict[str, Any]]:
+    obs, z, ids = synthetic_batch(prior, args.objects)
+    rows = []
+    for variant in VARIANTS:
+        try:
+            p = variant_prior(prior, variant)
+            sample_once(p, obs, z, ids, 3, args.samples)  # warm-up / compile
+            with PeakMemory(prior.device) as mem:
+                step = per_step_seconds(p, obs, z, ids, args.samples)
+            rows.append({"variant": variant, "step_seconds": step,
+                         "row_steps_per_s": args.objects * args.samples / step,
+                         "peak_memory_mib": mem.peak / 2**20})  # fmt: skip
+        except Exception as e:  # a variant that does not run is a result too
+            rows.append({"variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
+        log(f"{variant}: {rows[-1]}")
+    return rows
+
+
+def paper_config(device: torch.device, rows: int) -> dict[str, Any]:
+    """Seconds per posterior sample of the paper's 256-px UNet (random weights) at 1000 steps."""
+    prior = random_prior(PAPER_PRIOR, device)
+    n_params = sum(p.numel() for p in prior.model.parameters())
+    obs, z, ids = synthetic_batch(prior, rows)
+    sample_once(prior, obs, z, ids, 2, 1)  # warm-up
+    with PeakMemory(device) as mem:
+        step = per_step_seconds(prior, obs, z, ids, 1, steps=(2, 4))
+    return {
+        "config": to_dict(PAPER_PRIOR), "parameters": n_params, "rows": rows,
+        "step_seconds": step, "seconds_per_sample_1000_steps": step / rows * PAPER_STEPS,
+        "peak_memory_mib": mem.peak / 2**20,
+        "autocast": "bf16" if device.type == "cuda" else "none (CPU)",
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        return_freed_memory()
+    out = args.out or REPO_ROOT / "runs" / f"throughput-{time.strftime('%Y%m%dT%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="throughput-", dir=out))
+    if args.random or not Path(args.prior).is_dir():
+        prior = random_prior(PriorConfig(name="demo-arch-random"), device)
+        prior_path = str(save_prior(work / "prior", prior.model.state_dict(), prior.config,
+                                    prior.stats))  # fmt: skip
+        label = "random weights, PriorConfig() architecture"
+    else:
+        prior, prior_path = load_prior(args.prior, device=device), args.prior
+        label = f"{prior.prior_id} ({prior.metadata.get('training', {})})"
+    log(f"prior: {label}; device {device}; {torch.get_num_threads()} torch threads")
+    t0 = time.perf_counter()
+    doc: dict[str, Any] = {"created": utc_now(), "command": command(), "machine": machine(),
+                           "device": str(device), "prior": label,
+                           "prior_config": to_dict(prior.config)}  # fmt: skip
+    doc["peak"] = measured_peak(device)
+    log(f"measured peak FLOP/s: {doc['peak']}")
+    doc["batched_vs_naive"] = bvn = batched_vs_naive(prior, args)
+    bvn["fraction_of_peak"] = bvn["achieved_flops_per_s"] / max(doc["peak"].values())
+    log(f"batched {bvn['batched_samples_per_s']:.2f} samples/s, naive "
+        f"{bvn['naive_samples_per_s']:.2f} samples/s: x{bvn['speedup']:.2f}")  # fmt: skip
+    doc["batch_sweep"] = batch_sweep(prior, args)
+    if args.actors:
+        doc["actor_sweep"] = actor_sweep(prior_path, prior.config, args, work)
+    if device.type == "cuda":
+        doc["gpu_variants"] = gpu_variants(prior, args)
+    if device.type == "cuda" or args.paper:
+        doc["paper_config"] = paper_config(device, args.paper_rows)
+        log(f"paper config: {doc['paper_config']['seconds_per_sample_1000_steps']:.1f} s/sample")
+    doc["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    doc["seconds"] = time.perf_counter() - t0
+    write_json(out / "throughput.json", doc)
+    text = report(doc)
+    (out / "throughput.md").write_text(text + "\n")
+    print(text)
+    log(f"wrote {out} in {doc['seconds']:.0f} s")
+    return 0
+
+
+def report(doc: dict[str, Any]) -> str:
+    """Markdown tables of a throughput run."""
+    b = doc["batched_vs_naive"]
+    lines = [
+        f"{doc['machine']['processor']}, {doc['machine']['cpu_count']} CPUs, "
+        f"{doc['machine']['torch_threads']} torch threads, device {doc['device']}; prior: "
+        f"{doc['prior']}; B={b['objects']} objects × S={b['samples']} samples, {b['steps']} steps.",
+        "",
+        markdown_table([
+            {"sampler": "batched (one call, B·S rows)", "seconds": b["batched_seconds"],
+             "objects/s": b["batched_objects_per_s"], "samples/s": b["batched_samples_per_s"]},
+            {"sampler": f"naive (per object, {b['naive_batch']} sample(s)/call)",
+             "seconds": b["naive_seconds"], "objects/s": b["naive_objects_per_s"],
+             "samples/s": b["naive_samples_per_s"]},
+        ], ["sampler", "seconds", "objects/s", "samples/s"]),
+        "",
+        f"Best of {b['repeats']} interleaved timings each. Speed-up batched/naive: ×{b['speedup']:.2f}. One DPS step over the batch: "
+        f"{b['flops_per_step'] / 1e9:.3g} GFLOP ({b['flops_per_row_step'] / 1e6:.4g} MFLOP per "
+        f"row); achieved {b['achieved_flops_per_s'] / 1e9:.3g} GFLOP/s = "
+        f"{100 * b['fraction_of_peak']:.1f}% of the measured peak "
+        f"(matmul {doc['peak']['matmul'] / 1e9:.3g}, conv3x3 {doc['peak']['conv3x3'] / 1e9:.3g} "
+        f"GFLOP/s). Peak memory of the batched call: {b['batched_peak_memory_bytes'] / 2**20:.0f} "
+        f"MiB ({b['memory_kind']}).",
+        "",
+        markdown_table(doc["batch_sweep"], ["objects_per_call", "rows", "seconds",
+                                            "objects_per_s", "samples_per_s", "peak_memory_mib"]),
+    ]  # fmt: skip
+    if doc.get("actor_sweep"):
+        lines += ["", "Engine (Ray Data, mock survey) vs actors:", "",
+                  markdown_table(doc["actor_sweep"], ["actors", "objects", "batch_size",
+                                                      "seconds", "objects_per_s"])]  # fmt: skip
+    if doc.get("gpu_variants"):
+        lines += ["", markdown_table(doc["gpu_variants"], ["variant", "step_seconds",
+                                     "row_steps_per_s", "peak_memory_mib", "error"])]  # fmt: skip
+    if doc.get("paper_config"):
+        p = doc["paper_config"]
+        lines += ["", f"Paper configuration (256 px, {p['parameters'] / 1e6:.1f} M parameters, "
+                  f"random weights, {p['autocast']}): {p['step_seconds']:.3g} s per DPS step for "
+                  f"{p['rows']} rows -> {p['seconds_per_sample_1000_steps']:.3g} s per posterior "
+                  f"sample at {PAPER_STEPS} steps; peak memory {p['peak_memory_mib']:.0f} MiB."]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Deconvolve a HATS catalog of HSC galaxies with a diffusion prior; write a HATS catalog of posteriors.
+
+    python jobs/deconvolve_survey.py            # the demo: mock COSMOS survey, priors/demo-64
+    python jobs/deconvolve_survey.py --catalog s3://bucket/survey --output s3://bucket/out \\
+        --prior /shared/priors/demo-64 --storage-options '{"anon": false}' --samples 16 --steps 100
+    ray job submit --working-dir . -- python jobs/deconvolve_survey.py --output /abs/path/out
+
+Without arguments it builds the demo survey (catalogs/demo/survey, if absent or built
+for another prior), starts a local Ray cluster and writes catalogs/out/demo_posteriors.
+With RAY_ADDRESS set (as under ``ray job submit``) or ``--address`` it joins that cluster
+and passes no resources to ``ray.init``; the job's working directory is a temporary
+copy there, so ``--output`` must then be an absolute path or a URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from d4a_batch.config import ColumnMap, RunConfig, SamplerConfig, from_dict
+from d4a_batch.schema import DEMO_OUTPUT_DIR, DEMO_PRIOR_DIR, DEMO_SURVEY_DIR
+
+# the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores
+DEMO_SAMPLER = SamplerConfig(steps=25, samples=4)
+DEMO_OBJECTS = 32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--catalog", help="input HATS catalog (path or URL); default: the demo survey")
+    p.add_argument("--output", help=f"output HATS catalog; default: {DEMO_OUTPUT_DIR}")
+    p.add_argument("--prior", help=f"prior artifact folder; default: {DEMO_PRIOR_DIR}")
+    p.add_argument("--config", type=Path, help="JSON of RunConfig fields (CLI options override)")
+    p.add_argument("--samples", type=int, help="posterior samples per object")
+    p.add_argument("--steps", type=int, help="reverse diffusion steps")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument(
+        "--columns",
+        help="input column names as key=name pairs, e.g. 'photoz=photoz_mizuki,ra=ra2000' "
+        f"(keys: {', '.join(f.name for f in dataclasses.fields(ColumnMap))})",
+    )
+    p.add_argument("--no-maps", action="store_true", help="scalars only, no tensor map columns")
+    p.add_argument("--fits-maps", action="store_true", help="also write per-object FITS maps")
+    p.add_argument("--limit", type=int, help="process only the first N objects")
+    p.add_argument("--batch-size", type=int, default=16, help="objects per sampler call")
+    p.add_argument("--actors", type=int, help="sampling actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: derived)")
+    p.add_argument("--storage-options", help="JSON of fsspec storage options for all URIs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--write-staged", help="also write the staged packs here (Parquet)")
+    p.add_argument("--read-staged", help="read staged packs from here instead of staging")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
+    return p.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
+    """RunConfig from --config (or the demo's), with the CLI options on top."""
+    cfg = RunConfig(sampler=DEMO_SAMPLER) if demo else RunConfig()
+    if args.config:
+        cfg = from_dict(RunConfig, json.loads(args.config.read_text()))
+    sampler = {
+        k: v
+        for k, v in (("samples", args.samples), ("steps", args.steps), ("seed", args.seed))
+        if v is not None
+    }
+    if sampler:
+        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **sampler))
+    if args.columns:
+        pairs = dict(item.split("=", 1) for item in args.columns.split(",") if item)
+        cfg = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, **pairs))
+    if args.no_maps:
+        cfg = dataclasses.replace(cfg, write_maps=False)
+    if args.fits_maps:
+        cfg = dataclasses.replace(cfg, fits_maps=True)
+    return cfg
+
+
+def _is_absolute(uri: str) -> bool:
+    return "://" in uri or os.path.isabs(uri)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[d4a] %(message)s", stream=sys.stdout)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    demo = args.catalog is None
+    if address and not (args.output and _is_absolute(args.output)):
+        sys.exit("on a Ray cluster --output must be an absolute path or a URL (the job's working "
+                 "directory is a temporary copy)")  # fmt: skip
+    prior = args.prior or str(DEMO_PRIOR_DIR)
+    catalog = args.catalog
+    if demo:
+        from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
+        from d4a_batch.prior.artifact import read_prior_config
+
+        prior_cfg, _ = read_prior_config(prior)
+        survey_cfg = MockSurveyConfig(
+            n_objects=DEMO_OBJECTS,
+            bands=tuple(prior_cfg.bands),
+            kpc_per_pixel=prior_cfg.kpc_per_pixel,
+            n_model=prior_cfg.image_size,
+        )
+        catalog = str(ensure_mock_survey(DEMO_SURVEY_DIR, survey_cfg))
+        print(f"[d4a] demo survey: {catalog} ({DEMO_OBJECTS} mock HSC galaxies)", flush=True)
+    output = args.output or str(DEMO_OUTPUT_DIR)
+
+    import ray
+
+    if address:
+        ray.init(address=address)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            address="local",  # a new local cluster, even where `ray start` left an address file
+            num_cpus=args.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
+        )
+    from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+
+    options = ExecutionOptions(
+        actors=args.actors,
+        gpus_per_actor=args.gpus,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        storage_options=json.loads(args.storage_options) if args.storage_options else None,
+        overwrite=args.overwrite or args.output is None,
+        write_staged=args.write_staged,
+        read_staged=args.read_staged,
+    )
+    summary = run_survey(catalog, output, prior, run_config(args, demo), options)
+    out = summary.output
+    print(f"[d4a] {summary.line()}", flush=True)
+    print(f"[d4a] output HATS catalog: {out}  ({summary.partitions} partitions)")
+    print("[d4a] query it, e.g.:")
+    print(
+        f"  python -c \"import pandas as pd; df = pd.read_parquet('{out}/dataset'); "
+        "print(df.query(\"status == 'ok'\")"
+        "[['object_id', 'flag_names', 'mag_i', 'hallucination_score', 'chi2_reduced']])\""
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Train the diffusion prior on mock galaxies with Ray Train and export the prior artifact.
+
+    python jobs/train_prior.py --out priors/demo-64 --storage /tmp/d4a_train --name demo-64
+    ray job submit --working-dir . -- python jobs/train_prior.py --address auto ...
+
+Without ``--address`` the script starts a local Ray cluster; with it, it joins
+the existing one (no resources passed to ``ray.init``). Training images are
+generated with Ray Data and materialised as Parquet under ``--data`` (reused if
+present). Running the same command again with the same ``--storage`` and
+``--name`` resumes from the run's latest checkpoint. ``--export-checkpoint``
+skips training and exports a given checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from d4a_batch.config import PriorConfig, from_dict
+from d4a_batch.training.loop import TrainConfig, export_prior, list_checkpoints, run_training
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, help="prior artifact folder to write at the end")
+    p.add_argument("--storage", type=Path, required=True, help="Ray Train storage path")
+    p.add_argument("--name", default="prior", help="run name (same name + storage: resume)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="Parquet folder of training images (default: storage/data-<n>-<seed>)",
+    )
+    p.add_argument("--n-images", type=int, default=6000)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument(
+        "--prior-config", type=Path, help="JSON of PriorConfig fields (default: PriorConfig())"
+    )
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--max-train-seconds", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=32, help="per worker")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--max-failures", type=int, default=3)
+    p.add_argument(
+        "--address", help="existing Ray cluster (e.g. 'auto'); default: start a local one"
+    )
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of the local cluster")
+    p.add_argument("--stats-samples", type=int, default=256)
+    p.add_argument("--stats-steps", type=int, default=100)
+    p.add_argument("--export-checkpoint", type=Path, help="only export this checkpoint folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.export_checkpoint is not None:
+        if args.out is None:
+            sys.exit("--export-checkpoint needs --out")
+        out = export_prior(args.export_checkpoint, args.out, args.stats_samples, args.stats_steps)
+        print(f"[export] wrote {out}", flush=True)
+        return 0
+
+    import ray
+    import ray.data
+
+    from d4a_batch.training.data import read_training_dataset, write_mock_parquet
+
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
+        )
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    prior = PriorConfig()
+    if args.prior_config is not None:
+        prior = from_dict(PriorConfig, json.loads(args.prior_config.read_text()))
+    cfg = TrainConfig(
+        prior=prior,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        max_steps=args.steps,
+        max_train_seconds=args.max_train_seconds,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    t_job = time.perf_counter()
+    data = args.data or args.storage / f"data-{prior.image_size}-{args.n_images}-{args.data_seed}"
+    if not (data.is_dir() and any(data.glob("*.parquet"))):
+        t0 = time.perf_counter()
+        write_mock_parquet(data, args.n_images, prior, args.data_seed)
+        print(f"[data] {args.n_images} mock galaxies -> {data} in {time.perf_counter() - t0:.0f} s")
+    t_fit = time.perf_counter()
+    result = run_training(
+        cfg,
+        read_training_dataset(data).materialize(),  # epochs re-read memory, not Parquet
+        args.storage,
+        args.name,
+        num_workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+    )
+    fit_seconds = time.perf_counter() - t_fit
+    print(f"[train] finished in {fit_seconds:.0f} s: {result.metrics}", flush=True)
+    ckpts = list_checkpoints(args.storage, args.name)
+    print(f"[train] checkpoints: {[c.name for c in ckpts]}", flush=True)
+    if args.out is not None:
+        job = {
+            "job_fit_seconds": fit_seconds,
+            "job_seconds_before_export": time.perf_counter() - t_job,
+            "n_training_images": args.n_images,
+            "data_seed": args.data_seed,
+            "workers": args.workers,
+            "cpus_per_worker": args.cpus_per_worker,
+        }
+        out = export_prior(
+            result.checkpoint.path, args.out, args.stats_samples, args.stats_steps, record_extra=job
+        )
+        print(f"[export] wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

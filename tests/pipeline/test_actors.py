@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from d4a_batch.config import (
+    ColumnMap,
+    PhysicsConfig,
+    RunConfig,
+    SamplerConfig,
+    StagingConfig,
+    to_dict,
+)
+from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
+from d4a_batch.prior.artifact import read_prior_config
+from d4a_batch.schema import Col, Status
+from d4a_batch.survey.hats_io import ORDER, PIXEL, open_input_catalog, read_partition
+from d4a_batch.survey.output import OutputSpec, Provenance
+from d4a_batch.survey.staging import KIND_ERRORS, Stager, make_packs, pack_from_bytes, pack_to_bytes
+from d4a_batch.survey.tensors import tensor_numpy
+from tests.survey.fixtures import TINY_PRIOR
+
+CONFIG = RunConfig(sampler=SamplerConfig(steps=2, samples=2))
+
+
+def test_actor_resources_keep_cpu_headroom_for_tasks():
+    assert actor_resources({"CPU": 2.0}, None, None, None, 0.25) == (1, 1.5, 0.0)
+    assert actor_resources({"CPU": 16.0}, 3, None, None, 0.25) == (3, pytest.approx(14.4 / 3), 0.0)
+    assert actor_resources({"CPU": 16.0, "GPU": 4.0}, None, None, None, 0.25) == (4, 1.0, 1.0)
+    assert actor_resources({"CPU": 8.0, "GPU": 2.0}, 4, 0.5, None, 0.25) == (4, 1.0, 0.5)
+    with pytest.raises(ValueError, match="leave no CPU"):
+        actor_resources({"CPU": 2.0}, 2, None, 1.0, 0.25)
+    with pytest.raises(ValueError, match="exceed"):
+        actor_resources({"CPU": 8.0, "GPU": 1.0}, 2, 1.0, None, 0.25)
+    assert torch_threads_for(1.5) == 2 and torch_threads_for(0.3) == 1
+
+
+@pytest.fixture(scope="module")
+def actor(tiny_prior):
+    cfg, meta = read_prior_config(tiny_prior)
+    prov = Provenance("r", cfg.name, meta["weights_sha256"], "h", "v", 0, 2, 2, datetime.now(UTC))
+    spec = OutputSpec(bands=cfg.bands, image_size=cfg.image_size)
+    return DeconvolveActor(str(tiny_prior), to_dict(CONFIG), spec, prov, torch_threads=1)
+
+
+def _pack_rows(tiny_survey, n=3):
+    cat = open_input_catalog(str(tiny_survey))
+    rows = read_partition(
+        cat.partitions[0], ColumnMap(), TINY_PRIOR.bands, cat.healpix_column
+    ).to_pylist()[:n]
+    rows[-1] = dict(rows[-1], **{Col.PHOTOZ: float("nan")})
+    stager = Stager(str(tiny_survey), TINY_PRIOR, PhysicsConfig(), StagingConfig())
+    return rows, make_packs(stager.stage_rows(rows), pack_size=8)
+
+
+def test_actor_maps_pack_rows_to_one_output_row_per_object(actor, tiny_survey):
+    rows, packs = _pack_rows(tiny_survey)
+    batch = pa.Table.from_pylist([{"kind": p["kind"], "pack": p["pack"]} for p in packs])
+    out = actor(batch)
+    assert sorted(out[Col.OBJECT_ID].to_pylist()) == sorted(r[Col.OBJECT_ID] for r in rows)
+    status = dict(zip(out[Col.OBJECT_ID].to_pylist(), out[Col.STATUS].to_pylist()))
+    assert status[rows[-1][Col.OBJECT_ID]] == Status.ERROR
+    assert [status[r[Col.OBJECT_ID]] for r in rows[:-1]] == [Status.OK] * (len(rows) - 1)
+    ok = np.array(out[Col.STATUS].to_pylist()) == Status.OK
+    assert np.isfinite(tensor_numpy(out[Col.MEAN_FLUX])[ok]).all()
+    assert np.isfinite(out[Col.CHI2].to_numpy()[ok]).all()
+    assert ORDER in out.column_names and PIXEL in out.column_names
+    assert set(out[Col.PRIOR_HASH].to_pylist()) == {actor.prior.sha256}
+
+
+def test_a_pack_that_cannot_be_sampled_becomes_error_rows(actor, tiny_survey):
+    _, packs = _pack_rows(tiny_survey)
+    pack = next(pack_from_bytes(p["pack"]) for p in packs if p["kind"] != KIND_ERRORS)
+    twice = pa.concat_tables([pack, pack])  # duplicated object ids: deconvolve refuses the batch
+    out = actor.process("objects", pack_to_bytes(twice))
+    assert out.num_rows == twice.num_rows
+    assert set(out[Col.STATUS].to_pylist()) == {Status.ERROR}
+    assert all(m.startswith("sampling failed: ValueError") for m in out[Col.MESSAGE].to_pylist())
+
+
+def test_actor_refuses_a_prior_that_differs_from_the_run(tiny_prior):
+    prov = Provenance("r", "x", "0" * 64, "h", "v", 0, 2, 2, datetime.now(UTC))
+    spec = OutputSpec(bands=TINY_PRIOR.bands, image_size=TINY_PRIOR.image_size)
+    with pytest.raises(RuntimeError, match="changed under the run"):
+        DeconvolveActor(str(tiny_prior), to_dict(CONFIG), spec, prov)

@@ -1,0 +1,102 @@
+"""Every flag fires on a constructed bad case and stays off on a clean one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from d4a_batch.config import FlagThresholds
+from d4a_batch.sampling import flags as F
+from d4a_batch.schema import Flag, flag_names
+
+T = FlagThresholds()
+Z_RANGE = (0.02, 1.5)
+CLEAN = {
+    "photoz": 0.4,
+    "z_range": Z_RANGE,
+    "psf_sum": [1.0, 1.005, 0.99],
+    "psf_centroid_offset": [[0.01, -0.02], [0.0, 0.0], [0.1, 0.05]],
+    "bands": ("g", "r", "i"),
+    "masked_fraction": 0.05,
+    "upsampling": 1.8,
+    "hallucination": 0.2,
+    "chi2_reduced": 1.1,
+    "error": None,
+}
+
+
+def test_clean_object_has_no_flags():
+    bits, reasons = F.evaluate_flags(T, **CLEAN)
+    assert bits == 0 and reasons == []
+
+
+@pytest.mark.parametrize(
+    ("change", "flag", "words"),
+    [
+        ({"hallucination": 0.8}, Flag.PRIOR_DOMINATED, "hallucination score 0.8 > 0.5"),
+        ({"hallucination": math.nan}, Flag.PRIOR_DOMINATED, "not finite"),
+        ({"upsampling": 5.2}, Flag.UPSAMPLING_HIGH, "upsampling factor 5.2 > 4"),
+        ({"chi2_reduced": 7.5}, Flag.POOR_FIT, "reduced chi2 7.5 > 3"),
+        ({"chi2_reduced": math.inf}, Flag.POOR_FIT, "not finite"),
+        ({"masked_fraction": 0.6}, Flag.MASKED_FRACTION_HIGH, "masked fraction 0.6 > 0.3"),
+        ({"psf_sum": None}, Flag.PSF_BAD, "PSF missing"),
+        ({"psf_sum": [1.0, math.nan, 1.0]}, Flag.PSF_BAD, "r: PSF missing"),
+        ({"psf_sum": [1.0, 1.0, 0.9]}, Flag.PSF_BAD, "i: PSF sum 0.9 renormalised"),
+        ({"psf_sum": [1.0, -1.0, 1.0]}, Flag.PSF_BAD, "r: PSF sum -1 <= 0"),
+        ({"psf_centroid_offset": [[0, 0], [0.6, 0.3], [0, 0]]}, Flag.PSF_BAD, "r: PSF centroid"),
+        ({"psf_centroid_offset": [0.0, 0.0, 0.7]}, Flag.PSF_BAD, "i: PSF centroid 0.7 px"),
+        ({"psf_centroid_offset": None}, Flag.PSF_BAD, "centroid unknown"),
+        ({"photoz": None}, Flag.PHOTOZ_BAD, "photo-z missing"),
+        ({"photoz": math.nan}, Flag.PHOTOZ_BAD, "not finite"),
+        ({"photoz": -0.1}, Flag.PHOTOZ_BAD, "photo-z -0.1 <= 0"),
+        ({"photoz": 2.3}, Flag.PHOTOZ_BAD, "outside the prior's range [0.02, 1.5]"),
+        ({"photoz": 0.01}, Flag.PHOTOZ_BAD, "outside the prior's range"),
+        ({"error": "cutout unreadable"}, Flag.INPUT_ERROR, "input error: cutout unreadable"),
+    ],
+)
+def test_each_flag_fires_alone(change, flag, words):
+    bits, reasons = F.evaluate_flags(T, **{**CLEAN, **change})
+    assert bits == int(flag), flag_names(bits)
+    assert len(reasons) == 1
+    assert reasons[0].startswith(f"{flag.name}: ") and words in reasons[0]
+
+
+def test_thresholds_are_used_and_boundaries_do_not_fire():
+    at_limit = {
+        **CLEAN,
+        "hallucination": T.hallucination_max,
+        "upsampling": T.upsampling_max,
+        "chi2_reduced": T.chi2_max,
+        "masked_fraction": T.masked_fraction_max,
+        "psf_sum": [1 + 0.99 * T.psf_sum_tolerance] * 3,
+        "psf_centroid_offset": [T.psf_centroid_tolerance] * 3,
+        "photoz": Z_RANGE[1],
+    }
+    assert F.evaluate_flags(T, **at_limit) == (0, [])
+    strict = FlagThresholds(hallucination_max=0.1, chi2_max=1.0, upsampling_max=1.5)
+    bits, _ = F.evaluate_flags(strict, **CLEAN)
+    assert bits == Flag.PRIOR_DOMINATED | Flag.POOR_FIT | Flag.UPSAMPLING_HIGH
+
+
+def test_summary_checks_skip_without_values_and_bits_combine():
+    failed = {**CLEAN, "error": "no cutout", "photoz": math.nan, "psf_sum": None}
+    for k in ("masked_fraction", "upsampling", "hallucination", "chi2_reduced"):
+        failed[k] = None
+    bits, reasons = F.evaluate_flags(T, **failed)
+    assert bits == Flag.INPUT_ERROR | Flag.PHOTOZ_BAD | Flag.PSF_BAD
+    assert [r.split(":")[0] for r in reasons] == ["INPUT_ERROR", "PHOTOZ_BAD", "PSF_BAD"]
+
+
+def test_single_checks_return_their_bit_when_quiet():
+    for bit, reason in (
+        F.check_prior_dominated(0.1, T),
+        F.check_upsampling(1.0, T),
+        F.check_chi2(1.0, T),
+        F.check_masked_fraction(0.0, T),
+        F.check_psf(np.ones(3), np.zeros((3, 2)), T),
+        F.check_photoz(0.5, *Z_RANGE),
+        F.check_input_error(None),
+    ):
+        assert isinstance(bit, Flag) and reason is None

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, SamplerConfig, StagingConfig
+from d4a_batch.physics.operator import ObservationBatch
+from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.sampling.flags import evaluate_flags
+from d4a_batch.schema import Col, Flag, Status, band_col, flag_names
+from d4a_batch.survey.hats_io import (
+    INPUT_PHOTOZ_HI,
+    INPUT_PHOTOZ_LO,
+    ORDER,
+    PIXEL,
+    open_input_catalog,
+    partition_uri,
+    read_partition,
+)
+from d4a_batch.survey.output import (
+    OutputSpec,
+    Provenance,
+    fits_maps_bytes,
+    merge_partition,
+    model_wcs,
+    output_table,
+    write_chunks,
+)
+from d4a_batch.survey.staging import (
+    IMAGE,
+    KIND_ERRORS,
+    OFFSET,
+    PSF,
+    VALID,
+    VARIANCE,
+    Stager,
+    make_packs,
+    pack_arrays,
+    pack_from_bytes,
+)
+from d4a_batch.survey.tensors import tensor_numpy
+from tests.survey.fixtures import TINY_PRIOR
+
+SAMPLER = SamplerConfig(steps=2, samples=2, seed=3)
+PROV = Provenance(
+    "run-1", "tiny-test", "ab" * 32, "cfg", "0.1", 3, 2, 2, datetime(2026, 1, 2, tzinfo=UTC)
+)
+SPEC = OutputSpec(bands=TINY_PRIOR.bands, image_size=TINY_PRIOR.image_size)
+Z_RANGE = (TINY_PRIOR.z_min, TINY_PRIOR.z_max)
+
+
+@pytest.fixture(scope="module")
+def packs(tiny_survey):
+    cat = open_input_catalog(str(tiny_survey))
+    rows = read_partition(cat.partitions[0], ColumnMap(), TINY_PRIOR.bands, cat.healpix_column)
+    rows = rows.to_pylist()[:3]
+    rows[0] = dict(rows[0], **{Col.PHOTOZ: float("nan")})
+    stager = Stager(str(tiny_survey), TINY_PRIOR, PhysicsConfig(), StagingConfig())
+    out = {}
+    for p in make_packs(stager.stage_rows(rows), pack_size=8):
+        out.setdefault(p["kind"], []).append(pack_from_bytes(p["pack"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sampled(packs, tiny_prior):
+    prior = load_prior(tiny_prior)
+    pack = packs["objects"][0]
+    a = pack_arrays(pack)
+    obs = ObservationBatch.from_arrays(
+        a[IMAGE], a[VARIANCE], a[VALID].astype(bool), a[PSF], a[OFFSET]
+    )
+    err = np.stack([a[INPUT_PHOTOZ_LO], a[INPUT_PHOTOZ_HI]], 1)
+    summ = deconvolve(obs, a[Col.PHOTOZ], prior, SAMPLER, a[Col.OBJECT_ID].tolist(), photoz_err=err)
+    return pack, summ.rows()
+
+
+def test_schema_follows_bands_maps_and_kept_samples():
+    names = SPEC.schema().names
+    assert {band_col(Col.MAG, b) for b in "gri"} <= set(names)
+    assert SPEC.schema().field(Col.MEAN_FLUX).type.shape == [3, 16, 16]
+    assert SPEC.schema().field(Col.VARIANCE_RATIO).type.shape == [16, 16]
+    assert Col.SAMPLES_X not in names and ORDER not in names
+    bare = OutputSpec(bands=("i",), image_size=8, maps=False).schema().names
+    assert Col.MEAN_X not in bare and band_col(Col.FLUX, "i") in bare and "flux_g" not in bare
+    kept = OutputSpec(bands=("i",), image_size=8, keep_samples=2).schema()
+    assert kept.field(Col.SAMPLES_X).type.shape == [2, 1, 8, 8]
+    assert (
+        OutputSpec(bands=("i",), image_size=8, map_dtype="float16")
+        .schema()
+        .field(Col.STD_X)
+        .type.value_type
+        == pa.float16()
+    )
+
+
+def test_error_records_become_error_rows_with_input_flags(packs):
+    pack = packs[KIND_ERRORS][0]
+    t = output_table(pack, None, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    assert t.num_rows == 1 and t.drop_columns([ORDER, PIXEL]).schema == SPEC.schema()
+    row = t.drop_columns(
+        [Col.MEAN_X, Col.STD_X, Col.MEAN_FLUX, Col.STD_FLUX, Col.VARIANCE_RATIO]
+    ).to_pylist()[0]
+    assert row[Col.STATUS] == Status.ERROR and "photo-z nan" in row[Col.MESSAGE]
+    assert row[Col.FLAGS] == Flag.INPUT_ERROR | Flag.PHOTOZ_BAD
+    assert row[Col.FLAG_NAMES] == "PHOTOZ_BAD|INPUT_ERROR"
+    assert "INPUT_ERROR: input error: photo-z nan" in row[Col.FLAG_REASONS]
+    assert np.isnan(row[Col.HALLUCINATION]) and np.isnan(row[band_col(Col.FLUX, "i")])
+    assert np.isnan(tensor_numpy(t[Col.MEAN_FLUX])).all()
+    assert row[Col.RUN_ID] == "run-1" and row[Col.PRIOR_HASH] == "ab" * 32
+    assert row[ORDER] == pack[ORDER][0].as_py()
+
+
+def test_sampled_rows_carry_summaries_maps_and_flags(sampled):
+    pack, results = sampled
+    t = output_table(pack, results, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    assert t[Col.OBJECT_ID].to_pylist() == pack[Col.OBJECT_ID].to_pylist()
+    assert set(t[Col.STATUS].to_pylist()) == {Status.OK}
+    mean_flux = tensor_numpy(t[Col.MEAN_FLUX])
+    psf_sum, psf_cen = tensor_numpy(pack["psf_sum"]), tensor_numpy(pack["psf_centroid_offset"])
+    for i, res in enumerate(results):
+        row = {k: t[k][i].as_py() for k in t.column_names if k not in SPEC.map_shapes()}
+        np.testing.assert_array_equal(mean_flux[i], res[Col.MEAN_FLUX])
+        for c, b in enumerate(TINY_PRIOR.bands):
+            # flux = mean over samples of the summed flux image = sum of the mean flux map
+            assert row[band_col(Col.FLUX, b)] == pytest.approx(
+                float(mean_flux[i, c].sum(dtype=np.float64)), rel=1e-4, abs=1e-6
+            )
+        bits, reasons = evaluate_flags(
+            FlagThresholds(), photoz=row[Col.PHOTOZ], z_range=Z_RANGE, psf_sum=psf_sum[i],
+            psf_centroid_offset=psf_cen[i], bands=TINY_PRIOR.bands,
+            masked_fraction=res[Col.MASKED_FRACTION], upsampling=res[Col.UPSAMPLING],
+            hallucination=res[Col.HALLUCINATION], chi2_reduced=res[Col.CHI2],
+        )  # fmt: skip
+        assert row[Col.FLAGS] == bits and row[Col.FLAG_NAMES] == "|".join(flag_names(bits))
+        assert row[Col.FLAG_REASONS] == "; ".join(reasons)
+        assert row[Col.STAMP_SIZE] == pack[Col.STAMP_SIZE][i].as_py()
+        assert row[Col.UPSAMPLING] == pytest.approx(1.0 / pack["model_scale"][i].as_py())
+        assert row[Col.SEED] == 3 and row[Col.STEPS] == 2 and row[Col.SAMPLES] == 2
+    # a pack whose sampling failed: error rows for all, with the reason
+    failed = output_table(
+        pack, None, SPEC, PROV, FlagThresholds(), Z_RANGE, error="sampling failed: X"
+    )
+    assert set(failed[Col.STATUS].to_pylist()) == {Status.ERROR}
+    assert set(failed[Col.MESSAGE].to_pylist()) == {"sampling failed: X"}
+
+
+def test_fits_maps_carry_a_wcs_at_the_model_pixel_scale(sampled):
+    pack, results = sampled
+    t = output_table(pack, results, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    row = t.drop_columns(list(SPEC.map_shapes())).to_pylist()[0]
+    row |= {name: tensor_numpy(t[name])[0] for name in SPEC.map_shapes()}
+    hdul = fits.open(io.BytesIO(fits_maps_bytes(row, TINY_PRIOR.bands, 27.0)))
+    assert [h.name for h in hdul][1:] == [
+        "MEAN_FLUX_G", "MEAN_FLUX_R", "MEAN_FLUX_I", "STD_FLUX_G", "STD_FLUX_R", "STD_FLUX_I", "VARIANCE_RATIO"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(hdul["MEAN_FLUX_R"].data, row[Col.MEAN_FLUX][1])
+    wcs = WCS(hdul["MEAN_FLUX_I"].header)
+    n = TINY_PRIOR.image_size
+    # the object sits at the model grid's centre: pixel-edge n/2 = 0-based centre n/2 - 0.5
+    ra, dec = wcs.pixel_to_world_values(n / 2 - 0.5, n / 2 - 0.5)
+    assert (ra, dec) == pytest.approx((row[Col.RA], row[Col.DEC]), abs=1e-10)
+    assert np.abs(wcs.proj_plane_pixel_scales()[0].to_value("arcsec")) == pytest.approx(
+        row[Col.THETA_ARCSEC]
+    )
+    assert hdul[0].header["OBJID"] == str(row[Col.OBJECT_ID])
+    assert model_wcs(0.0, 0.0, 1.0, 4).wcs.cdelt[0] < 0  # RA increases to the left
+
+
+def test_chunks_merge_into_one_partition_file_without_duplicates(sampled, tmp_path):
+    pack, results = sampled
+    t = output_table(pack, results, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    summaries = write_chunks(t, work)
+    assert sum(s["n"] for s in summaries) == t.num_rows
+    assert all(s["n_ok"] == s["n"] and s["n_error"] == 0 for s in summaries)
+    write_chunks(t.slice(0, 1), work)  # as a retried task under another chunk name would
+    o, p = summaries[0][ORDER], summaries[0][PIXEL]
+    n = merge_partition(work, out, o, p)
+    merged = pq.read_table(partition_uri(out, o, p))
+    assert n == merged.num_rows == summaries[0]["n"]
+    assert sorted(merged[Col.OBJECT_ID].to_pylist()) == sorted(
+        t.filter(pa.compute.equal(t[PIXEL], p))[Col.OBJECT_ID].to_pylist()
+    )
+    assert ORDER not in merged.column_names and merged.schema == SPEC.schema()
