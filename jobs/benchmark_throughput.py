@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     p.add_argument("--paper", action="store_true", help="time the 256-px paper UNet on CPU too")
     p.add_argument("--paper-rows", type=int, default=4, help="rows of the paper-config timing")
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"),
+        help="sampler timings: wall or this process's CPU time (default: cpu on a CPU, which a "
+        "shared machine's other load does not distort; wall on a GPU)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -105,10 +110,10 @@ def batched_vs_naive(prior: Prior, args) -> dict[str, Any]:
     t_batched, t_naive, peak = float("inf"), float("inf"), 0
     for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
         with PeakMemory(prior.device) as mem:
-            t_batched = min(t_batched, sample_once(prior, obs, z, ids, args.steps, args.samples))
-        peak = max(peak, mem.peak)
-        t_naive = min(t_naive, naive_loop(prior, obs, z, ids, args.steps, args.samples,
-                                          args.naive_batch))  # fmt: skip
+            t = sample_once(prior, obs, z, ids, args.steps, args.samples, clock=args.clock)
+        t_batched, peak = min(t_batched, t), max(peak, mem.peak)
+        t = naive_loop(prior, obs, z, ids, args.steps, args.samples, args.naive_batch, args.clock)
+        t_naive = min(t_naive, t)
     flops = dps_step_flops(prior, obs, z, args.samples)
     return {
         "objects": args.objects, "samples": args.samples, "steps": args.steps,
@@ -131,7 +136,7 @@ def batch_sweep(prior: Prior, args) -> list[dict[str, Any]]:
     for b in (int(v) for v in args.batch_sizes.split(",") if v):
         obs, z, ids = synthetic_batch(prior, b)
         with PeakMemory(prior.device) as mem:
-            t = sample_once(prior, obs, z, ids, args.steps, args.samples)
+            t = sample_once(prior, obs, z, ids, args.steps, args.samples, clock=args.clock)
         rows.append({
             "objects_per_call": b, "rows": b * args.samples, "seconds": t,
             "objects_per_s": b / t, "samples_per_s": b * args.samples / t,
@@ -175,7 +180,7 @@ def gpu_variants(prior: Prior, args) -> list[dict[str, Any]]:
             p = variant_prior(prior, variant)
             sample_once(p, obs, z, ids, 3, args.samples)  # warm-up / compile
             with PeakMemory(prior.device) as mem:
-                step = per_step_seconds(p, obs, z, ids, args.samples)
+                step = per_step_seconds(p, obs, z, ids, args.samples, clock=args.clock)
             rows.append({"variant": variant, "step_seconds": step,
                          "row_steps_per_s": args.objects * args.samples / step,
                          "peak_memory_mib": mem.peak / 2**20})  # fmt: skip
@@ -185,14 +190,14 @@ def gpu_variants(prior: Prior, args) -> list[dict[str, Any]]:
     return rows
 
 
-def paper_config(device: torch.device, rows: int) -> dict[str, Any]:
+def paper_config(device: torch.device, rows: int, clock: str) -> dict[str, Any]:
     """Seconds per posterior sample of the paper's 256-px UNet (random weights) at 1000 steps."""
     prior = random_prior(PAPER_PRIOR, device)
     n_params = sum(p.numel() for p in prior.model.parameters())
     obs, z, ids = synthetic_batch(prior, rows)
     sample_once(prior, obs, z, ids, 2, 1)  # warm-up
     with PeakMemory(device) as mem:
-        step = per_step_seconds(prior, obs, z, ids, 1, steps=(2, 4))
+        step = per_step_seconds(prior, obs, z, ids, 1, steps=(2, 4), clock=clock)
     return {
         "config": to_dict(PAPER_PRIOR), "parameters": n_params, "rows": rows,
         "step_seconds": step, "seconds_per_sample_1000_steps": step / rows * PAPER_STEPS,
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         return_freed_memory()
+    args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     out = args.out or REPO_ROOT / "runs" / f"throughput-{time.strftime('%Y%m%dT%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="throughput-", dir=out))
@@ -223,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"created": utc_now(), "command": command(), "machine": machine(),
                            "device": str(device), "prior": label,
                            "prior_config": to_dict(prior.config)}  # fmt: skip
-    doc["peak"] = measured_peak(device)
+    doc["clock"] = args.clock
+    doc["peak"] = measured_peak(device, clock=args.clock)
     log(f"measured peak FLOP/s: {doc['peak']}")
     doc["batched_vs_naive"] = bvn = batched_vs_naive(prior, args)
     bvn["fraction_of_peak"] = bvn["achieved_flops_per_s"] / max(doc["peak"].values())
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         doc["gpu_variants"] = gpu_variants(prior, args)
     if device.type == "cuda" or args.paper:
-        doc["paper_config"] = paper_config(device, args.paper_rows)
+        doc["paper_config"] = paper_config(device, args.paper_rows, args.clock)
         log(f"paper config: {doc['paper_config']['seconds_per_sample_1000_steps']:.1f} s/sample")
     doc["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     doc["seconds"] = time.perf_counter() - t0
@@ -253,7 +260,8 @@ def report(doc: dict[str, Any]) -> str:
     lines = [
         f"{doc['machine']['processor']}, {doc['machine']['cpu_count']} CPUs, "
         f"{doc['machine']['torch_threads']} torch threads, device {doc['device']}; prior: "
-        f"{doc['prior']}; B={b['objects']} objects × S={b['samples']} samples, {b['steps']} steps.",
+        f"{doc['prior']}; B={b['objects']} objects × S={b['samples']} samples, {b['steps']} steps; "
+        f"sampler timings on the {doc['clock']} clock.",
         "",
         markdown_table([
             {"sampler": "batched (one call, B·S rows)", "seconds": b["batched_seconds"],
@@ -275,7 +283,7 @@ def report(doc: dict[str, Any]) -> str:
                                             "objects_per_s", "samples_per_s", "peak_memory_mib"]),
     ]  # fmt: skip
     if doc.get("actor_sweep"):
-        lines += ["", "Engine (Ray Data, mock survey) vs actors:", "",
+        lines += ["", "Engine (Ray Data, mock survey, wall clock, Ray cluster start-up excluded) vs actors:", "",
                   markdown_table(doc["actor_sweep"], ["actors", "objects", "batch_size",
                                                       "seconds", "objects_per_s"])]  # fmt: skip
     if doc.get("gpu_variants"):

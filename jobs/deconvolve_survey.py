@@ -24,6 +24,7 @@ from pathlib import Path
 
 from d4a_batch.config import ColumnMap, RunConfig, SamplerConfig, from_dict
 from d4a_batch.schema import DEMO_OUTPUT_DIR, DEMO_PRIOR_DIR, DEMO_SURVEY_DIR
+from d4a_batch.survey.storage import is_absolute
 
 # the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores
 DEMO_SAMPLER = SamplerConfig(steps=25, samples=4)
@@ -47,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-maps", action="store_true", help="scalars only, no tensor map columns")
     p.add_argument("--fits-maps", action="store_true", help="also write per-object FITS maps")
     p.add_argument("--limit", type=int, help="process only the first N objects")
-    p.add_argument("--batch-size", type=int, default=16, help="objects per sampler call")
-    p.add_argument("--actors", type=int, help="sampling actors (default: one per GPU, else 1)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="objects per sampler call (GPU: 64 or more)"
+    )
+    p.add_argument("--actors", type=int, help="sampling actors (default: one per GPU or CPU)")
     p.add_argument("--gpus", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: derived)")
     p.add_argument("--storage-options", help="JSON of fsspec storage options for all URIs")
@@ -82,16 +85,12 @@ def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
     return cfg
 
 
-def _is_absolute(uri: str) -> bool:
-    return "://" in uri or os.path.isabs(uri)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[d4a] %(message)s", stream=sys.stdout)
     address = args.address or os.environ.get("RAY_ADDRESS")
     demo = args.catalog is None
-    if address and not (args.output and _is_absolute(args.output)):
+    if address and not (args.output and is_absolute(args.output)):
         sys.exit("on a Ray cluster --output must be an absolute path or a URL (the job's working "
                  "directory is a temporary copy)")  # fmt: skip
     prior = args.prior or str(DEMO_PRIOR_DIR)
@@ -142,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[d4a] {summary.line()}", flush=True)
     print(f"[d4a] output HATS catalog: {out}  ({summary.partitions} partitions)")
     print("[d4a] query it, e.g.:")
+    cols = "['object_id', 'status', 'flag_names', 'mag_i', 'hallucination_score', 'chi2_reduced']"
     print(
         f"  python -c \"import pandas as pd; df = pd.read_parquet('{out}/dataset'); "
-        "print(df.query(\"status == 'ok'\")"
-        "[['object_id', 'flag_names', 'mag_i', 'hallucination_score', 'chi2_reduced']])\""
+        f"print(df[df.status == 'ok'][{cols}].to_string())\""
     )
     return 0
 

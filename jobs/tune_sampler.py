@@ -22,8 +22,9 @@ Metrics per object (medians per magnitude in the table):
 - flux68: fraction of bands whose true total flux lies within flux ± flux_err;
 - halluc: hallucination score (core variance ratio).
 
-Choice: among settings whose median chi² is below ``FlagThresholds.chi2_max`` at every
-magnitude (all settings if none is), the one with the best worst-magnitude median psnr_x.
+Choice (``choose``): the best worst-magnitude median psnr_x among settings whose median
+hallucination score is <= 1 at every magnitude and, where any setting manages it, whose
+median chi² is <= ``FlagThresholds.chi2_max`` at every magnitude.
 Writes the JSON (every object's metrics, the table, the choice) and a short Markdown page.
 """
 
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stats-steps", type=int, default=50, help="prior stats of a checkpoint")
     p.add_argument("--mags", type=float, nargs="+", default=[20.0, 21.0, 22.0, 23.0, 24.0])
     p.add_argument("--objects", type=int, default=3, help="mock galaxies per magnitude")
+    p.add_argument("--blank", type=int, default=2, help="source-free stamps (noise only)")
     p.add_argument("--z", type=float, default=0.4)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=100)
@@ -96,8 +98,11 @@ def get_prior(path: Path, device: str, stats_steps: int) -> Prior:
     return load_prior(path, device=device)
 
 
-def make_mocks(prior: Prior, mags: list[float], per_mag: int, z: float, seed: int):
-    """Truth flux images [M,C,N,N], observations (M rows) and magnitudes [M]."""
+def make_mocks(prior: Prior, mags: list[float], per_mag: int, z: float, seed: int, blank: int = 0):
+    """Truth flux images [M,C,N,N], observations (M rows) and magnitudes [M].
+
+    ``blank`` source-free stamps (sky noise only, magnitude inf) follow the galaxies.
+    """
     cfg, phys = prior.config, PhysicsConfig()
     n, bands = cfg.image_size, cfg.bands
     scale = float(model_pixel_scale(z, cfg, phys))
@@ -106,27 +111,29 @@ def make_mocks(prior: Prior, mags: list[float], per_mag: int, z: float, seed: in
     psf = np.stack([draw_psf(MEDIAN_SEEING[b], 0.0, 0.0) for b in bands])
     truths, images, variances, offsets, mag_of = [], [], [], [], []
     i_band = bands.index("i")
-    for mag in mags:
-        for params in sample_params(rng, per_mag):
+    cases = [(mag, p) for mag in mags for p in sample_params(rng, per_mag)]
+    for mag, params in cases + [(math.inf, None)] * blank:
+        img = np.zeros((len(bands), n, n))
+        if params is not None:
             img = draw_galaxy(params, cfg.kpc_per_pixel, n, bands).astype(np.float64)
             img *= 10 ** (-0.4 * (mag - phys.zeropoint_ab)) / img[i_band].sum()
-            offset = rng.uniform(-0.5, 0.5, 2)
-            op = ForwardOperator(
-                torch.as_tensor(psf[None]),
-                torch.tensor([scale], dtype=torch.float64),
-                torch.as_tensor(offset[None]),
-                (stamp, stamp),
-                cfg.stretch.a,
-            )
-            model = op.linear(torch.as_tensor(img[None]))[0].numpy()
-            sky = np.array([SKY_VARIANCE[b] for b in bands])[:, None, None]
-            gain = np.array([INV_GAIN[b] for b in bands])[:, None, None]
-            var = sky + gain * np.clip(model, 0, None)
-            images.append(model + np.sqrt(var) * rng.standard_normal(model.shape))
-            variances.append(var)
-            truths.append(img)
-            offsets.append(offset)
-            mag_of.append(mag)
+        offset = rng.uniform(-0.5, 0.5, 2)
+        op = ForwardOperator(
+            torch.as_tensor(psf[None]),
+            torch.tensor([scale], dtype=torch.float64),
+            torch.as_tensor(offset[None]),
+            (stamp, stamp),
+            cfg.stretch.a,
+        )
+        model = op.linear(torch.as_tensor(img[None]))[0].numpy()
+        sky = np.array([SKY_VARIANCE[b] for b in bands])[:, None, None]
+        gain = np.array([INV_GAIN[b] for b in bands])[:, None, None]
+        var = sky + gain * np.clip(model, 0, None)
+        images.append(model + np.sqrt(var) * rng.standard_normal(model.shape))
+        variances.append(var)
+        truths.append(img)
+        offsets.append(offset)
+        mag_of.append(mag)
     m = len(truths)
     obs = ObservationBatch.from_arrays(
         np.stack(images),
@@ -139,9 +146,14 @@ def make_mocks(prior: Prior, mags: list[float], per_mag: int, z: float, seed: in
 
 
 def object_metrics(s, truths: np.ndarray, a: float, core: np.ndarray) -> list[dict]:
+    """Metrics of each object; a blank stamp has only chi2 and halluc (the rest NaN)."""
     out = []
     for o in range(len(s)):
         t = truths[o]
+        if not t.any():
+            nan = {k: math.nan for k in METRICS}
+            out.append({**nan, "chi2": float(s.chi2[o]), "halluc": float(s.hallucination[o])})
+            continue
         xt = to_model_space(t, a)
         peak = t.reshape(t.shape[0], -1).max(1)[:, None, None]
         lo, hi = np.percentile(s.samples_x[o], [16, 84], axis=0)
@@ -169,14 +181,39 @@ def per_mag_medians(objs: list[dict], mags: np.ndarray) -> dict[str, dict[str, f
     table = {}
     for mag in sorted(set(mags.tolist())):
         rows = [o for o, m in zip(objs, mags) if m == mag]
-        table[f"{mag:g}"] = {k: float(np.median([r[k] for r in rows])) for k in METRICS}
+        key = f"{mag:g}" if math.isfinite(mag) else "blank"
+        table[key] = {k: float(np.median([r[k] for r in rows])) for k in METRICS}
     return table
 
 
 def choose(results: list[dict], chi2_max: float) -> dict:
-    ok = [r for r in results if all(v["chi2"] <= chi2_max for v in r["per_mag"].values())]
-    pool = ok or results
-    return max(pool, key=lambda r: min(v["psnr_x"] for v in r["per_mag"].values()))
+    """Best worst-magnitude median psnr_x among the admissible settings.
+
+    Admissible: median hallucination score <= 1 at every magnitude (a posterior wider
+    than the prior makes the variance ratio meaningless) and, where any setting manages
+    it, median chi2 <= chi2_max at every magnitude.
+    """
+
+    def galaxies(r: dict) -> list[dict]:
+        return [v for k, v in r["per_mag"].items() if k != "blank"]
+
+    def within(r: dict, key: str, limit: float) -> bool:
+        return all(v[key] <= limit for v in galaxies(r))
+
+    narrow = [r for r in results if within(r, "halluc", 1.0)] or results
+    pool = [r for r in narrow if within(r, "chi2", chi2_max)] or narrow
+    return max(pool, key=lambda r: min(v["psnr_x"] for v in galaxies(r)))
+
+
+def json_safe(obj):
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def format_table(results: list[dict]) -> str:
@@ -197,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     prior = get_prior(args.prior, args.device, args.stats_steps)
-    truths, obs, mags = make_mocks(prior, args.mags, args.objects, args.z, args.seed)
+    truths, obs, mags = make_mocks(prior, args.mags, args.objects, args.z, args.seed, args.blank)
     ids = list(range(len(truths)))
     n = prior.config.image_size
     base = SamplerConfig(samples=args.samples, steps=args.steps, seed=args.seed)
@@ -248,21 +285,23 @@ def main(argv: list[str] | None = None) -> int:
         },
         "sampler": to_dict(base),
         "device": args.device,
-        "choice_rule": "best worst-magnitude median psnr_x among settings with median chi2 <= chi2_max",
+        "choice_rule": "best worst-magnitude median psnr_x; median halluc <= 1 and (if any"
+        " setting manages it) median chi2 <= chi2_max at every magnitude",
         "chosen": chosen,
         "results": results + extra,
         "seconds": time.perf_counter() - t_start,
     }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out_json.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     md = [
         "# DPS tuning on mock galaxies",
         "",
         f"Written by `jobs/tune_sampler.py` (data: `{args.out_json.name}`). Prior"
-        f" `{prior.prior_id}`, {len(ids)} GalSim mocks at z = {args.z}, i = {args.mags},"
-        f" {args.samples} samples each, device {args.device}. Medians per magnitude;"
-        " cov68 = fraction of core pixels whose truth is inside the per-pixel 68 % interval"
-        " (0.68 if calibrated), flux68 the same for the total flux per band.",
+        f" `{prior.prior_id}`; {args.objects} GalSim mocks per i magnitude in {args.mags} at"
+        f" z = {args.z}, plus {args.blank} source-free stamps (row `blank`: where objects without"
+        f" information land); {args.samples} samples each; device {args.device}. Medians per"
+        " magnitude; cov68 = fraction of core pixels whose truth lies inside the per-pixel 68 %"
+        " interval (0.68 if calibrated), flux68 the same for the total flux per band.",
         "",
         format_table(results + extra),
         "",

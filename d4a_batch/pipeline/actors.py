@@ -124,22 +124,22 @@ def actor_resources(
 ) -> tuple[int, float, float]:
     """(actors, cpus per actor, gpus per actor) for a cluster's resources.
 
-    With GPUs: one actor per GPU, one GPU and one CPU each. Without: one actor (or
-    as asked) sharing the CPUs minus a headroom of max(2 task slots, 10 %), because
-    actors that hold every CPU leave the read/stage/write tasks unscheduled and the
-    dataset waits forever (DESIGN.md section 5).
+    With GPUs: one actor per GPU, one GPU and one CPU each. Without: about one
+    single-threaded actor per CPU, sharing the CPUs minus a headroom of
+    max(2 task slots, 10 %), because actors that hold every CPU leave the
+    read/stage/write tasks unscheduled and the dataset waits forever (DESIGN.md
+    section 5). Single-threaded actors, because torch's thread pools slow down many
+    times over when the cores are shared (measured: 218 ms vs 36 ms per image for the
+    demo UNet, 2 threads vs 1, on a loaded 2-core machine).
     """
     n_cpu = float(cluster.get("CPU", 1.0))
     n_gpu = float(cluster.get("GPU", 0.0))
     gpus = (1.0 if n_gpu >= 1 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
+    headroom = max(2 * task_cpus, 0.1 * n_cpu)
     if actors is None:
-        actors = max(1, int(n_gpu // gpus)) if gpus > 0 else 1
+        actors = max(1, int(n_gpu // gpus)) if gpus > 0 else max(1, round(n_cpu - headroom))
     if cpus_per_actor is None:
-        if gpus > 0:
-            cpus_per_actor = 1.0
-        else:
-            headroom = max(2 * task_cpus, 0.1 * n_cpu)
-            cpus_per_actor = max(0.25, (n_cpu - headroom) / actors)
+        cpus_per_actor = 1.0 if gpus > 0 else max(0.25, (n_cpu - headroom) / actors)
     if actors * cpus_per_actor > n_cpu - task_cpus + 1e-9:
         raise ValueError(
             f"{actors} actors x {cpus_per_actor} CPUs leave no CPU for the read/stage/write "
@@ -151,5 +151,5 @@ def actor_resources(
 
 
 def torch_threads_for(cpus_per_actor: float) -> int:
-    """Torch threads of a CPU actor: its CPU share, at least 1."""
-    return max(1, math.floor(cpus_per_actor + 0.5))
+    """Torch threads of a CPU actor: its whole CPUs (a share of 1.5 gets 1), at least 1."""
+    return max(1, math.floor(cpus_per_actor + 0.25))

@@ -78,7 +78,7 @@ class ExecutionOptions:
     actors: int | None = None  # sampling actors; None: one per GPU, else 1
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float | None = None  # None: the CPUs minus headroom for tasks
-    batch_size: int = 16  # objects per sampler call (a pack)
+    batch_size: int = 8  # objects per sampler call (a pack); on GPUs use more (64)
     limit: int | None = None  # process only the first N objects (partition order)
     task_cpus: float = 0.25  # CPUs of each read / stage / write task
     stage_threads: int = 8  # concurrent file fetches within a staging task
@@ -117,10 +117,13 @@ class RunSummary:
 
     def line(self, total: int | None = None) -> str:
         done = f"{self.objects}/{total}" if total else f"{self.objects}"
-        return (
+        text = (
             f"{done} objects: {self.ok} ok ({self.flagged} flagged), {self.failed} failed; "
             f"{self.objects_per_s:.2f} objects/s over {self.seconds:.0f} s"
         )
+        if total and 0 < self.objects < total:
+            text += f", about {(total - self.objects) / self.objects_per_s:.0f} s to go"
+        return text
 
 
 # --------------------------------------------------------------------------- stage functions
@@ -216,12 +219,13 @@ def _read_staged(uri: str, storage_options, task_cpus: float) -> ray.data.Datase
     files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
     if not files:
         raise FileNotFoundError(f"no staged packs (*.parquet) under {uri}")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    uris = [f if protocol == "file" else f"{protocol}://{f}" for f in files]
-    return ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris)).map_batches(
-        _read_packs, fn_kwargs={"storage_options": storage_options}, batch_size=1,
+    items = [{"uri": fs.unstrip_protocol(f)} for f in files]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_packs,
+        fn_kwargs={"storage_options": storage_options},
+        batch_size=1,
         num_cpus=task_cpus,
-    )  # fmt: skip
+    )
 
 
 def _prepare_output(output: str, overwrite: bool, storage_options) -> None:
@@ -317,7 +321,9 @@ def run_survey(
                 "pack_size": opts.batch_size,
                 "threads": opts.stage_threads,
             },
-            batch_size=4 * opts.batch_size,
+            # staging batches of several packs fill packs better (GPUs); one pack per
+            # batch spreads small runs over the CPU actors
+            batch_size=(4 if gpus > 0 else 1) * opts.batch_size,
             batch_format="pyarrow",
             num_cpus=opts.task_cpus,
         )
@@ -329,6 +335,9 @@ def run_survey(
                 ray_remote_args={"num_cpus": opts.task_cpus},
             )
             staged = _read_staged(opts.write_staged, so, opts.task_cpus)
+    # one pack per block: actor tasks take whole blocks, so this spreads packs over the
+    # actors (and streams results) instead of one task sampling a staging batch's packs
+    staged = staged.repartition(target_num_rows_per_block=1)
     results = staged.map_batches(
         DeconvolveActor,
         fn_constructor_kwargs={

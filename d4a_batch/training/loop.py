@@ -262,12 +262,9 @@ def training_record(state: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     losses = hist[:, 1]
     n = len(losses)
     window = max(1, min(50, n // 10))
-    curve = []
-    for s in sorted({*range(0, n, max(1, n // 20)), n - window}):
-        lo = max(0, s)
-        curve.append(
-            [int(hist[min(lo + window, n) - 1, 0]), float(losses[lo : lo + window].mean())]
-        )
+    starts = sorted({*range(0, n - window + 1, max(1, n // 20)), n - window})
+    # mean loss over each window, labelled by the window's last step
+    curve = [[int(hist[s + window - 1, 0]), float(losses[s : s + window].mean())] for s in starts]
     return {
         "steps": int(state["step"]),
         "images_seen": int(state["step"]) * cfg.batch_size * int(state.get("world_size", 1)),

@@ -26,7 +26,7 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from d4a_batch.config import PhysicsConfig, SamplerConfig
+from d4a_batch.config import SamplerConfig
 from d4a_batch.physics.operator import (
     ForwardOperator,
     ObservationBatch,
@@ -80,13 +80,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(seconds, result) of fn(), synchronised on CUDA."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> tuple[float, Any]:
+    """(seconds, result) of fn(), synchronised on CUDA. ``clock``: "wall" (elapsed) or "cpu"
+    (this process's CPU time, all threads: the other load of a shared machine does not
+    enter it; with T threads it is up to T times the wall time on T free cores)."""
+    tick = CLOCKS[clock]
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = tick()
     out = fn()
     synchronize(device)
-    return time.perf_counter() - t0, out
+    return tick() - t0, out
 
 
 class PeakMemory:
@@ -169,7 +175,11 @@ def dps_step_flops(prior: Prior, obs: ObservationBatch, z: Sequence[float], samp
 
 
 def measured_peak(
-    device: torch.device, size: int = 2048, conv_images: int = 32, repeats: int = 5
+    device: torch.device,
+    size: int = 2048,
+    conv_images: int = 32,
+    repeats: int = 5,
+    clock: str = "wall",
 ) -> dict[str, float]:
     """FLOP/s of a size×size float32 matmul and of a UNet-like 3×3 conv (64→64 channels,
     ``conv_images`` images of 64²), best of ``repeats`` (the first call, counted, warms up)."""
@@ -187,7 +197,7 @@ def measured_peak(
         with counter:
             fn()
         flops = counter.get_total_flops()
-        best = min(timed(fn, device)[0] for _ in range(repeats))
+        best = min(timed(fn, device, clock)[0] for _ in range(repeats))
         out[name] = flops / best
     return out
 
@@ -200,11 +210,11 @@ def sample_once(
     steps: int,
     samples: int,
     seed: int = 0,
-    physics: PhysicsConfig | None = None,
+    clock: str = "wall",
 ) -> float:
-    """Seconds of one ``deconvolve`` call (B objects × ``samples``), synchronised."""
+    """Seconds (``clock``) of one ``deconvolve`` call (B objects × ``samples``), synchronised."""
     cfg = SamplerConfig(steps=steps, samples=samples, seed=seed)
-    seconds, _ = timed(lambda: deconvolve(obs, z, prior, cfg, ids, physics), prior.device)
+    seconds, _ = timed(lambda: deconvolve(obs, z, prior, cfg, ids), prior.device, clock)
     return seconds
 
 
@@ -216,6 +226,7 @@ def naive_loop(
     steps: int,
     samples: int,
     batch: int,
+    clock: str = "wall",
 ) -> float:
     """Seconds to draw the same samples one object at a time, ``batch`` samples per call
     (the reference code's pattern); chunks use different seeds so the samples differ."""
@@ -224,8 +235,8 @@ def naive_loop(
     total = 0.0
     for o in range(obs.image.shape[0]):
         for chunk in range(samples // batch):
-            total += sample_once(prior, select(obs, slice(o, o + 1)), [z[o]], [ids[o]], steps,
-                                 batch, seed=chunk)  # fmt: skip
+            one = select(obs, slice(o, o + 1))
+            total += sample_once(prior, one, [z[o]], [ids[o]], steps, batch, chunk, clock)
     return total
 
 
@@ -236,13 +247,14 @@ def per_step_seconds(
     ids: Sequence[int],
     samples: int,
     steps: tuple[int, int] = (2, 6),
+    clock: str = "wall",
 ) -> float:
     """Seconds per DPS step for B·S rows: (T(steps_b) − T(steps_a)) / (steps_b − steps_a), which
     removes the per-call overhead (operator setup, summaries)."""
     a, b = steps
-    return (
-        sample_once(prior, obs, z, ids, b, samples) - sample_once(prior, obs, z, ids, a, samples)
-    ) / (b - a)
+    t_b = sample_once(prior, obs, z, ids, b, samples, clock=clock)
+    t_a = sample_once(prior, obs, z, ids, a, samples, clock=clock)
+    return (t_b - t_a) / (b - a)
 
 
 class _NoAutocast(torch.nn.Module):

@@ -27,7 +27,14 @@ CONFIG = RunConfig(sampler=SamplerConfig(steps=2, samples=2))
 
 
 def test_actor_resources_keep_cpu_headroom_for_tasks():
-    assert actor_resources({"CPU": 2.0}, None, None, None, 0.25) == (1, 1.5, 0.0)
+    # 2 CPUs: two single-CPU-ish actors, 0.5 CPU left for the tasks
+    assert actor_resources({"CPU": 2.0}, None, None, None, 0.25) == (2, 0.75, 0.0)
+    assert actor_resources({"CPU": 2.0}, 1, None, None, 0.25) == (1, 1.5, 0.0)
+    assert actor_resources({"CPU": 16.0}, None, None, None, 0.25) == (
+        14,
+        pytest.approx(14.4 / 14),
+        0.0,
+    )
     assert actor_resources({"CPU": 16.0}, 3, None, None, 0.25) == (3, pytest.approx(14.4 / 3), 0.0)
     assert actor_resources({"CPU": 16.0, "GPU": 4.0}, None, None, None, 0.25) == (4, 1.0, 1.0)
     assert actor_resources({"CPU": 8.0, "GPU": 2.0}, 4, 0.5, None, 0.25) == (4, 1.0, 0.5)
@@ -35,7 +42,7 @@ def test_actor_resources_keep_cpu_headroom_for_tasks():
         actor_resources({"CPU": 2.0}, 2, None, 1.0, 0.25)
     with pytest.raises(ValueError, match="exceed"):
         actor_resources({"CPU": 8.0, "GPU": 1.0}, 2, 1.0, None, 0.25)
-    assert torch_threads_for(1.5) == 2 and torch_threads_for(0.3) == 1
+    assert [torch_threads_for(c) for c in (0.3, 0.75, 1.03, 1.5, 4.8)] == [1, 1, 1, 1, 5]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,10 @@ def test_two_cpu_workers_train_checkpoint_and_export(ray_local, tmp_path):
     assert prior.stats_var.shape == (3, 16, 16) and float(prior.stats_var.mean()) > 0
     record = json.loads((out / "training_record.json").read_text())
     assert record == json.loads(
-        json.dumps(training_record(state, cfg) | {"stats_seconds": record["stats_seconds"]})
+        json.dumps(
+            training_record(state, cfg)
+            | {"stats_seconds": record["stats_seconds"], "stats_samples": 256, "stats_steps": 5}
+        )
     )
     assert record["steps"] == 40 and record["images_seen"] == 640
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from d4a_batch.validation.throughput import (
     sample_once,
     select,
     synthetic_batch,
+    timed,
 )
 from tests.validation.test_experiments import tiny_prior
 
@@ -41,6 +44,14 @@ def test_a_freed_block_does_not_hide_the_next_calls_memory():
         second = torch.ones(8 * 2**20)  # 32 MiB
         del second
     assert mem.peak >= 28 * 2**20
+
+
+def test_the_cpu_clock_ignores_waiting():
+    wall, _ = timed(lambda: time.sleep(0.2), CPU, "wall")
+    cpu, _ = timed(lambda: time.sleep(0.2), CPU, "cpu")
+    assert wall >= 0.19 and cpu < 0.05
+    busy, _ = timed(lambda: sum(i * i for i in range(300_000)), CPU, "cpu")
+    assert busy > 0
 
 
 def test_measured_peak_is_positive_and_finite():
