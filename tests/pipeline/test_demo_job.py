@@ -15,7 +15,7 @@ from d4a_batch.schema import DEMO_PRIOR_DIR, PRIOR_CONFIG, REPO_ROOT, Status
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1600)  # a hang guard, not a speed target (see jobs/ benchmarks)
 def test_demo_job_writes_a_catalog_and_prints_a_working_query(tmp_path):
     if not (DEMO_PRIOR_DIR / PRIOR_CONFIG).exists():
         pytest.skip(f"the demo prior {DEMO_PRIOR_DIR} is absent")
@@ -23,7 +23,7 @@ def test_demo_job_writes_a_catalog_and_prints_a_working_query(tmp_path):
     out = tmp_path / "demo_posteriors"
     job = subprocess.run(
         [sys.executable, "jobs/deconvolve_survey.py", "--output", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=840,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert f"output HATS catalog: {out}" in job.stdout
