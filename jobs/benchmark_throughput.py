@@ -152,9 +152,11 @@ def actor_sweep(prior_path: str, prior_cfg: PriorConfig, args, work: Path) -> li
     from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
     from d4a_batch.ray_setup import init_ray
 
+    # small HATS partitions: the read tasks then feed the actor pool several blocks at once
     survey = ensure_mock_survey(work / "survey", MockSurveyConfig(
         n_objects=args.actor_objects, bands=tuple(prior_cfg.bands),
         kpc_per_pixel=prior_cfg.kpc_per_pixel, n_model=prior_cfg.image_size,
+        partition_rows=max(2, args.actor_objects // 4),
     ))  # fmt: skip
     ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     config = RunConfig(sampler=SamplerConfig(steps=args.steps, samples=args.samples))

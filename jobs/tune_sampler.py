@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--extra-steps", type=int, nargs="*", default=[], help="rerun the choice")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--resume", action="store_true", help="keep the results already in --out-json (same mocks)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-json", type=Path, default=DOCS / "sampler_tuning.json")
@@ -217,14 +220,19 @@ def json_safe(obj):
 
 
 def format_table(results: list[dict]) -> str:
+    """Markdown table of the per-magnitude medians (missing values as "-")."""
+
+    def f(v, spec: str) -> str:
+        return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
     head = "| rule | zeta | steps | i mag | PSNR x (dB) | PSNR flux (dB) | chi2/dof | cov68 | flux68 | halluc |"
     lines = [head, "|" + "---|" * 10]
     for r in results:
         for mag, v in r["per_mag"].items():
             lines.append(
-                f"| {r['rule']} | {r['zeta']:g} | {r['steps']} | {mag} | {v['psnr_x']:.1f} |"
-                f" {v['psnr_flux']:.1f} | {v['chi2']:.2f} | {v['cov68']:.2f} |"
-                f" {v['flux68']:.2f} | {v['halluc']:.2f} |"
+                f"| {r['rule']} | {r['zeta']:g} | {r['steps']} | {mag} | {f(v['psnr_x'], '.1f')} |"
+                f" {f(v['psnr_flux'], '.1f')} | {f(v['chi2'], '.2f')} | {f(v['cov68'], '.2f')} |"
+                f" {f(v['flux68'], '.2f')} | {f(v['halluc'], '.2f')} |"
             )
     return "\n".join(lines)
 
@@ -268,28 +276,60 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table([res]).split("\n", 2)[2], f"  ({res['seconds']:.0f} s)", flush=True)
         return res
 
-    print(format_table([]), flush=True)
-    results = [run(rule, zeta, args.steps) for rule, zeta in grid]
-    best = choose(results, FlagThresholds().chi2_max)
-    extra = [run(best["rule"], best["zeta"], st) for st in args.extra_steps]
+    mocks = {
+        "mags_i": args.mags,
+        "objects_per_mag": args.objects,
+        "blank": args.blank,
+        "z": args.z,
+        "seed": args.seed,
+        "samples": args.samples,
+        "psf": "Moffat beta 3.5 at mock.survey.MEDIAN_SEEING",
+        "noise": "mock.survey SKY_VARIANCE + INV_GAIN * model",
+    }
+    prior_doc = {"id": prior.prior_id, "sha256": prior.sha256, "path": str(args.prior)}
+    results = previous_results(args.out_json, prior_doc, mocks) if args.resume else []
+    done = {(r["rule"], r["zeta"], r["steps"]) for r in results}
+    print(format_table(results), flush=True)
+    for rule, zeta in grid:
+        if (rule, zeta, args.steps) not in done:
+            results.append(run(rule, zeta, args.steps))
+            write_outputs(args, prior_doc, mocks, base, results, t_start)
+    best = choose([r for r in results if r["steps"] == args.steps], FlagThresholds().chi2_max)
+    for steps in args.extra_steps:
+        if (best["rule"], best["zeta"], steps) not in done:
+            results.append(run(best["rule"], best["zeta"], steps))
+    chosen = write_outputs(args, prior_doc, mocks, base, results, t_start)
+    print(f"[tune] chosen {chosen}; wrote {args.out_json} and {args.out_md}", flush=True)
+    return 0
+
+
+def previous_results(path: Path, prior_doc: dict, mocks: dict) -> list[dict]:
+    """Results already in ``path`` for the same prior and mocks (``--resume``)."""
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    same = doc.get("prior", {}).get("sha256") == prior_doc["sha256"] and doc.get("mocks") == mocks
+    return doc["results"] if same else []
+
+
+def write_outputs(args, prior_doc: dict, mocks: dict, base, results: list[dict], t0: float):
+    """Write the JSON and the Markdown page for the results so far; return the choice."""
+    rule = (
+        "best worst-magnitude median psnr_x; median halluc <= 1 and (if any setting manages"
+        " it) median chi2 <= chi2_max at every magnitude"
+    )
+    grid_steps = [r for r in results if r["steps"] == args.steps] or results
+    best = choose(grid_steps, FlagThresholds().chi2_max)
     chosen = {k: best[k] for k in ("rule", "zeta", "steps")}
     doc = {
-        "prior": {"id": prior.prior_id, "sha256": prior.sha256, "path": str(args.prior)},
-        "mocks": {
-            "mags_i": args.mags,
-            "objects_per_mag": args.objects,
-            "z": args.z,
-            "seed": args.seed,
-            "psf": "Moffat beta 3.5 at mock.survey.MEDIAN_SEEING",
-            "noise": "mock.survey SKY_VARIANCE + INV_GAIN * model",
-        },
+        "prior": prior_doc,
+        "mocks": mocks,
         "sampler": to_dict(base),
         "device": args.device,
-        "choice_rule": "best worst-magnitude median psnr_x; median halluc <= 1 and (if any"
-        " setting manages it) median chi2 <= chi2_max at every magnitude",
+        "choice_rule": rule,
         "chosen": chosen,
-        "results": results + extra,
-        "seconds": time.perf_counter() - t_start,
+        "results": results,
+        "seconds": time.perf_counter() - t0,
     }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
@@ -297,21 +337,19 @@ def main(argv: list[str] | None = None) -> int:
         "# DPS tuning on mock galaxies",
         "",
         f"Written by `jobs/tune_sampler.py` (data: `{args.out_json.name}`). Prior"
-        f" `{prior.prior_id}`; {args.objects} GalSim mocks per i magnitude in {args.mags} at"
+        f" `{prior_doc['id']}`; {args.objects} GalSim mocks per i magnitude in {args.mags} at"
         f" z = {args.z}, plus {args.blank} source-free stamps (row `blank`: where objects without"
         f" information land); {args.samples} samples each; device {args.device}. Medians per"
         " magnitude; cov68 = fraction of core pixels whose truth lies inside the per-pixel 68 %"
         " interval (0.68 if calibrated), flux68 the same for the total flux per band.",
         "",
-        format_table(results + extra),
+        format_table(results),
         "",
-        f"Chosen: rule `{chosen['rule']}`, zeta = {chosen['zeta']:g}, {chosen['steps']} steps"
-        f" ({doc['choice_rule']}).",
+        f"Chosen: rule `{chosen['rule']}`, zeta = {chosen['zeta']:g} ({rule}).",
         "",
     ]
     args.out_md.write_text("\n".join(md))
-    print(f"[tune] chosen {chosen}; wrote {args.out_json} and {args.out_md}", flush=True)
-    return 0
+    return chosen
 
 
 if __name__ == "__main__":

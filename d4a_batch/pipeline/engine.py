@@ -59,6 +59,7 @@ from d4a_batch.survey.tensors import tensor_numpy
 
 log = logging.getLogger(__name__)
 WORK_DIR = "_d4a_work"  # result chunks while the run goes on (removed at the end)
+SMALL_BLOCK_BYTES = 256 * 1024  # below the size of one pack (see _one_pack_per_block)
 # one row per pack between the stage and sample operators (see staging.make_packs)
 PACK_ROW_SCHEMA = pa.schema(
     [
@@ -209,6 +210,19 @@ def _partition_limits(
     return rows, int(limit) - left
 
 
+def _one_pack_per_block(root: ray.data.Dataset) -> ray.data.Dataset:
+    """Small blocks, no progress bars for this run (its datasets share the root's context).
+
+    Actor tasks take whole blocks: with blocks smaller than a pack, every pack is its own
+    block, so packs spread over the actors and results stream out pack by pack (instead
+    of one actor sampling all packs of a staging batch). The write stage regroups rows.
+    Ray's global DataContext is left alone.
+    """
+    root.context.target_max_block_size = SMALL_BLOCK_BYTES
+    root.context.enable_progress_bars = False
+    return root
+
+
 def _read_staged(uri: str, storage_options, task_cpus: float) -> ray.data.Dataset:
     """The staged packs written by an earlier run (one read task per Parquet file).
 
@@ -220,7 +234,9 @@ def _read_staged(uri: str, storage_options, task_cpus: float) -> ray.data.Datase
     if not files:
         raise FileNotFoundError(f"no staged packs (*.parquet) under {uri}")
     items = [{"uri": fs.unstrip_protocol(f)} for f in files]
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    return _one_pack_per_block(
+        ray.data.from_items(items, override_num_blocks=len(items))
+    ).map_batches(
         _read_packs,
         fn_kwargs={"storage_options": storage_options},
         batch_size=1,
@@ -295,7 +311,6 @@ def run_survey(
         run_id, catalog, output, provenance.prior_id, provenance.prior_hash[:12], len(parts),
         expected, actors, cpus, gpus,
     )  # fmt: skip
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
     # every task asks for task_cpus only: the actors hold the rest (Ray's readers and
     # writers default to 1 CPU, which would leave them unscheduled next to the actors)
@@ -303,7 +318,9 @@ def run_survey(
         staged = _read_staged(opts.read_staged, so, opts.task_cpus)
     else:
         stager = Stager(cat.root, prior_cfg, config.physics, config.staging, so)
-        rows = ray.data.from_items(parts, override_num_blocks=max(1, len(parts))).map_batches(
+        rows = _one_pack_per_block(
+            ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
+        ).map_batches(
             _read,
             fn_kwargs={
                 "columns": config.columns,
@@ -335,9 +352,6 @@ def run_survey(
                 ray_remote_args={"num_cpus": opts.task_cpus},
             )
             staged = _read_staged(opts.write_staged, so, opts.task_cpus)
-    # one pack per block: actor tasks take whole blocks, so this spreads packs over the
-    # actors (and streams results) instead of one task sampling a staging batch's packs
-    staged = staged.repartition(target_num_rows_per_block=1)
     results = staged.map_batches(
         DeconvolveActor,
         fn_constructor_kwargs={
@@ -364,6 +378,7 @@ def run_survey(
             "zeropoint": config.physics.zeropoint_ab,
             "storage_options": so,
         },
+        batch_size=opts.batch_size,
         batch_format="pyarrow",
         num_cpus=opts.task_cpus,
     )
@@ -377,17 +392,13 @@ def run_survey(
             last = time.monotonic()
     if summary.objects == 0:
         raise RuntimeError(f"no objects were processed from {catalog}")
-    if expected is not None and summary.objects != expected:
-        raise RuntimeError(f"{summary.objects} output rows for {expected} input objects")
 
     pixels = sorted(summary.per_partition)
     merge = _merge.options(num_cpus=opts.task_cpus)
-    counts = ray.get([merge.remote(work, output, o, p, so) for o, p in pixels])
-    for (o, p), n in zip(pixels, counts):
-        if n != summary.per_partition[(o, p)]:
-            raise RuntimeError(
-                f"partition {o}/{p}: {n} rows merged, {summary.per_partition[(o, p)]} written"
-            )
+    merged = sum(ray.get([merge.remote(work, output, o, p, so) for o, p in pixels]))
+    if expected is not None and merged != expected:
+        raise RuntimeError(f"{merged} output rows for {expected} input objects")
+    shapes = spec.map_shapes() if config.write_maps else {}
     extra = {
         "d4a_run_id": run_id,
         "d4a_input_catalog": catalog,
@@ -395,9 +406,7 @@ def run_survey(
         "d4a_prior_hash": provenance.prior_hash,
         "d4a_config_hash": provenance.config_hash,
         "d4a_code_version": __version__,
-        "d4a_map_shapes": json.dumps({k: list(v) for k, v in spec.map_shapes().items()})
-        if config.write_maps
-        else "{}",
+        "d4a_map_shapes": json.dumps({k: list(v) for k, v in shapes.items()}),
     }
     write_catalog_metadata(output, pixels, f"{cat.name}_posteriors", extra, so)
     fs, path = filesystem(output, so)

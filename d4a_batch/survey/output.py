@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.io import fits
-from astropy.wcs import WCS
 
 from d4a_batch.config import FlagThresholds
 from d4a_batch.sampling.flags import evaluate_flags
 from d4a_batch.schema import Col, Status, band_col, flag_names
+from d4a_batch.survey.fits_io import hsc_tan_wcs
 from d4a_batch.survey.hats_io import ORDER, PIXEL, write_partition
 from d4a_batch.survey.staging import PSF_CENTROID, PSF_SUM, SCALE, pack_id
 from d4a_batch.survey.storage import filesystem, join_uri
@@ -202,17 +202,6 @@ def output_table(
 
 
 # --------------------------------------------------------------------------- FITS maps
-def model_wcs(ra: float, dec: float, theta_arcsec: float, n: int) -> WCS:
-    """TAN WCS of an n×n model image of θ'' pixels centred on (ra, dec) (centre at edge n/2)."""
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [ra, dec]
-    w.wcs.crpix = [n / 2 + 0.5, n / 2 + 0.5]
-    w.wcs.cdelt = [-theta_arcsec / 3600.0, theta_arcsec / 3600.0]
-    w.wcs.cunit = ["deg", "deg"]
-    return w
-
-
 def fits_maps_bytes(row: dict[str, Any], bands: tuple[str, ...], zeropoint: float) -> bytes:
     """A FITS file of one object's maps: MEAN_FLUX_<B>, STD_FLUX_<B> per band, VARIANCE_RATIO.
 
@@ -220,7 +209,7 @@ def fits_maps_bytes(row: dict[str, Any], bands: tuple[str, ...], zeropoint: floa
     grid (θ = model_pixel_arcsec), so DS9 overlays it on the HSC cutout.
     """
     n = int(np.asarray(row[Col.VARIANCE_RATIO]).shape[-1])
-    header = model_wcs(row[Col.RA], row[Col.DEC], row[Col.THETA_ARCSEC], n).to_header()
+    header = hsc_tan_wcs(row[Col.RA], row[Col.DEC], (n, n), row[Col.THETA_ARCSEC]).to_header()
     primary = fits.PrimaryHDU()
     primary.header["OBJID"] = (str(row[Col.OBJECT_ID]), "object_id")
     primary.header["PHOTOZ"] = row[Col.PHOTOZ]
