@@ -24,7 +24,8 @@ PRIOR_CONFIG = "config.json"
 PRIOR_STATS = "stats.safetensors"
 
 # run ledger / output metadata file names (next to the output catalog)
-LEDGER_FILE = "_d4a_ledger.parquet"
+LEDGER_DIR = "_d4a_ledger"  # the run ledger (pipeline/ledger.py)
+WORK_DIR = "_d4a_work"  # result chunks and partitions being committed, per run
 RUN_CONFIG_FILE = "_d4a_run_config.json"
 
 

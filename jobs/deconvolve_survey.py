@@ -10,6 +10,16 @@ for another prior), starts a local Ray cluster and writes catalogs/out/demo_post
 With RAY_ADDRESS set (as under ``ray job submit``) or ``--address`` it joins that cluster
 and passes no resources to ``ray.init``; the job's working directory is a temporary
 copy there, so ``--output`` must then be an absolute path or a URL.
+
+Re-runs are incremental: the run ledger next to the output says which partitions are
+up to date (same input fingerprint, prior and config) and only the others are
+processed; ``--force`` redoes them, ``--partitions`` limits the run to some.
+``python jobs/list_runs.py OUTPUT`` lists the runs and what each changed.
+
+Exit codes (for schedulers): 0 every partition ok (objects may still have error
+rows: that is data); 3 some partitions failed (listed on stderr; re-run to retry
+them); 2 a job-level error before any work (bad arguments, unreadable catalog, a
+missing column, a prior that does not load or match its config); 1 anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from d4a_batch.survey.storage import is_absolute
 # the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores
 DEMO_SAMPLER = SamplerConfig(steps=25, samples=4)
 DEMO_OBJECTS = 32
+EXIT_OK, EXIT_CRASH, EXIT_JOB_ERROR, EXIT_PARTITIONS_FAILED = 0, 1, 2, 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: derived)")
     p.add_argument("--storage-options", help="JSON of fsspec storage options for all URIs")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the existing output (and its ledger) first"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="reprocess partitions the ledger says are up to date"
+    )
+    p.add_argument(
+        "--partitions",
+        help="only these partitions, as ORDER/PIXEL pairs: '7/123,7/124' (default: all)",
+    )
     p.add_argument("--write-staged", help="also write the staged packs here (Parquet)")
     p.add_argument("--read-staged", help="read staged packs from here instead of staging")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
@@ -91,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     demo = args.catalog is None
     if address and not (args.output and is_absolute(args.output)):
-        sys.exit("on a Ray cluster --output must be an absolute path or a URL (the job's working "
-                 "directory is a temporary copy)")  # fmt: skip
+        print("[d4a] job error: on a Ray cluster --output must be an absolute path or a URL (the "
+              "job's working directory is a temporary copy)", file=sys.stderr)  # fmt: skip
+        return EXIT_JOB_ERROR
     prior = args.prior or str(DEMO_PRIOR_DIR)
     catalog = args.catalog
     if demo:
@@ -110,20 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[d4a] demo survey: {catalog} ({DEMO_OBJECTS} mock HSC galaxies)", flush=True)
     output = args.output or str(DEMO_OUTPUT_DIR)
 
-    import ray
+    from d4a_batch.ray_setup import init_ray
 
     if address:
-        ray.init(address=address)
+        init_ray(address=address)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address="local",  # a new local cluster, even where `ray start` left an address file
+        init_ray(
             num_cpus=args.num_cpus or os.cpu_count(),
             include_dashboard=False,
             logging_level=logging.WARNING,
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
         )
-    from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+    from d4a_batch.pipeline.engine import ExecutionOptions, JobError, run_survey
+    from d4a_batch.pipeline.ledger import Ledger
 
     options = ExecutionOptions(
         actors=args.actors,
@@ -132,21 +151,36 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         storage_options=json.loads(args.storage_options) if args.storage_options else None,
-        overwrite=args.overwrite or args.output is None,
+        # the demo's own output, if an older version left it without a ledger
+        overwrite=args.overwrite or (demo and args.output is None and not Ledger(output).exists()),
+        force=args.force,
+        partitions=tuple(args.partitions.split(",")) if args.partitions else None,
         write_staged=args.write_staged,
         read_staged=args.read_staged,
     )
-    summary = run_survey(catalog, output, prior, run_config(args, demo), options)
+    try:
+        summary = run_survey(catalog, output, prior, run_config(args, demo), options)
+    except JobError as e:
+        print(f"[d4a] job error (nothing was processed): {e}", file=sys.stderr, flush=True)
+        return EXIT_JOB_ERROR
     out = summary.output
     print(f"[d4a] {summary.line()}", flush=True)
-    print(f"[d4a] output HATS catalog: {out}  ({summary.partitions} partitions)")
+    print(
+        f"[d4a] output HATS catalog: {out}  ({summary.partitions} partitions written, "
+        f"{len(summary.skipped)} up to date)"
+    )
     print("[d4a] query it, e.g.:")
     cols = "['object_id', 'status', 'flag_names', 'mag_i', 'hallucination_score', 'chi2_reduced']"
     print(
         f"  python -c \"import pandas as pd; df = pd.read_parquet('{out}/dataset'); "
         f"print(df[df.status == 'ok'][{cols}].to_string())\""
     )
-    return 0
+    if summary.failed_partitions:
+        print(f"[d4a] {len(summary.failed_partitions)} partitions FAILED:", file=sys.stderr)
+        for name, msg in sorted(summary.failed_partitions.items()):
+            print(f"  {name}: {msg}", file=sys.stderr)
+        return EXIT_PARTITIONS_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

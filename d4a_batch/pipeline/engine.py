@@ -1,22 +1,33 @@
 """The survey run on Ray Data: HATS partitions in, a HATS catalog of posteriors out.
 
-Graph (each arrow a Ray Data operator; objects stream through):
+Before any work: the prior loads and matches its config, the catalog has the
+columns the prior's bands need (else JobError), and each selected partition gets a
+fingerprint (its file's content, its rows' cutout and PSF files). The run ledger
+(``pipeline/ledger.py``) then says which partitions are up to date; only the others
+go through the graph (each arrow a Ray Data operator; objects stream through):
 
-    partitions (from hats metadata)
-      -> read      CPU tasks: one partition's rows, engine column names
+    partitions to process
+      -> read      CPU tasks: one partition's rows, engine column names; repeated
+                   object_ids marked
       -> stage     CPU tasks: fetch + decode FITS, cut stamps, operator parameters,
                    packs of <= batch_size objects of one stamp size (Parquet bytes)
-      -> sample    actor pool (prior loaded once per actor; GPU when there is one)
+      -> sample    actor pool (prior loaded once per actor; GPU when there is one;
+                   a dead actor is restarted and its batch retried)
       -> write     CPU tasks: result chunks per partition (+ optional FITS maps)
-    driver: progress from the write summaries; then one merge task per partition writes
-    ``dataset/Norder=k/Dir=d/Npix=p.parquet`` and the catalog metadata.
+    driver: progress from the write summaries; as soon as a partition has all its
+    rows, a commit task merges its chunks (each row once), checks the count, writes
+    ``dataset/Norder=k/Dir=d/Npix=p.parquet`` aside and moves it into place; then the
+    ledger records it. At the end: the catalog metadata over every partition file.
 
 Every input object ends as exactly one output row: staging and sampling turn bad
-input into error rows, and the driver checks the count at the end.
+input into error rows; a partition whose row count does not match is not
+committed and is reported as failed. A run killed midway keeps what it committed;
+the next run does the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -34,13 +46,28 @@ from ray.data import ActorPoolStrategy
 from d4a_batch import __version__
 from d4a_batch.config import RunConfig, config_hash, to_dict
 from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
-from d4a_batch.prior.artifact import read_prior_config
-from d4a_batch.schema import RUN_CONFIG_FILE, Col, Status
+from d4a_batch.pipeline.ledger import (
+    FAILED,
+    OK,
+    RETRY,
+    Ledger,
+    PartitionRecord,
+    RunRecord,
+    parse_pixel,
+    partition_fingerprint,
+    pixel_name,
+    plan,
+)
+from d4a_batch.prior.artifact import load_prior, read_prior_config
+from d4a_batch.schema import LEDGER_DIR, RUN_CONFIG_FILE, WORK_DIR, Col, Status
 from d4a_batch.survey.hats_io import (
+    INPUT_PHOTOZ_HI,
+    INPUT_PHOTOZ_LO,
     ORDER,
     PIXEL,
     InputCatalog,
     Partition,
+    input_column_names,
     open_input_catalog,
     read_partition,
     write_catalog_metadata,
@@ -48,17 +75,19 @@ from d4a_batch.survey.hats_io import (
 from d4a_batch.survey.output import (
     OutputSpec,
     Provenance,
+    commit_partition,
     fits_maps_bytes,
     fits_maps_uri,
-    merge_partition,
+    merge_chunks,
     write_chunks,
 )
-from d4a_batch.survey.staging import Stager, make_packs
+from d4a_batch.survey.staging import IDENTITY, StagedObject, Stager, make_packs
 from d4a_batch.survey.storage import absolute_uri, filesystem, join_uri
 from d4a_batch.survey.tensors import tensor_numpy
 
 log = logging.getLogger(__name__)
-WORK_DIR = "_d4a_work"  # result chunks while the run goes on (removed at the end)
+OPTIONAL_INPUTS = (INPUT_PHOTOZ_LO, INPUT_PHOTOZ_HI)
+DUPLICATE = "_d4a_duplicate"  # read -> stage: why a row is not processed (a repeated object_id)
 SMALL_BLOCK_BYTES = 256 * 1024  # below the size of one pack (see _one_pack_per_block)
 # one row per pack between the stage and sample operators (see staging.make_packs)
 PACK_ROW_SCHEMA = pa.schema(
@@ -88,6 +117,8 @@ class ExecutionOptions:
     progress_interval_s: float = 15.0
     write_staged: str | None = None  # also write the staged packs here (Parquet)
     read_staged: str | None = None  # take staged packs from here instead of staging
+    force: bool = False  # reprocess partitions the ledger says are up to date
+    partitions: tuple[str, ...] | None = None  # only these ("order/pixel"); None: all
 
 
 @dataclass
@@ -103,6 +134,9 @@ class RunSummary:
     partitions: int = 0
     seconds: float = 0.0
     per_partition: dict[tuple[int, int], int] = field(default_factory=dict)
+    committed: list[str] = field(default_factory=list)  # partitions written by this run
+    skipped: list[str] = field(default_factory=list)  # up to date (ledger)
+    failed_partitions: dict[str, str] = field(default_factory=dict)  # "k/p" -> why
 
     @property
     def objects_per_s(self) -> float:
@@ -124,6 +158,10 @@ class RunSummary:
         )
         if total and 0 < self.objects < total:
             text += f", about {(total - self.objects) / self.objects_per_s:.0f} s to go"
+        if self.skipped:
+            text += f"; {len(self.skipped)} partitions up to date (skipped)"
+        if self.failed_partitions:
+            text += f"; FAILED partitions: {', '.join(sorted(self.failed_partitions))}"
         return text
 
 
@@ -140,8 +178,28 @@ def _read(batch: dict[str, Any], columns, bands, healpix_column, storage_options
             healpix_column,
             storage_options,
         )
-        tables.append(t.slice(0, int(limit)) if limit >= 0 else t)
+        t = t.slice(0, int(limit)) if limit >= 0 else t
+        tables.append(t.append_column(DUPLICATE, _duplicates(t[Col.OBJECT_ID].to_pylist())))
     return pa.concat_tables(tables)
+
+
+def _duplicates(ids: list[int]) -> pa.Array:
+    """Per row: null, or why it is not processed (its object_id came earlier in the partition).
+
+    HATS partitions by position, so repeats of an object land in the same partition.
+    """
+    first: dict[int, int] = {}
+    out: list[str | None] = []
+    for i, oid in enumerate(ids):
+        if oid in first:
+            out.append(
+                f"duplicate object_id {oid}: input row {i} of this partition repeats row "
+                f"{first[oid]}, which was processed; this row was not"
+            )
+        else:
+            first[oid] = i
+            out.append(None)
+    return pa.array(out, pa.string())
 
 
 def _read_packs(batch: dict[str, Any], storage_options) -> pa.Table:
@@ -153,7 +211,21 @@ def _read_packs(batch: dict[str, Any], storage_options) -> pa.Table:
 
 
 def _stage(batch: pa.Table, stager: Stager, pack_size: int, threads: int) -> pa.Table:
-    objs = stager.stage_rows(batch.to_pylist(), threads)
+    rows = batch.to_pylist()
+    reasons = [r.pop(DUPLICATE) for r in rows]
+    staged = iter(stager.stage_rows([r for r, d in zip(rows, reasons) if d is None], threads))
+    c = len(stager.prior.bands)
+    objs = [
+        next(staged)
+        if d is None
+        else StagedObject(
+            ident={k: r[k] for k in IDENTITY},
+            psf_sum=np.full(c, np.nan),
+            psf_centroid=np.full(c, np.nan),
+            error=d,
+        )
+        for r, d in zip(rows, reasons)
+    ]
     return pa.Table.from_pylist(make_packs(objs, pack_size), schema=PACK_ROW_SCHEMA)
 
 
@@ -184,32 +256,7 @@ def _write(
     return pa.Table.from_pylist(write_chunks(batch, work_root, storage_options))
 
 
-@ray.remote
-def _merge(work_root: str, output_root: str, order: int, pixel: int, storage_options) -> int:
-    return merge_partition(work_root, output_root, order, pixel, storage_options)
-
-
 # --------------------------------------------------------------------------- the run
-def _partition_limits(
-    cat: InputCatalog, limit: int | None, storage_options
-) -> tuple[list[dict[str, Any]], int | None]:
-    """Partition rows for the read stage (with per-partition row limits) and the expected total."""
-    if limit is None:
-        rows = [
-            {"order": p.order, "pixel": p.pixel, "uri": p.uri, "limit": -1} for p in cat.partitions
-        ]
-        return rows, cat.total_rows
-    rows, left = [], int(limit)
-    for p in cat.partitions:
-        if left <= 0:
-            break
-        fs, path = filesystem(p.uri, storage_options)
-        n = sum(f.metadata.num_rows for f in pq.ParquetDataset(path, filesystem=fs).fragments)
-        rows.append({"order": p.order, "pixel": p.pixel, "uri": p.uri, "limit": min(n, left)})
-        left -= min(n, left)
-    return rows, int(limit) - left
-
-
 def _one_pack_per_block(root: ray.data.Dataset) -> ray.data.Dataset:
     """Small blocks, no progress bars for this run (its datasets share the root's context).
 
@@ -244,13 +291,96 @@ def _read_staged(uri: str, storage_options, task_cpus: float) -> ray.data.Datase
     )
 
 
-def _prepare_output(output: str, overwrite: bool, storage_options) -> None:
+class JobError(ValueError):
+    """A problem with the job's inputs, found before any work starts (exit code 2)."""
+
+
+def _check_inputs(cat: InputCatalog, prior: str, config: RunConfig, prior_cfg, so) -> None:
+    """Job-level checks: the prior loads and matches its config; the catalog has the columns."""
+    try:
+        load_prior(prior, device="cpu")
+    except Exception as e:  # any way the prior is unusable is the job's error
+        raise JobError(f"prior {prior} does not load: {e}") from e
+    if not cat.partitions:
+        raise JobError(f"catalog {cat.root} has no partitions")
+    names = None
+    for part in cat.partitions:  # the first readable one (a broken partition fails alone later)
+        fs, path = filesystem(part.uri, so)
+        try:
+            names = pq.ParquetDataset(path, filesystem=fs).schema.names
+            break
+        except Exception as e:
+            log.warning("partition %s: schema unreadable (%s)", part.uri, e)
+    if names is None:
+        raise JobError(f"catalog {cat.root}: no partition file is readable")
+    wanted = input_column_names(config.columns, tuple(prior_cfg.bands))
+    missing = [c for k, c in wanted.items() if c not in names and k not in OPTIONAL_INPUTS]
+    if missing:
+        raise JobError(
+            f"catalog {cat.root} lacks required columns {missing} for prior bands "
+            f"{list(prior_cfg.bands)} (set names with ColumnMap / --columns)"
+        )
+
+
+def _prepare_output(output: str, overwrite: bool, ledger: Ledger, storage_options) -> None:
+    """Make the output root; remove what a killed run left in the work folder."""
     fs, path = filesystem(output, storage_options)
     if fs.exists(path) and fs.ls(path):
-        if not overwrite:
-            raise FileExistsError(f"output {output} exists and is not empty (use overwrite)")
-        fs.rm(path, recursive=True)
+        if overwrite:
+            fs.rm(path, recursive=True)
+        elif not ledger.exists():
+            raise JobError(
+                f"output {output} exists, is not empty and has no run ledger "
+                f"({LEDGER_DIR}); choose another output or overwrite it"
+            )
     fs.makedirs(path, exist_ok=True)
+    work = join_uri(path, WORK_DIR)
+    if fs.exists(work):
+        log.info("removing leftovers of an earlier run: %s", work)
+        fs.rm(work, recursive=True)
+
+
+@ray.remote
+def _fingerprint(part: Partition, columns, bands, root, healpix_column, storage_options):
+    """(key, fingerprint, rows, None), or (key, "", 0, why) when the partition is unusable."""
+    try:
+        fp, n = partition_fingerprint(part, columns, bands, root, -1, storage_options)
+        # the read stage must not fail later on this partition (column types, e.g. object_id)
+        read_partition(part, columns, bands, healpix_column, storage_options)
+        return (part.order, part.pixel), fp, n, None
+    except Exception as e:  # an unreadable partition fails alone
+        return (part.order, part.pixel), "", 0, f"cannot read partition {part.uri}: {e}"
+
+
+@ray.remote
+def _commit(work, output, order, pixel, expected, storage_options) -> dict[str, Any]:
+    """Merge a partition's chunks, check its row count, commit it; its counts."""
+    table = merge_chunks(work, order, pixel, storage_options)
+    if expected is not None and table.num_rows != expected:
+        raise RuntimeError(f"{table.num_rows} result rows for {expected} input rows")
+    commit_partition(table, output, join_uri(work, "commit"), order, pixel, storage_options)
+    status = table[Col.STATUS].to_numpy(zero_copy_only=False)
+    ok = status == str(Status.OK)
+    flags = table[Col.FLAGS].to_numpy()
+    return {
+        "rows": table.num_rows,
+        "n_ok": int(ok.sum()),
+        "n_error": int((~ok).sum()),
+        "n_flagged": int(((flags != 0) & ok).sum()),
+    }
+
+
+def _select(cat: InputCatalog, names: tuple[str, ...] | None) -> list[Partition]:
+    if not names:
+        return list(cat.partitions)
+    want = {parse_pixel(n) for n in names}
+    have = {(p.order, p.pixel): p for p in cat.partitions}
+    unknown = sorted(want - set(have))
+    if unknown:
+        raise JobError(
+            f"partitions {[pixel_name(*k) for k in unknown]} are not in catalog {cat.root}"
+        )
+    return [have[k] for k in sorted(want)]
 
 
 def run_survey(
@@ -260,19 +390,26 @@ def run_survey(
     config: RunConfig | None = None,
     options: ExecutionOptions | None = None,
 ) -> RunSummary:
-    """Deconvolve every object of the HATS ``catalog``; write the HATS catalog ``output``.
+    """Deconvolve the objects of the HATS ``catalog`` that need it; update the catalog ``output``.
 
-    ``prior``: a prior artifact folder readable by every actor. Local paths are made
-    absolute (Ray jobs run in a temporary working copy); URLs pass through fsspec with
-    ``options.storage_options``. Uses the Ray cluster this process is connected to
-    (Ray Data starts a local one otherwise).
+    Partitions whose ledger record matches their input fingerprint, the prior and the
+    config are skipped (``options.force`` redoes them); each processed partition is
+    committed atomically as soon as all its rows are written, then recorded in the
+    ledger, so a killed run loses at most the partitions in flight. ``prior``: a prior
+    artifact folder readable by every actor. Local paths are made absolute (Ray jobs run
+    in a temporary working copy); URLs pass through fsspec with ``options.storage_options``.
+    Uses the Ray cluster this process is connected to (Ray Data starts a local one
+    otherwise). Raises JobError for bad inputs found before any work starts.
     """
     config = config or RunConfig()
     opts = options or ExecutionOptions()
     so = opts.storage_options
     catalog, output, prior = absolute_uri(catalog), absolute_uri(output), absolute_uri(prior)
     t0 = time.monotonic()
-    prior_cfg, prior_meta = read_prior_config(prior)
+    try:
+        prior_cfg, prior_meta = read_prior_config(prior)
+    except Exception as e:
+        raise JobError(f"prior {prior}: {e}") from e
     created = datetime.now(UTC)
     run_id = f"{created:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     provenance = Provenance(
@@ -293,12 +430,171 @@ def run_survey(
         map_dtype=config.map_dtype,
         keep_samples=config.sampler.keep_samples,
     )
-    cat = open_input_catalog(catalog, so)
-    parts, expected = _partition_limits(cat, opts.limit, so)
-    if opts.read_staged:
-        expected = None  # the staged packs say how many objects they hold
-    _prepare_output(output, opts.overwrite, so)
-    work = join_uri(output, WORK_DIR)
+    bands = tuple(prior_cfg.bands)
+    try:
+        cat = open_input_catalog(catalog, so)
+    except Exception as e:
+        raise JobError(f"catalog {catalog} does not open as a HATS catalog: {e}") from e
+    _check_inputs(cat, prior, config, prior_cfg, so)
+    selected = _select(cat, opts.partitions)
+    ledger = Ledger(output, so)
+    _prepare_output(output, opts.overwrite, ledger, so)
+    work = join_uri(output, WORK_DIR, run_id)
+    summary = RunSummary(output=output, run_id=run_id)
+
+    # fingerprints (one task per partition; an unreadable partition fails alone)
+    fp_task = _fingerprint.options(num_cpus=opts.task_cpus)
+    results = ray.get(
+        [
+            fp_task.remote(p, config.columns, bands, cat.root, cat.healpix_column, so)
+            for p in selected
+        ]
+    )
+    fingerprints, counts, failed = {}, {}, {}
+    for key, fp, n, err in results:
+        if err:
+            failed[key] = err
+        else:
+            fingerprints[key], counts[key] = fp, n
+    limits = _apply_limit(selected, counts, opts.limit)
+    if opts.limit is not None:  # a limited run stands only for the rows it took
+        fingerprints = {k: f"{fp}:limit={limits[k]}" for k, fp in fingerprints.items()}
+    todo, done = plan(
+        ledger.state(),
+        {k: fp for k, fp in fingerprints.items() if limits.get(k, 0) != 0},
+        provenance.prior_hash,
+        provenance.config_hash,
+        force=opts.force or bool(opts.read_staged),
+    )
+    run = RunRecord(
+        run_id=run_id,
+        created_utc=created.isoformat(),
+        catalog=catalog,
+        prior_id=provenance.prior_id,
+        prior_hash=provenance.prior_hash,
+        config_hash=provenance.config_hash,
+        code_version=__version__,
+        processed={pixel_name(*k): r for k, r in todo.items()},
+        skipped=[pixel_name(*k) for k in done],
+        failed={pixel_name(*k): m for k, m in failed.items()},
+    )
+    ledger.write_run(run)
+    for key, msg in failed.items():
+        ledger.write_partition(_record(run_id, key, FAILED, "", provenance, RETRY, msg, t0))
+    summary.skipped = [pixel_name(*k) for k in done]
+    summary.failed_partitions = {pixel_name(*k): m for k, m in failed.items()}
+    log.info(
+        "run %s: %s -> %s, prior %s (%s), config %s; %d partitions to process, %d up to date, "
+        "%d unreadable",
+        run_id, catalog, output, provenance.prior_id, provenance.prior_hash[:12],
+        provenance.config_hash[:12], len(todo), len(done), len(failed),
+    )  # fmt: skip
+    if todo:
+        _process(
+            cat, prior, prior_cfg, config, opts, spec, provenance, work, ledger, todo,
+            {k: fingerprints[k] for k in todo}, {k: limits[k] for k in todo}, summary, t0,
+        )  # fmt: skip
+    else:
+        log.info("nothing to do: every selected partition is up to date (no sampling)")
+
+    fs, path = filesystem(output, so)
+    pixels = _committed_pixels(output, so)
+    if pixels and todo:
+        shapes = spec.map_shapes() if config.write_maps else {}
+        extra = {
+            "d4a_run_id": run_id,
+            "d4a_input_catalog": catalog,
+            "d4a_prior_id": provenance.prior_id,
+            "d4a_prior_hash": provenance.prior_hash,
+            "d4a_config_hash": provenance.config_hash,
+            "d4a_code_version": __version__,
+            "d4a_map_shapes": json.dumps({k: list(v) for k, v in shapes.items()}),
+        }
+        write_catalog_metadata(output, pixels, f"{cat.name}_posteriors", extra, so)
+        with fs.open(join_uri(path, RUN_CONFIG_FILE), "w") as f:
+            f.write(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    work_path = filesystem(join_uri(output, WORK_DIR), so)[1]
+    if fs.exists(work_path):
+        fs.rm(work_path, recursive=True)
+    summary.partitions = len(summary.committed)
+    summary.seconds = time.monotonic() - t0
+    ledger.write_run(
+        dataclasses.replace(
+            run,
+            status=OK if not summary.failed_partitions else FAILED,
+            finished_utc=datetime.now(UTC).isoformat(),
+            processed={
+                n: r
+                for n, r in run.processed.items()
+                if n in summary.committed or n in summary.failed_partitions
+            },
+            failed=summary.failed_partitions,
+            objects=summary.objects,
+            seconds=summary.seconds,
+        )
+    )
+    log.info("done: %s -> %s", summary.line(), output)
+    return summary
+
+
+def _apply_limit(
+    parts: list[Partition], counts: dict[tuple[int, int], int], limit: int | None
+) -> dict[tuple[int, int], int]:
+    """Rows to take per readable partition: all, or the first ``limit`` in partition order."""
+    if limit is None:
+        return dict(counts)
+    out, left = {}, int(limit)
+    for p in parts:
+        key = (p.order, p.pixel)
+        if key in counts:
+            out[key] = min(counts[key], left)
+            left -= out[key]
+    return out
+
+
+def _record(run_id, key, status, fingerprint, prov: Provenance, reason, msg, t0, counts=None):
+    return PartitionRecord(
+        order=key[0],
+        pixel=key[1],
+        run_id=run_id,
+        status=status,
+        fingerprint=fingerprint,
+        prior_hash=prov.prior_hash,
+        config_hash=prov.config_hash,
+        reason=reason,
+        message=msg,
+        seconds=time.monotonic() - t0,
+        committed_utc=datetime.now(UTC).isoformat(),
+        **(counts or {}),
+    )
+
+
+def _committed_pixels(output: str, so) -> list[tuple[int, int]]:
+    """(order, pixel) of every partition file in the output catalog."""
+    fs, path = filesystem(join_uri(output, "dataset"), so)
+    if not fs.exists(path):
+        return []
+    found = []
+    for f in fs.glob(f"{path}/Norder=*/Dir=*/Npix=*.parquet"):
+        parts = dict(seg.split("=", 1) for seg in f.split("/") if "=" in seg)
+        found.append((int(parts["Norder"]), int(parts["Npix"].removesuffix(".parquet"))))
+    return sorted(found)
+
+
+def _process(
+    cat, prior, prior_cfg, config, opts, spec, provenance, work, ledger, todo, fingerprints,
+    limits, summary: RunSummary, t0: float,
+) -> None:  # fmt: skip
+    """Run the Ray Data graph over the ``todo`` partitions; commit each as it completes."""
+    so = opts.storage_options
+    output = summary.output
+    parts = [
+        {"order": o, "pixel": p, "uri": part.uri, "limit": limits[(o, p)]}
+        for part in cat.partitions
+        if (o := part.order, p := part.pixel) in todo
+    ]
+    expected = None if opts.read_staged else {k: n for k, n in limits.items()}
+    total = sum(expected.values()) if expected else None
     actors, cpus, gpus = actor_resources(
         ray.cluster_resources(),
         opts.actors,
@@ -306,11 +602,8 @@ def run_survey(
         opts.cpus_per_actor,
         opts.task_cpus,
     )
-    log.info(
-        "run %s: %s -> %s, prior %s (%s), %d partitions, %s objects, %d actors x (%g CPU, %g GPU)",
-        run_id, catalog, output, provenance.prior_id, provenance.prior_hash[:12], len(parts),
-        expected, actors, cpus, gpus,
-    )  # fmt: skip
+    log.info("%d partitions, %s objects, %d actors x (%g CPU, %g GPU)",
+             len(parts), total, actors, cpus, gpus)  # fmt: skip
 
     # every task asks for task_cpus only: the actors hold the rest (Ray's readers and
     # writers default to 1 CPU, which would leave them unscheduled next to the actors)
@@ -366,6 +659,9 @@ def run_survey(
         batch_format="pyarrow",
         num_cpus=cpus,
         num_gpus=gpus,
+        # an actor that dies (node lost, OOM, killed) is restarted and its batch retried
+        max_restarts=-1,
+        max_task_retries=-1,
     )
     summaries = results.map_batches(
         _write,
@@ -382,38 +678,82 @@ def run_survey(
         batch_format="pyarrow",
         num_cpus=opts.task_cpus,
     )
-    summary = RunSummary(output=output, run_id=run_id)
+
+    commit = _commit.options(num_cpus=opts.task_cpus)
+    written: dict[tuple[int, int], int] = {}
+    pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+
+    def submit(key):
+        n = None if expected is None else expected[key]
+        pending[commit.remote(work, output, key[0], key[1], n, so)] = key
+
+    def collect(timeout: float | None) -> None:
+        refs = list(pending)
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for ref in ready:
+            key = pending.pop(ref)
+            name = pixel_name(*key)
+            try:
+                counts = ray.get(ref)
+            except Exception as e:  # this partition failed; the others go on
+                msg = f"commit failed: {getattr(e, 'cause', None) or e}"
+                summary.failed_partitions[name] = msg
+                ledger.write_partition(
+                    _record(
+                        summary.run_id,
+                        key,
+                        FAILED,
+                        fingerprints[key],
+                        provenance,
+                        todo[key],
+                        msg,
+                        t0,
+                    )
+                )
+                log.error("partition %s failed: %s", name, msg)
+                continue
+            summary.committed.append(name)
+            ledger.write_partition(
+                _record(
+                    summary.run_id,
+                    key,
+                    OK,
+                    fingerprints[key],
+                    provenance,
+                    todo[key],
+                    "",
+                    t0,
+                    counts,
+                )
+            )
+            log.info("partition %s committed: %d rows", name, counts["rows"])
+
     last = time.monotonic()
     for row in summaries.iter_rows():
         summary.add(row)
+        key = (int(row[ORDER]), int(row[PIXEL]))
+        written[key] = written.get(key, 0) + int(row["n"])
+        if expected is not None and written[key] == expected[key]:
+            submit(key)  # all its rows are written: commit it now
+        collect(timeout=0)
         summary.seconds = time.monotonic() - t0
         if time.monotonic() - last >= opts.progress_interval_s:
-            log.info("progress: %s", summary.line(expected))
+            log.info("progress: %s", summary.line(total))
             last = time.monotonic()
-    if summary.objects == 0:
-        raise RuntimeError(f"no objects were processed from {catalog}")
-
-    pixels = sorted(summary.per_partition)
-    merge = _merge.options(num_cpus=opts.task_cpus)
-    merged = sum(ray.get([merge.remote(work, output, o, p, so) for o, p in pixels]))
-    if expected is not None and merged != expected:
-        raise RuntimeError(f"{merged} output rows for {expected} input objects")
-    shapes = spec.map_shapes() if config.write_maps else {}
-    extra = {
-        "d4a_run_id": run_id,
-        "d4a_input_catalog": catalog,
-        "d4a_prior_id": provenance.prior_id,
-        "d4a_prior_hash": provenance.prior_hash,
-        "d4a_config_hash": provenance.config_hash,
-        "d4a_code_version": __version__,
-        "d4a_map_shapes": json.dumps({k: list(v) for k, v in shapes.items()}),
-    }
-    write_catalog_metadata(output, pixels, f"{cat.name}_posteriors", extra, so)
-    fs, path = filesystem(output, so)
-    with fs.open(join_uri(path, RUN_CONFIG_FILE), "w") as f:
-        f.write(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-    fs.rm(filesystem(work, so)[1], recursive=True)
-    summary.partitions = len(pixels)
-    summary.seconds = time.monotonic() - t0
-    log.info("done: %s -> %s", summary.line(expected), output)
-    return summary
+    committed_or_pending = set(pending.values()) | {parse_pixel(n) for n in summary.committed}
+    for key in sorted(written):
+        if key not in committed_or_pending:
+            submit(key)  # row counts disagreed (the commit re-checks them)
+    collect(timeout=None)
+    for key in sorted(set(todo) - set(written)):
+        if expected is not None and expected[key] > 0:
+            name = pixel_name(*key)
+            msg = "no result rows were written"
+            summary.failed_partitions[name] = msg
+            ledger.write_partition(
+                _record(
+                    summary.run_id, key, FAILED, fingerprints[key], provenance, todo[key], msg, t0
+                )
+            )

@@ -6,8 +6,9 @@ HDU1 ``IMAGE`` (float32 counts at zero point 27 AB, celestial WCS), HDU2 ``MASK`
 HIERARCH cards), HDU3 ``VARIANCE`` (float32, counts²). PSF (PSF picker): one
 primary HDU holding a P×P image (43×43 for HSC). Everything goes through fsspec,
 so local paths, ``memory://`` and ``s3://`` URLs work alike; a given ``fs`` takes
-precedence over the URL's protocol. Any problem with a file raises ``InputError``
-naming the file and what is wrong.
+precedence over the URL's protocol. IMAGE and VARIANCE must be 2-D floating point
+(BSCALE-scaled integers read as floats), MASK integer, the PSF real-valued. Any
+problem with a file raises ``InputError`` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def _read_hdus(uri: str, fs: fsspec.AbstractFileSystem | None) -> fits.HDUList:
         filesystem, path = _fs_path(uri, fs)
         with filesystem.open(path, "rb") as f:
             raw = f.read()
+    except FileNotFoundError as e:
+        raise InputError(uri, "cannot open: file not found") from e
     except (OSError, ValueError) as e:
         raise InputError(uri, f"cannot open ({type(e).__name__}: {e})") from e
     if len(raw) == 0:
@@ -145,7 +148,10 @@ def _read_hdus(uri: str, fs: fsspec.AbstractFileSystem | None) -> fits.HDUList:
             for hdu in hdul:
                 _ = hdu.data
     except Exception as e:  # astropy raises OSError, TypeError, ValueError, ... on bad bytes
-        raise InputError(uri, f"not a readable FITS file ({type(e).__name__}: {e})") from e
+        why = f"{type(e).__name__}: {e}"
+        if "truncated" in str(e).lower():
+            raise InputError(uri, f"truncated FITS file of {len(raw)} bytes ({why})") from e
+        raise InputError(uri, f"not a readable FITS file ({why})") from e
     if len(raw) % 2880:
         raise InputError(uri, f"truncated FITS file: {len(raw)} bytes is not a multiple of 2880")
     return hdul
@@ -164,18 +170,26 @@ def _write_bytes(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | None) ->
 def _find_hdu(hdul: fits.HDUList, name: str, index: int, uri: str) -> fits.ImageHDU:
     """The HDU called ``name``, or the one at ``index`` if it has no EXTNAME."""
     for hdu in hdul[1:]:
-        if hdu.header.get("EXTNAME", "").strip().upper() == name:
+        if str(hdu.header.get("EXTNAME", "")).strip().upper() == name:
             return hdu
     if index < len(hdul) and "EXTNAME" not in hdul[index].header:
         return hdul[index]
     raise InputError(uri, f"missing HDU {name} (HDU{index}); file has {len(hdul)} HDUs")
 
 
-def _image_data(hdu: fits.ImageHDU, name: str, uri: str) -> np.ndarray:
+def _image_data(hdu: fits.ImageHDU, name: str, uri: str, kinds: str, want: str) -> np.ndarray:
+    """The HDU's 2-D array, whose dtype kind must be one of ``kinds`` (``want`` says which)."""
     data = hdu.data
-    if data is None or not isinstance(data, np.ndarray) or data.ndim != 2:
-        shape = None if data is None else getattr(data, "shape", type(data).__name__)
-        raise InputError(uri, f"HDU {name} must hold a 2-D image, got {shape}")
+    if data is None:
+        raise InputError(uri, f"{name} has no data (expected a 2-D image)")
+    if not isinstance(data, np.ndarray) or data.dtype.names is not None:
+        raise InputError(
+            uri, f"{name} is a table ({type(hdu).__name__}), expected a 2-D {want} image"
+        )
+    if data.ndim != 2:
+        raise InputError(uri, f"{name} has shape {data.shape} (expected 2-D)")
+    if data.dtype.kind not in kinds:
+        raise InputError(uri, f"{name} has dtype {data.dtype.name} (expected {want})")
     return data
 
 
@@ -210,14 +224,12 @@ def read_hsc_cutout(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> HS
     image_hdu = _find_hdu(hdul, "IMAGE", 1, uri)
     mask_hdu = _find_hdu(hdul, "MASK", 2, uri)
     var_hdu = _find_hdu(hdul, "VARIANCE", 3, uri)
-    image = _image_data(image_hdu, "IMAGE", uri)
-    mask = _image_data(mask_hdu, "MASK", uri)
-    variance = _image_data(var_hdu, "VARIANCE", uri)
+    image = _image_data(image_hdu, "IMAGE", uri, "f", "floating-point")
+    mask = _image_data(mask_hdu, "MASK", uri, "iu", "integer bit planes")
+    variance = _image_data(var_hdu, "VARIANCE", uri, "f", "floating-point")
     for name, arr in (("MASK", mask), ("VARIANCE", variance)):
         if arr.shape != image.shape:
-            raise InputError(uri, f"HDU {name} has shape {arr.shape}, IMAGE has {image.shape}")
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise InputError(uri, f"HDU MASK must be integer, got {mask.dtype}")
+            raise InputError(uri, f"{name} has shape {arr.shape}, IMAGE has {image.shape}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
@@ -313,7 +325,7 @@ def read_psf(
     image, wrong shape, non-finite values or a sum <= 0 raise ``InputError``.
     """
     hdul = _read_hdus(uri, fs)
-    data = _image_data(hdul[0], "PRIMARY", uri)
+    data = _image_data(hdul[0], "PRIMARY", uri, "iuf", "real-valued")
     if data.shape[0] != data.shape[1] or (size is not None and data.shape != (size, size)):
         want = "square" if size is None else f"{size}x{size}"
         raise InputError(uri, f"PSF must be {want}, got shape {data.shape}")

@@ -38,9 +38,9 @@ from d4a_batch.config import FlagThresholds
 from d4a_batch.sampling.flags import evaluate_flags
 from d4a_batch.schema import Col, Status, band_col, flag_names
 from d4a_batch.survey.fits_io import hsc_tan_wcs
-from d4a_batch.survey.hats_io import ORDER, PIXEL, write_partition
+from d4a_batch.survey.hats_io import ORDER, PIXEL, partition_uri, write_partition
 from d4a_batch.survey.staging import PSF_CENTROID, PSF_SUM, SCALE, pack_id
-from d4a_batch.survey.storage import filesystem, join_uri
+from d4a_batch.survey.storage import filesystem, join_uri, safe_join
 from d4a_batch.survey.tensors import tensor_array, tensor_numpy, tensor_type
 
 PER_BAND = (Col.FLUX, Col.FLUX_ERR, Col.MAG, Col.MAG_ERR, Col.ALPHA, Col.BETA)
@@ -236,12 +236,12 @@ def fits_maps_bytes(row: dict[str, Any], bands: tuple[str, ...], zeropoint: floa
 
 def fits_maps_uri(root: str, order: int, pixel: int, object_id: int) -> str:
     """Where an object's FITS maps go under the output catalog root."""
-    return join_uri(root, FITS_DIR, f"{order}_{pixel}", f"{int(object_id)}.fits")
+    return safe_join(root, FITS_DIR, f"{int(order)}_{int(pixel)}", f"{int(object_id)}.fits")
 
 
 # --------------------------------------------------------------------------- chunks
 def chunk_dir(work_root: str, order: int, pixel: int) -> str:
-    return join_uri(work_root, f"{ORDER}={order}", f"{PIXEL}={pixel}")
+    return safe_join(work_root, f"{ORDER}={int(order)}", f"{PIXEL}={int(pixel)}")
 
 
 def write_chunks(
@@ -257,7 +257,7 @@ def write_chunks(
         o, p = int(key[ORDER]), int(key[PIXEL])
         part = table.filter(pc.and_(pc.equal(table[ORDER], o), pc.equal(table[PIXEL], p)))
         ids = part[Col.OBJECT_ID].to_pylist()
-        uri = join_uri(chunk_dir(work_root, o, p), f"{pack_id(ids)}.parquet")
+        uri = safe_join(chunk_dir(work_root, o, p), f"{pack_id(ids)}.parquet")
         fs, path = filesystem(uri, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         pq.write_table(part.drop_columns([ORDER, PIXEL]), path, filesystem=fs)
@@ -277,6 +277,49 @@ def write_chunks(
     return out
 
 
+def merge_chunks(
+    work_root: str, order: int, pixel: int, storage_options: dict[str, Any] | None = None
+) -> pa.Table:
+    """A partition's result rows from its chunks, each row once.
+
+    A retried task may have written the same rows under another chunk name: rows are
+    unique by (object_id, status message), since a second input row with the same
+    object_id becomes an error row whose message names its input row.
+    """
+    fs, path = filesystem(chunk_dir(work_root, order, pixel), storage_options)
+    files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
+    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+    keys = pa.table(
+        {"id": table[Col.OBJECT_ID], "msg": pc.fill_null(table[Col.MESSAGE], "")}
+    ).to_pandas()
+    first = np.flatnonzero(~keys.duplicated().to_numpy())
+    if len(first) != table.num_rows:
+        table = table.take(pa.array(first))
+    return table
+
+
+def commit_partition(
+    table: pa.Table,
+    output_root: str,
+    staging_root: str,
+    order: int,
+    pixel: int,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write a partition aside under ``staging_root``, then move it into the catalog.
+
+    A reader of the catalog sees the old file or the new one, never a partial one
+    (a rename on a local disk; on S3 the object appears whole when its copy completes).
+    """
+    tmp = write_partition(table, staging_root, order, pixel, storage_options)
+    final = partition_uri(output_root, order, pixel)
+    fs, tmp_path = filesystem(tmp, storage_options)
+    _, final_path = filesystem(final, storage_options)
+    fs.makedirs(final_path.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(tmp_path, final_path)
+    return final
+
+
 def merge_partition(
     work_root: str,
     output_root: str,
@@ -284,15 +327,9 @@ def merge_partition(
     pixel: int,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
-    """Merge a partition's result chunks into its catalog file; returns its row count.
-
-    Rows of an object written twice (a retried task under another chunk name) are kept once.
-    """
-    fs, path = filesystem(chunk_dir(work_root, order, pixel), storage_options)
-    files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
-    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
-    _, first = np.unique(table[Col.OBJECT_ID].to_numpy(), return_index=True)
-    if len(first) != table.num_rows:
-        table = table.take(pa.array(np.sort(first)))
-    write_partition(table, output_root, order, pixel, storage_options)
+    """Merge a partition's result chunks and commit its catalog file; returns its row count."""
+    table = merge_chunks(work_root, order, pixel, storage_options)
+    commit_partition(
+        table, output_root, join_uri(work_root, "commit"), order, pixel, storage_options
+    )
     return table.num_rows

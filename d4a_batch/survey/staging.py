@@ -13,9 +13,15 @@ Per object (a row of ``hats_io.read_partition``; C = the prior's bands):
    outside the cutout or with a bad mask plane are invalid. The bands must share
    a pixel grid (HSC coadds do): the object's offset is taken from the first band.
 
-A problem with any of these (missing or corrupt file, wrong shape, no usable
-pixel in a band, missing PSF, unusable photo-z, object off the cutout) makes
-the object an error record carrying the message; the others are unaffected.
+A problem with any of these (missing, corrupt or truncated file, wrong shape or
+dtype, no usable pixel in a band's stamp, missing PSF, unusable photo-z, object
+off the cutout) makes the object an error record carrying a message that names
+the band, the file and what is wrong (``"cutout g: <uri>: IMAGE has shape (10,)
+(expected 2-D)"``, ``"PSF i: <uri>: cannot open: file not found"``,
+``"photo-z: -0.5 is not positive"``; several joined by ``"; "``); ``stage`` never
+raises, so the other objects are unaffected. A PSF whose stored sum is not 1 or
+whose centroid is off centre is renormalised and kept (``psf_sum``/``psf_centroid``
+let the output flag it PSF_BAD).
 
 Packs: up to ``pack_size`` staged objects of one stamp size in an Arrow table
 with fixed_shape_tensor columns (image, variance [C,H,W] float32, valid [C,H,W]
@@ -41,7 +47,13 @@ import pyarrow.parquet as pq
 from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
 from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
 from d4a_batch.schema import Col
-from d4a_batch.survey.fits_io import HSCCutout, InputError, read_hsc_cutout, read_psf
+from d4a_batch.survey.fits_io import (
+    HSCCutout,
+    InputError,
+    mask_to_valid,
+    read_hsc_cutout,
+    read_psf,
+)
 from d4a_batch.survey.hats_io import (
     INPUT_PHOTOZ_HI,
     INPUT_PHOTOZ_LO,
@@ -84,6 +96,17 @@ class StagedObject:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # image, variance, valid, psf
 
 
+def photoz_error(z: float | None) -> str | None:
+    """Why ``z`` cannot be used as the object's redshift (None when it can)."""
+    if z is None or (isinstance(z, float) and math.isnan(z)):
+        return "photo-z: missing (null or NaN)"
+    if not math.isfinite(z):
+        return f"photo-z: {z} is not finite"
+    if z <= 0:
+        return f"photo-z: {z:g} is not positive"
+    return None
+
+
 def stamp_size(footprint: float, staging: StagingConfig) -> int:
     """Stamp side (HSC pixels) for a model footprint of ``footprint`` pixels."""
     need = math.ceil(footprint) + 2 * staging.psf_margin
@@ -98,7 +121,8 @@ def cut_stamp(
 
     image/variance float32 [size, size] (0 at invalid pixels), valid bool; the stamp's
     corner is the pixel edge nearest to position − size/2, so the object sits at the
-    centre + offset with |offset| ≤ 0.5. Pixels beyond the cutout are invalid.
+    centre + offset with |offset| ≤ 0.5. Pixels beyond the cutout are invalid. Raises
+    ``InputError`` when the object is off the cutout or no stamp pixel is usable.
     """
     px, py = (float(v) for v in cutout.wcs.world_to_pixel_values(ra, dec))
     cy, cx = py + 0.5, px + 0.5  # pixel-edge coordinates
@@ -115,9 +139,31 @@ def cut_stamp(
     variance = np.zeros((size, size), np.float32)
     valid = np.zeros((size, size), bool)
     valid[yd, xd] = cutout.valid(bad_planes)[ys, xs]
+    if not valid.any():
+        raise InputError(uri, _unusable(cutout, ys, xs, size, bad_planes))
     image[yd, xd] = np.where(valid[yd, xd], cutout.image[ys, xs], 0.0)
     variance[yd, xd] = np.where(valid[yd, xd], cutout.variance[ys, xs], 0.0)
     return image, variance, valid, offset
+
+
+def _unusable(
+    cutout: HSCCutout, ys: slice, xs: slice, size: int, bad_planes: tuple[str, ...]
+) -> str:
+    """Why no pixel of a stamp is usable: counts per cause (a pixel may have several)."""
+    image, var, mask = cutout.image[ys, xs], cutout.variance[ys, xs], cutout.mask[ys, xs]
+    finite_var = np.isfinite(var)
+    masked = ~mask_to_valid(mask, cutout.mask_planes, bad_planes)
+    planes = [p for p in bad_planes if p in cutout.mask_planes
+              and np.any(mask & (1 << cutout.mask_planes[p]))]  # fmt: skip
+    causes = {
+        "outside the cutout": size * size - image.size,
+        f"masked ({', '.join(planes)})": int(masked.sum()),
+        "with non-finite IMAGE": int((~np.isfinite(image)).sum()),
+        "with non-finite VARIANCE": int((~finite_var).sum()),
+        "with VARIANCE <= 0": int((finite_var & (var <= 0)).sum()),
+    }
+    why = ", ".join(f"{n} {cause}" for cause, n in causes.items() if n)
+    return f"no usable pixel in the {size}x{size} stamp ({size * size} px: {why})"
 
 
 @dataclass(frozen=True)
@@ -131,25 +177,47 @@ class Stager:
     storage_options: dict[str, Any] | None = None
 
     def _read(self, row: dict[str, Any], column: str, reader):
+        """``(reader(uri, fs), uri)`` for the file named in ``row[column]``; any failure
+        is an ``InputError`` naming the file."""
         uri = row[column]
         if uri is None or uri == "":
             raise InputError(column, "no URI in the catalog")
         uri = resolve_uri(str(uri), self.catalog_root)
-        fs, _ = filesystem(uri, self.storage_options)
-        return reader(uri, fs), uri
+        try:
+            fs, _ = filesystem(uri, self.storage_options)
+            return reader(uri, fs), uri
+        except InputError:
+            raise
+        except Exception as e:  # an odd file must fail its object, not the run
+            raise InputError(uri, f"unexpected {type(e).__name__}: {e}") from e
 
     def stage(self, row: dict[str, Any]) -> StagedObject:
         """Stage one object; any problem is recorded in ``error``, never raised."""
-        bands = self.prior.bands
-        c = len(bands)
+        c = len(self.prior.bands)
         obj = StagedObject(
             ident={k: row[k] for k in IDENTITY},
             psf_sum=np.full(c, np.nan),
             psf_centroid=np.full(c, np.nan),
         )
-        errors: list[str] = []
-        psfs: list[np.ndarray] = []
-        for i, b in enumerate(bands):
+        try:
+            errors = self._psfs(obj, row)
+            z = row[Col.PHOTOZ]
+            if (z_error := photoz_error(z)) is not None:
+                errors.append(z_error)
+            if not errors:
+                self._geometry(obj, float(z))
+                errors = self._cutouts(obj, row)
+        except Exception as e:  # one odd object must not stop a survey run
+            errors = [f"unexpected {type(e).__name__}: {e}"]
+        if errors:
+            obj.error = "; ".join(errors)
+            obj.arrays.clear()
+        return obj
+
+    def _psfs(self, obj: StagedObject, row: dict[str, Any]) -> list[str]:
+        """Read every band's PSF into ``obj``; returns the error messages."""
+        errors, psfs = [], []
+        for i, b in enumerate(self.prior.bands):
             try:
                 stamp, _ = self._read(
                     row, psf_column(b), lambda u, fs: read_psf(u, fs, self.staging.psf_size)
@@ -160,23 +228,9 @@ class Stager:
             obj.psf_sum[i] = stamp.raw_sum
             obj.psf_centroid[i] = math.hypot(*stamp.centroid_offset)
             psfs.append(stamp.array)
-        z = row[Col.PHOTOZ]
-        if z is None or not (math.isfinite(z) and z > 0):
-            errors.append(f"photo-z {z!r} is not a finite positive redshift")
-        if errors:
-            obj.error = "; ".join(errors)
-            return obj
-        try:
-            self._geometry(obj, float(z))
-            self._cutouts(obj, row)
-        except (InputError, ValueError, OSError) as e:
-            obj.error = str(e)
-            return obj
-        except Exception as e:  # one odd object must not stop a survey run
-            obj.error = f"unexpected {type(e).__name__}: {e}"
-            return obj
-        obj.arrays[PSF] = np.stack(psfs).astype(np.float32)
-        return obj
+        if not errors:
+            obj.arrays[PSF] = np.stack(psfs).astype(np.float32)
+        return errors
 
     def _geometry(self, obj: StagedObject, z: float) -> None:
         p, ph = self.prior, self.physics
@@ -189,35 +243,35 @@ class Stager:
         )
         obj.stamp_size = stamp_size(obj.footprint, self.staging)
 
-    def _cutouts(self, obj: StagedObject, row: dict[str, Any]) -> None:
-        size = obj.stamp_size
+    def _cutouts(self, obj: StagedObject, row: dict[str, Any]) -> list[str]:
+        """Cut every band's stamp into ``obj``; returns the error messages."""
+        size, bands = obj.stamp_size, self.prior.bands
         planes: dict[str, list[np.ndarray]] = {IMAGE: [], VARIANCE: [], VALID: []}
-        for b in self.prior.bands:
-            cutout, uri = self._read(row, cutout_column(b), read_hsc_cutout)
-            image, var, valid, off = cut_stamp(
-                cutout, row[Col.RA], row[Col.DEC], size, self.staging.bad_mask_planes, uri
-            )
-            if not valid.any():
-                raise InputError(
-                    uri, f"no usable pixel in the {size}x{size} stamp (all masked or NaN)"
+        offsets: dict[str, tuple[float, float]] = {}
+        errors: list[str] = []
+        for b in bands:
+            try:
+                cutout, uri = self._read(row, cutout_column(b), read_hsc_cutout)
+                image, var, valid, offsets[b] = cut_stamp(
+                    cutout, row[Col.RA], row[Col.DEC], size, self.staging.bad_mask_planes, uri
                 )
-            if (
-                planes[IMAGE]
-                and max(abs(off[0] - obj.offset[0]), abs(off[1] - obj.offset[1]))
-                > BAND_OFFSET_TOLERANCE
-            ):
-                raise InputError(
-                    uri, f"band {b} is not on the pixel grid of band {self.prior.bands[0]}"
-                )
-            if not planes[IMAGE]:
-                obj.offset = off
+                ref = offsets.get(bands[0], offsets[b])
+                if max(abs(u - v) for u, v in zip(offsets[b], ref)) > BAND_OFFSET_TOLERANCE:
+                    raise InputError(uri, f"not on the pixel grid of band {bands[0]}")
+            except InputError as e:
+                errors.append(f"cutout {b}: {e}")
+                continue
             planes[IMAGE].append(image)
             planes[VARIANCE].append(var)
             planes[VALID].append(valid)
+        if errors:
+            return errors
+        obj.offset = offsets[bands[0]]
         obj.arrays[IMAGE] = np.stack(planes[IMAGE])
         obj.arrays[VARIANCE] = np.stack(planes[VARIANCE])
         obj.arrays[VALID] = np.stack(planes[VALID]).astype(np.uint8)
         obj.masked_fraction = float(1.0 - obj.arrays[VALID].mean())
+        return []
 
     def stage_rows(self, rows: list[dict[str, Any]], threads: int = 8) -> list[StagedObject]:
         """Stage rows concurrently (I/O bound: remote reads overlap); order is kept."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import platform
 import tempfile
 import time
@@ -94,7 +95,13 @@ def save_checkpoint_dir(folder: Path, state: dict[str, Any], cfg: TrainConfig) -
 def load_checkpoint_dir(folder: str | Path) -> tuple[dict[str, Any], TrainConfig]:
     """(state, TrainConfig) of a checkpoint folder; tensors only are unpickled."""
     folder = Path(folder)
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"{folder / STATE_FILE}: refusing to load: the checkpoint holds objects other than"
+            " tensors and plain containers (unpickling them could run code)"
+        ) from e
     cfg = from_dict(TrainConfig, json.loads((folder / CONFIG_FILE).read_text()))
     return state, cfg
 

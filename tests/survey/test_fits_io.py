@@ -210,6 +210,15 @@ def _cutout_case(case: str) -> bytes:
         hdus[1] = fits.ImageHDU(
             np.zeros((2, 20, 20), np.float32), header=hdus[1].header, name="IMAGE"
         )
+    elif case == "image_1d":
+        hdus[1] = fits.ImageHDU(np.zeros(400, np.float32), header=hdus[1].header, name="IMAGE")
+    elif case == "image_int16":
+        hdus[1] = fits.ImageHDU(np.zeros((20, 20), np.int16), header=hdus[1].header, name="IMAGE")
+    elif case == "image_table":
+        col = fits.Column(name="pixels", format="20A", array=np.array(["x" * 20] * 20))
+        hdus[1] = fits.BinTableHDU.from_columns([col], name="IMAGE")
+    elif case == "variance_int":
+        hdus[3] = fits.ImageHDU(np.ones((20, 20), np.int32), name="VARIANCE")
     elif case == "image_empty":
         hdus[1] = fits.ImageHDU(None, header=hdus[1].header, name="IMAGE")
     elif case == "float_mask":
@@ -233,14 +242,18 @@ CUTOUT_CASES = {
     "no_mask": (None, "missing HDU MASK"),
     "only_primary": (None, "missing HDU IMAGE"),
     "variance_shape": (None, "VARIANCE has shape (20, 19)"),
-    "image_3d": (None, "IMAGE must hold a 2-D image"),
-    "image_empty": (None, "IMAGE must hold a 2-D image"),
-    "float_mask": (None, "MASK must be integer"),
+    "image_1d": (None, "IMAGE has shape (400,) (expected 2-D)"),
+    "image_3d": (None, "IMAGE has shape (2, 20, 20) (expected 2-D)"),
+    "image_int16": (None, "IMAGE has dtype int16 (expected floating-point)"),
+    "image_table": (None, "IMAGE is a table (BinTableHDU), expected a 2-D floating-point image"),
+    "variance_int": (None, "VARIANCE has dtype int32 (expected floating-point)"),
+    "image_empty": (None, "IMAGE has no data (expected a 2-D image)"),
+    "float_mask": (None, "MASK has dtype float32 (expected integer bit planes)"),
     "mask_bit": (None, "MP_SAT = 40"),
     "mask_dup": (None, "reuses bit 0"),
     "no_wcs": (None, "no celestial WCS"),
     "fluxmag0": (None, "invalid FLUXMAG0"),
-    "truncated_data": (_GOOD[:-2880], "not a readable FITS"),
+    "truncated_data": (_GOOD[:-2880], f"truncated FITS file of {len(_GOOD) - 2880} bytes"),
     "truncated_tail": (_GOOD[:-100], "truncated"),
     "truncated_header": (_GOOD[:5000], "not a readable FITS"),
 }
@@ -260,10 +273,27 @@ def test_malformed_cutout_raises_input_error(case, tmp_path):
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "absent.fits")
-    with pytest.raises(InputError, match=r"absent\.fits: cannot open"):
+    with pytest.raises(InputError, match=r"absent\.fits: cannot open: file not found$"):
         read_hsc_cutout(path)
-    with pytest.raises(InputError, match=r"absent\.fits: cannot open"):
+    with pytest.raises(InputError, match=r"absent\.fits: cannot open: file not found$"):
         read_psf(path)
+
+
+def test_scaled_integer_image_and_odd_extname_are_read(tmp_path):
+    """BSCALE/BZERO int16 pixels are floats once read; a non-string EXTNAME is not an error."""
+    hdus = _good_cutout_hdus()
+    image = np.arange(400, dtype=np.float32).reshape(20, 20) * 0.5 - 3.0
+    hdus[1] = fits.ImageHDU(image.copy(), header=hdus[1].header, name="IMAGE")
+    hdus[1].scale("int16", bscale=0.5, bzero=-3.0)
+    extra = fits.ImageHDU(np.zeros((2, 2), np.float32))
+    extra.header["EXTNAME"] = 7
+    buf = io.BytesIO()
+    fits.HDUList([*hdus, extra]).writeto(buf, output_verify="ignore")
+    path = tmp_path / "scaled.fits"
+    path.write_bytes(buf.getvalue())
+    cut = read_hsc_cutout(str(path))
+    assert cut.image.dtype == np.float32
+    np.testing.assert_array_equal(cut.image, image)
 
 
 PSF_CASES = {
@@ -271,7 +301,7 @@ PSF_CASES = {
     "not_square": (np.ones((43, 41)), "PSF must be 43x43"),
     "nan": (np.where(np.eye(43) > 0, np.nan, 1.0), "43 non-finite pixels"),
     "zero_sum": (np.zeros((43, 43)), "PSF sums to 0.0"),
-    "cube": (np.ones((2, 43, 43)), "PRIMARY must hold a 2-D image"),
+    "cube": (np.ones((2, 43, 43)), "PRIMARY has shape (2, 43, 43) (expected 2-D)"),
 }
 
 
@@ -288,11 +318,11 @@ def test_malformed_psf_raises_input_error(case, tmp_path):
 def test_psf_in_an_extension_or_truncated_is_rejected(tmp_path):
     path = tmp_path / "ext.fits"
     path.write_bytes(_hdul_bytes([fits.PrimaryHDU(), fits.ImageHDU(np.ones((43, 43)))]))
-    with pytest.raises(InputError, match="PRIMARY must hold a 2-D image, got None"):
+    with pytest.raises(InputError, match=r"PRIMARY has no data \(expected a 2-D image\)"):
         read_psf(str(path))
     good = _hdul_bytes([fits.PrimaryHDU(np.ones((43, 43), np.float32))])
     path.write_bytes(good[: len(good) - 1000])
-    with pytest.raises(InputError, match=r"truncated|not a readable"):
+    with pytest.raises(InputError, match=r"truncated FITS file"):
         read_psf(str(path))
 
 

@@ -108,10 +108,10 @@ def test_error_records_become_error_rows_with_input_flags(packs):
     row = t.drop_columns(
         [Col.MEAN_X, Col.STD_X, Col.MEAN_FLUX, Col.STD_FLUX, Col.VARIANCE_RATIO]
     ).to_pylist()[0]
-    assert row[Col.STATUS] == Status.ERROR and "photo-z nan" in row[Col.MESSAGE]
+    assert row[Col.STATUS] == Status.ERROR and "photo-z: missing" in row[Col.MESSAGE]
     assert row[Col.FLAGS] == Flag.INPUT_ERROR | Flag.PHOTOZ_BAD
     assert row[Col.FLAG_NAMES] == "PHOTOZ_BAD|INPUT_ERROR"
-    assert "INPUT_ERROR: input error: photo-z nan" in row[Col.FLAG_REASONS]
+    assert "INPUT_ERROR: input error: photo-z: missing" in row[Col.FLAG_REASONS]
     assert np.isnan(row[Col.HALLUCINATION]) and np.isnan(row[band_col(Col.FLUX, "i")])
     assert np.isnan(tensor_numpy(t[Col.MEAN_FLUX])).all()
     assert row[Col.RUN_ID] == "run-1" and row[Col.PRIOR_HASH] == "ab" * 32

@@ -1,21 +1,28 @@
 from __future__ import annotations
 
+import io
 import math
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
 from d4a_batch.config import ColumnMap, PhysicsConfig, StagingConfig
-from d4a_batch.schema import Col
+from d4a_batch.schema import Col, Flag
 from d4a_batch.survey.fits_io import (
     HSC_MASK_PLANES,
     HSCCutout,
     hsc_tan_wcs,
     read_hsc_cutout,
-    write_hsc_cutout,
     write_psf,
 )
 from d4a_batch.survey.hats_io import cutout_column, open_input_catalog, psf_column, read_partition
@@ -134,40 +141,213 @@ def test_stager_cuts_stamps_that_match_the_files_and_the_truth(tiny_survey):
     assert len(cat.partitions) >= 2
 
 
+# --------------------------------------------------------------------------- bad inputs
+@dataclass(frozen=True)
+class BadInput:
+    """One kind of bad input: the band it hits, the status message (a regex, ``{file}``
+    standing for the broken file; None: status ok), the flags it must raise and, for
+    status ok, a regex for its flag reasons."""
+
+    band: str | None
+    message: str | None
+    flags: Flag
+    reason: str | None = None
+
+    def message_regex(self, row: dict[str, Any]) -> str:
+        column = psf_column if self.message.startswith("PSF") else cutout_column
+        file = r"\S*" + re.escape(row[column(self.band)]) if self.band else ""
+        return self.message.replace("{file}", file)
+
+
+PSF_SCALE, PSF_SHIFT = 1.7, 3
+STAMP_NOT_USABLE = (
+    r"no usable pixel in the (\d+)x\1 stamp \((\d+) px: (\d+ masked \([A-Z_, ]+\), )?"
+)
+ERR, PSF_ERR, Z_ERR = (
+    Flag.INPUT_ERROR,
+    Flag.INPUT_ERROR | Flag.PSF_BAD,
+    Flag.INPUT_ERROR | Flag.PHOTOZ_BAD,
+)
+BAD_INPUTS: dict[str, BadInput] = {
+    "missing_cutout": BadInput("g", r"cutout g: {file}: cannot open: file not found", ERR),
+    "corrupt_fits": BadInput(
+        "r", r"cutout r: {file}: not a readable FITS file \(OSError: No SIMPLE card found.*\)", ERR
+    ),
+    "truncated_fits": BadInput(
+        "i", r"cutout i: {file}: truncated FITS file of \d+ bytes \(.*truncated.*\)", ERR
+    ),
+    "image_1d": BadInput("g", r"cutout g: {file}: IMAGE has shape \(4096,\) \(expected 2-D\)", ERR),
+    "image_3d": BadInput(
+        "r", r"cutout r: {file}: IMAGE has shape \(2, 64, 64\) \(expected 2-D\)", ERR
+    ),
+    "image_int16": BadInput(
+        "i", r"cutout i: {file}: IMAGE has dtype int16 \(expected floating-point\)", ERR
+    ),
+    "image_strings": BadInput(
+        "g",
+        r"cutout g: {file}: IMAGE is a table \(BinTableHDU\), expected a 2-D floating-point image",
+        ERR,
+    ),
+    "all_nan": BadInput(
+        "r", rf"cutout r: {{file}}: {STAMP_NOT_USABLE}\2 with non-finite IMAGE\)", ERR
+    ),
+    "all_masked": BadInput(
+        "i",
+        r"cutout i: {file}: no usable pixel in the (\d+)x\1 stamp \((\d+) px: "
+        r"\2 masked \(BAD[A-Z_, ]*, NO_DATA[A-Z_, ]*\)\)",
+        ERR,
+    ),
+    "variance_not_positive": BadInput(
+        "g", rf"cutout g: {{file}}: {STAMP_NOT_USABLE}\2 with VARIANCE <= 0\)", ERR
+    ),
+    "missing_psf": BadInput("r", r"PSF r: {file}: cannot open: file not found", PSF_ERR),
+    "psf_not_normalised": BadInput(
+        "g", None, Flag.PSF_BAD, rf"PSF_BAD: g: PSF sum {PSF_SCALE} renormalised to 1"
+    ),
+    "psf_off_centre": BadInput(
+        "i", None, Flag.PSF_BAD, rf"PSF_BAD: i: PSF centroid {PSF_SHIFT}(\.\d+)? px off centre"
+    ),
+    "photoz_null": BadInput(None, r"photo-z: missing \(null or NaN\)", Z_ERR),
+    "photoz_nan": BadInput(None, r"photo-z: missing \(null or NaN\)", Z_ERR),
+    "photoz_negative": BadInput(None, r"photo-z: -0\.3 is not positive", Z_ERR),
+}
+
+
+def _rewrite_fits(path: Path, edit: Callable[[fits.HDUList], None]) -> None:
+    """Apply ``edit`` to the HDUs of a FITS file and write it back."""
+    hdul = fits.open(io.BytesIO(path.read_bytes()), memmap=False)
+    edit(hdul)
+    hdul.writeto(path, overwrite=True)
+
+
+def _edit_cutout(hdul: fits.HDUList, case: str) -> None:
+    """Break a cutout's HDUs in place (HDU1 is IMAGE)."""
+    image, header = hdul[1].data, hdul[1].header
+    if case == "image_1d":
+        hdul[1] = fits.ImageHDU(image.ravel(), header=header, name="IMAGE")
+    elif case == "image_3d":
+        hdul[1] = fits.ImageHDU(np.stack([image, image]), header=header, name="IMAGE")
+    elif case == "image_int16":
+        hdul[1].data = np.round(image * 100).astype(np.int16)
+    elif case == "image_strings":
+        h, w = image.shape
+        col = fits.Column(name="pixels", format=f"{w}A", array=np.array(["x" * w] * h))
+        hdul[1] = fits.BinTableHDU.from_columns([col], name="IMAGE")
+    elif case == "all_nan":
+        hdul[1].data = np.full_like(image, np.nan)
+    elif case == "all_masked":
+        hdul["MASK"].data |= (1 << HSC_MASK_PLANES["BAD"]) | (1 << HSC_MASK_PLANES["NO_DATA"])
+    elif case == "variance_not_positive":
+        var = hdul["VARIANCE"].data
+        var[:, : var.shape[1] // 2] = 0.0
+        var[:, var.shape[1] // 2 :] = -1.0
+    else:
+        raise ValueError(case)
+
+
+def _set_photoz(root: Path, object_id: int, z: float | None) -> None:
+    """Set one object's photo-z (None: null) in its partition file."""
+    column = ColumnMap().photoz
+    for part in open_input_catalog(str(root)).partitions:
+        t = pq.read_table(part.uri)
+        hit = pc.equal(t[ColumnMap().object_id], object_id)
+        if pc.any(hit).as_py():
+            col = pc.if_else(hit, pa.scalar(z, pa.float64()), t[column])
+            pq.write_table(t.set_column(t.schema.get_field_index(column), column, col), part.uri)
+
+
+def break_object(root: Path, row: dict[str, Any], case: str) -> None:
+    """Break one object (a ``read_partition`` row) of a survey copy as ``BAD_INPUTS[case]`` says."""
+    band = BAD_INPUTS[case].band
+    cutout = root / row[cutout_column(band)] if band else None
+    psf = root / row[psf_column(band)] if band else None
+    if case == "missing_cutout":
+        cutout.unlink()
+    elif case == "corrupt_fits":
+        cutout.write_bytes(b"not a FITS file at all\n" * 200)
+    elif case == "truncated_fits":
+        data = cutout.read_bytes()
+        cutout.write_bytes(data[: len(data) // 2])
+    elif case == "missing_psf":
+        psf.unlink()
+    elif case == "psf_not_normalised":
+        _rewrite_fits(psf, lambda h: setattr(h[0], "data", h[0].data * PSF_SCALE))
+    elif case == "psf_off_centre":
+        _rewrite_fits(psf, lambda h: setattr(h[0], "data", np.roll(h[0].data, PSF_SHIFT, 0)))
+    elif case.startswith("photoz_"):
+        z = {"photoz_null": None, "photoz_nan": math.nan, "photoz_negative": -0.3}[case]
+        _set_photoz(root, row[Col.OBJECT_ID], z)
+    else:
+        _rewrite_fits(cutout, lambda h: _edit_cutout(h, case))
+
+
 @pytest.fixture
-def broken_copy(tiny_survey, tmp_path):
+def survey_copy(tiny_survey, tmp_path):
     root = tmp_path / "survey"
     shutil.copytree(tiny_survey, root)
     return root
 
 
-def test_bad_input_becomes_an_error_record_naming_the_problem(broken_copy):
-    root = broken_copy
-    _, rows = _rows(root)
-    stager = _stager(root)
-    a, b, c, d, e, f, g = rows[:7]
-    (root / a[cutout_column("g")]).unlink()  # missing cutout
-    (root / b[cutout_column("r")]).write_bytes(b"SIMPLE  = T" + b"\0" * 100)  # corrupt FITS
-    (root / c[psf_column("i")]).unlink()  # missing PSF
-    d[Col.PHOTOZ] = math.nan  # missing photo-z
-    cut = read_hsc_cutout(str(root / e[cutout_column("i")]))
-    bad = np.full(cut.mask.shape, 1 << HSC_MASK_PLANES["BAD"], np.int32)
-    write_hsc_cutout(str(root / e[cutout_column("i")]), cut.image, bad, cut.variance, cut.wcs)
-    write_psf(str(root / f[psf_column("g")]), np.ones((41, 41)) / 41**2)  # wrong shape
-    g[Col.RA] += 1.0  # the object is not on its cutouts
-    objs = [stager.stage(r) for r in (a, b, c, d, e, f, g)]
-    msgs = [o.error for o in objs]
-    assert "cannot open" in msgs[0] and a[cutout_column("g")].split("/")[-1] in msgs[0]
-    assert "not a readable FITS file" in msgs[1] or "truncated" in msgs[1]
-    assert msgs[2].startswith("PSF i:")
-    assert np.isnan(objs[2].psf_sum[2]) and np.all(np.isfinite(objs[2].psf_sum[:2]))
-    assert "photo-z nan" in msgs[3]
-    assert "no usable pixel" in msgs[4]
-    assert "PSF must be 43x43" in msgs[5]
-    assert "outside the" in msgs[6]
-    assert all(o.arrays == {} or o.error for o in objs)
-    # the good rows are unaffected
-    assert all(o.error is None for o in stager.stage_rows(rows[7:], threads=2))
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_each_bad_input_fails_or_flags_only_its_object(case, tiny_survey, survey_copy):
+    """The broken object gets a precise message (or a flaggable PSF), the others are untouched."""
+    _, clean_rows = _rows(tiny_survey)
+    k = 3  # the object to break
+    break_object(survey_copy, clean_rows[k], case)
+    _, rows = _rows(survey_copy)
+    assert [r[Col.OBJECT_ID] for r in rows] == [r[Col.OBJECT_ID] for r in clean_rows]
+    objs = _stager(survey_copy).stage_rows(rows, threads=2)
+    clean = _stager(tiny_survey).stage(clean_rows[k])
+    bad, spec = objs[k], BAD_INPUTS[case]
+    assert all(o.error is None for i, o in enumerate(objs) if i != k)
+    if spec.message is None:
+        assert bad.error is None and bad.arrays[IMAGE].shape == clean.arrays[IMAGE].shape
+        c = BANDS.index(spec.band)
+        np.testing.assert_allclose(bad.arrays[PSF].sum((1, 2)), 1.0, rtol=1e-5)
+        if case == "psf_not_normalised":  # renormalised: the same PSF as before, stored sum kept
+            assert bad.psf_sum[c] == pytest.approx(PSF_SCALE * clean.psf_sum[c], rel=1e-12)
+            np.testing.assert_allclose(bad.arrays[PSF], clean.arrays[PSF], rtol=1e-6)
+        else:  # kept as it is, off centre by the shift
+            np.testing.assert_array_equal(
+                bad.arrays[PSF][c], np.roll(clean.arrays[PSF][c], PSF_SHIFT, axis=0)
+            )
+            assert bad.psf_centroid[c] == pytest.approx(PSF_SHIFT, abs=0.1)
+            assert clean.psf_centroid[c] < 0.1
+        return
+    assert re.fullmatch(spec.message_regex(clean_rows[k]), bad.error), bad.error
+    assert bad.arrays == {} and math.isnan(bad.masked_fraction)
+    missing = np.array([b == spec.band and case == "missing_psf" for b in BANDS])
+    assert np.array_equal(np.isnan(bad.psf_sum), missing)  # PSFs are read before cutouts
+    np.testing.assert_allclose(bad.psf_sum[~missing], clean.psf_sum[~missing])
+
+
+def test_stager_reports_every_broken_band_and_other_problems(survey_copy):
+    _, rows = _rows(survey_copy)
+    a, b, c = rows[:3]
+    (survey_copy / a[cutout_column("g")]).unlink()
+    (survey_copy / a[cutout_column("i")]).write_bytes(b"junk" * 1000)
+    write_psf(str(survey_copy / b[psf_column("g")]), np.ones((41, 41)) / 41**2)
+    (survey_copy / b[psf_column("i")]).unlink()
+    c[Col.RA] += 1.0  # the object is not on its cutouts
+    stager = _stager(survey_copy)
+    msgs = [stager.stage(r).error for r in (a, b, c)]
+    one, two = msgs[0].split("; ")
+    assert one.startswith("cutout g: ") and "file not found" in one
+    assert two.startswith("cutout i: ") and "not a readable FITS file" in two
+    one, two = msgs[1].split("; ")
+    assert one.startswith("PSF g: ") and one.endswith("PSF must be 43x43, got shape (41, 41)")
+    assert two.startswith("PSF i: ") and two.endswith("cannot open: file not found")
+    assert all(f"cutout {x}: " in msgs[2] and "lies outside the 64x64 cutout" in msgs[2]
+               for x in BANDS)  # fmt: skip
+    # no URI, a photo-z of the wrong type: error records, never an exception
+    no_uri = stager.stage(dict(rows[3], **{psf_column("r"): None})).error
+    assert no_uri == f"PSF r: {psf_column('r')}: no URI in the catalog"
+    assert stager.stage(dict(rows[3], **{Col.PHOTOZ: "0.5"})).error.startswith(
+        "unexpected TypeError"
+    )
+    assert (
+        stager.stage(dict(rows[3], **{Col.PHOTOZ: math.inf})).error == "photo-z: inf is not finite"
+    )
 
 
 def test_packs_group_by_stamp_size_and_round_trip_through_parquet(tiny_survey):

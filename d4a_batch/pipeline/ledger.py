@@ -1,0 +1,264 @@
+"""The run ledger: what each run did to each output partition, kept next to the catalog.
+
+Layout (JSON files, written once each, so it works the same on local disks and S3):
+
+    <output>/_d4a_ledger/runs/<run_id>.json                  one per run (start, then end)
+    <output>/_d4a_ledger/partitions/<run_id>/<k>-<p>.json    one per partition a run handled
+
+A partition's state is its newest record (run ids sort by start time). A re-run
+skips a partition whose newest record is ``ok`` with the same input fingerprint,
+prior hash and config hash; everything else is (re)processed, and the reason is
+recorded. Runs that died leave a run record with status ``running``; :func:`list_runs`
+shows them as interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from d4a_batch.config import ColumnMap
+from d4a_batch.schema import LEDGER_DIR
+from d4a_batch.survey.hats_io import Partition, cutout_column, input_column_names, psf_column
+from d4a_batch.survey.storage import filesystem, join_uri, resolve_uri
+
+OK = "ok"
+FAILED = "failed"
+RUNNING = "running"
+
+# why a partition is (re)processed
+NEW = "new partition"
+INPUT_CHANGED = "input changed"
+PRIOR_CHANGED = "prior changed"
+CONFIG_CHANGED = "config changed"
+RETRY = "previous attempt failed"
+FORCED = "forced"
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """What one run did to one partition."""
+
+    order: int
+    pixel: int
+    run_id: str
+    status: str  # OK | FAILED
+    fingerprint: str
+    prior_hash: str
+    config_hash: str
+    rows: int = 0
+    n_ok: int = 0
+    n_error: int = 0
+    n_flagged: int = 0
+    reason: str = ""  # why it was processed
+    message: str = ""  # the failure, when status is FAILED
+    seconds: float = 0.0  # from the run's start to the commit
+    committed_utc: str = ""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.order, self.pixel)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run: what it was asked to do and, once finished, what it did."""
+
+    run_id: str
+    created_utc: str
+    catalog: str
+    prior_id: str
+    prior_hash: str
+    config_hash: str
+    code_version: str
+    status: str = RUNNING  # RUNNING until the run ends (stays so if it was killed)
+    finished_utc: str = ""
+    processed: dict[str, str] = field(default_factory=dict)  # "k/p" -> reason
+    skipped: list[str] = field(default_factory=list)  # up to date
+    failed: dict[str, str] = field(default_factory=dict)  # "k/p" -> message
+    objects: int = 0
+    seconds: float = 0.0
+
+
+def pixel_name(order: int, pixel: int) -> str:
+    return f"{order}/{pixel}"
+
+
+def parse_pixel(text: str) -> tuple[int, int]:
+    """``"k/p"`` -> (k, p); the form ``--partitions`` takes and the ledger shows."""
+    try:
+        order, pixel = text.strip().split("/")
+        return int(order), int(pixel)
+    except ValueError:
+        raise ValueError(
+            f"partition {text!r} is not of the form ORDER/PIXEL, e.g. 7/12345"
+        ) from None
+
+
+# --------------------------------------------------------------------------- fingerprints
+def partition_fingerprint(
+    part: Partition,
+    columns: ColumnMap,
+    bands: tuple[str, ...],
+    catalog_root: str,
+    limit: int,
+    storage_options: dict[str, Any] | None = None,
+    threads: int = 16,
+) -> tuple[str, int]:
+    """(fingerprint, rows used) of an input partition and the files its rows point to.
+
+    The partition file is hashed by content; each cutout and PSF file by URI, size and
+    ETag or modification time (what the store reports, without reading it). ``limit``
+    (-1: none) is part of the fingerprint: a run on the first N rows does not stand
+    for the whole partition. Raises when the partition file cannot be read.
+    """
+    fs, path = filesystem(part.uri, storage_options)
+    h = hashlib.sha256()
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.isdir(path) else [path]
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    names = input_column_names(columns, bands)
+    uri_cols = [names[k(b)] for b in bands for k in (cutout_column, psf_column)]
+    table = pq.ParquetDataset(path, filesystem=fs).read(columns=uri_cols)
+    n = table.num_rows if limit < 0 else min(limit, table.num_rows)
+    h.update(f"rows={n}".encode())
+    uris = sorted(
+        {str(u) for c in uri_cols for u in table[c].slice(0, n).to_pylist() if u is not None}
+    )
+
+    def stamp(u: str) -> str:
+        full = resolve_uri(u, catalog_root)
+        try:
+            ffs, fpath = filesystem(full, storage_options)
+            info = ffs.info(fpath)
+        except (FileNotFoundError, OSError):
+            return f"{u}:missing"
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        return f"{u}:{info.get('size')}:{version}"
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for s in pool.map(stamp, uris):
+            h.update(s.encode())
+    return h.hexdigest(), n
+
+
+# --------------------------------------------------------------------------- the ledger
+class Ledger:
+    """Reads and writes the ledger of the output catalog at ``output``."""
+
+    def __init__(self, output: str, storage_options: dict[str, Any] | None = None):
+        self.root = join_uri(output, LEDGER_DIR)
+        self.storage_options = storage_options
+        self.fs, self.path = filesystem(self.root, storage_options)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def _write(self, rel: str, doc: dict[str, Any]) -> None:
+        path = f"{self.path}/{rel}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp"
+        with self.fs.open(tmp, "w") as f:
+            f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        self.fs.mv(tmp, path)
+
+    def _read_all(self, rel: str) -> list[dict[str, Any]]:
+        base = f"{self.path}/{rel}"
+        if not self.fs.exists(base):
+            return []
+        files = sorted(f for f in self.fs.find(base) if f.endswith(".json"))
+        out = []
+        for f in files:
+            with self.fs.open(f, "r") as fh:
+                out.append(json.load(fh))
+        return out
+
+    def write_run(self, record: RunRecord) -> None:
+        self._write(f"runs/{record.run_id}.json", asdict(record))
+
+    def write_partition(self, record: PartitionRecord) -> None:
+        name = f"partitions/{record.run_id}/{record.order}-{record.pixel}.json"
+        self._write(name, asdict(record))
+
+    def runs(self) -> list[RunRecord]:
+        """Every run, oldest first."""
+        return sorted((RunRecord(**d) for d in self._read_all("runs")), key=lambda r: r.run_id)
+
+    def partition_records(self) -> list[PartitionRecord]:
+        """Every partition record, oldest run first."""
+        recs = [PartitionRecord(**d) for d in self._read_all("partitions")]
+        return sorted(recs, key=lambda r: (r.run_id, r.order, r.pixel))
+
+    def state(self) -> dict[tuple[int, int], PartitionRecord]:
+        """The newest record of each partition."""
+        return {r.key: r for r in self.partition_records()}
+
+
+def plan(
+    state: dict[tuple[int, int], PartitionRecord],
+    fingerprints: dict[tuple[int, int], str],
+    prior_hash: str,
+    config_hash: str,
+    force: bool = False,
+) -> tuple[dict[tuple[int, int], str], list[tuple[int, int]]]:
+    """Split partitions into ({key: reason to process}, [up-to-date keys])."""
+    todo: dict[tuple[int, int], str] = {}
+    done: list[tuple[int, int]] = []
+    for key, fp in sorted(fingerprints.items()):
+        rec = state.get(key)
+        if force:
+            todo[key] = FORCED
+        elif rec is None:
+            todo[key] = NEW
+        elif rec.status != OK:
+            todo[key] = RETRY
+        elif rec.fingerprint != fp:
+            todo[key] = INPUT_CHANGED
+        elif rec.prior_hash != prior_hash:
+            todo[key] = PRIOR_CHANGED
+        elif rec.config_hash != config_hash:
+            todo[key] = CONFIG_CHANGED
+        else:
+            done.append(key)
+    return todo, done
+
+
+def describe_runs(output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A table of the runs on ``output`` and what each changed (the ``list_runs`` command)."""
+    ledger = Ledger(output, storage_options)
+    if not ledger.exists():
+        return f"no run ledger under {output}"
+    lines = []
+    prev: RunRecord | None = None
+    for run in ledger.runs():
+        status = "interrupted (no end record)" if run.status == RUNNING else run.status
+        lines.append(
+            f"{run.run_id}  {status}  prior {run.prior_id} ({run.prior_hash[:12]})  "
+            f"config {run.config_hash[:12]}  code {run.code_version}  {run.objects} objects"
+            f"  {run.seconds:.0f} s"
+        )
+        changes = []
+        if prev is not None and prev.prior_hash != run.prior_hash:
+            changes.append(f"prior {prev.prior_hash[:12]} -> {run.prior_hash[:12]}")
+        if prev is not None and prev.config_hash != run.config_hash:
+            changes.append(f"config {prev.config_hash[:12]} -> {run.config_hash[:12]}")
+        if changes:
+            lines.append("    changed: " + "; ".join(changes))
+        by_reason: dict[str, list[str]] = {}
+        for pix, reason in run.processed.items():
+            by_reason.setdefault(reason, []).append(pix)
+        for reason, pixels in sorted(by_reason.items()):
+            lines.append(f"    processed ({reason}): {', '.join(pixels)}")
+        if run.skipped:
+            lines.append(f"    up to date, skipped: {len(run.skipped)} partitions")
+        for pix, msg in run.failed.items():
+            lines.append(f"    FAILED {pix}: {msg}")
+        prev = run
+    return "\n".join(lines)

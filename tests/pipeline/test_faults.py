@@ -1,0 +1,169 @@
+"""Real process kills during a run: a sampling actor, then the driver itself.
+
+The catalog in the end must hold exactly one row per input object, with no
+duplicates, whatever was killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from d4a_batch.config import RunConfig, SamplerConfig
+from d4a_batch.mock.survey import build_mock_survey
+from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+from d4a_batch.pipeline.ledger import OK, RUNNING, Ledger, describe_runs, pixel_name
+from d4a_batch.schema import LEDGER_DIR, REPO_ROOT, Col, Status
+from d4a_batch.survey.hats_io import open_input_catalog
+from tests.survey.fixtures import tiny_survey_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+N_OBJECTS = 16
+STEPS = 60  # long enough that a kill lands while batches are being sampled
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    cfg = dataclasses.replace(tiny_survey_config(N_OBJECTS), partition_rows=5)
+    return build_mock_survey(tmp_path_factory.mktemp("faults") / "survey", cfg)
+
+
+def _input_ids(root) -> list[int]:
+    cat = open_input_catalog(str(root))
+    return sorted(i for p in cat.partitions for i in pq.read_table(p.uri)["object_id"].to_pylist())
+
+
+def _committed(out) -> int:
+    return len(list((out / LEDGER_DIR / "partitions").rglob("*.json")))
+
+
+def _sampling_actor_pids() -> list[int]:
+    """PIDs of the sampling actors of this test's Ray cluster (children of its raylet)."""
+    import ray
+
+    flag = f"--gcs-address={ray.get_runtime_context().gcs_address}"
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("raylet") and flag in cmd:
+            pids = []
+            for c in p.children(recursive=True):
+                try:
+                    if "MapWorker(MapBatches(DeconvolveActor))" in " ".join(c.cmdline()):
+                        pids.append(c.pid)
+                except psutil.Error:  # exited meanwhile
+                    pass
+            return pids
+    return []
+
+
+def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
+    ray_local, survey, tiny_prior, tmp_path
+):
+    out = tmp_path / "out"
+    config = RunConfig(sampler=SamplerConfig(steps=STEPS, samples=2), write_maps=False)
+    options = ExecutionOptions(batch_size=2, progress_interval_s=0.0)
+    result: dict = {}
+
+    def run():
+        try:
+            result["summary"] = run_survey(str(survey), str(out), str(tiny_prior), config, options)
+        except BaseException as e:  # reported by the test below
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    pids: list[int] = []
+    while not pids and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.5)
+        pids = _sampling_actor_pids()
+    assert pids, "no sampling actor appeared"
+    time.sleep(3.0)  # the actors have loaded the prior and are sampling
+    committed_at_kill = _committed(out)
+    running_at_kill = thread.is_alive()
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert running_at_kill and not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    n_parts = len(open_input_catalog(str(survey)).partitions)
+    assert committed_at_kill < n_parts  # the kill landed before the run was done
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+    df = pd.read_parquet(out / "dataset")
+    assert sorted(df.object_id) == _input_ids(survey) and df.object_id.is_unique
+    assert (df[Col.STATUS] == Status.OK).all()
+    assert result["summary"].failed_partitions == {}
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (the driver and the Ray it started)."""
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                os.kill(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+
+
+def test_a_killed_driver_resumes_from_the_ledger(ray_local, survey, tiny_prior, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--catalog", str(survey), "--output", str(out), "--prior", str(tiny_prior)]
+    argv += ["--steps", str(STEPS), "--samples", "2", "--batch-size", "2", "--no-maps"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/deconvolve_survey.py", *argv, "--num-cpus", "2"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while _committed(out) == 0 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be killed"
+        assert _committed(out) > 0, "no partition was committed in time"
+    finally:
+        _kill_session(driver.pid)
+        driver.wait(timeout=60)
+    time.sleep(1.0)
+    _kill_session(driver.pid)  # anything the driver's Ray started late
+    n_parts = len(open_input_catalog(str(survey)).partitions)
+    first = Ledger(str(out)).runs()
+    assert len(first) == 1 and first[0].status == RUNNING  # it never finished
+    done_before = {pixel_name(*k) for k, r in Ledger(str(out)).state().items() if r.status == OK}
+    assert 0 < len(done_before) < n_parts
+
+    # the same command again (on the test's Ray cluster): it does only what is left
+    spec = importlib.util.spec_from_file_location(
+        "d4a_job", REPO_ROOT / "jobs/deconvolve_survey.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(argv) == 0
+    runs = Ledger(str(out)).runs()
+    assert len(runs) == 2 and runs[1].status == OK
+    assert set(runs[1].skipped) == done_before
+    assert (
+        set(runs[1].processed)
+        == {pixel_name(p.order, p.pixel) for p in open_input_catalog(str(survey)).partitions}
+        - done_before
+    )
+    df = pd.read_parquet(out / "dataset")
+    assert sorted(df.object_id) == _input_ids(survey) and df.object_id.is_unique
+    assert (df[Col.STATUS] == Status.OK).all()
+    assert set(df[Col.RUN_ID]) == {runs[0].run_id, runs[1].run_id}
+    assert not (out / "_d4a_work").exists()
+    assert "interrupted" in describe_runs(str(out)).splitlines()[0]

@@ -1,0 +1,152 @@
+"""The run ledger without Ray: fingerprints, the skip/process plan, records, the run listing."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+
+from d4a_batch.config import ColumnMap
+from d4a_batch.pipeline.ledger import (
+    CONFIG_CHANGED,
+    FAILED,
+    FORCED,
+    INPUT_CHANGED,
+    NEW,
+    OK,
+    PRIOR_CHANGED,
+    RETRY,
+    Ledger,
+    PartitionRecord,
+    RunRecord,
+    describe_runs,
+    parse_pixel,
+    partition_fingerprint,
+    plan,
+)
+from d4a_batch.survey.hats_io import open_input_catalog
+
+BANDS = ("g", "r", "i")
+
+
+def _record(order=5, pixel=1, status=OK, fp="fp", prior="P", config="C", run="20260101T000000Z-a"):
+    return PartitionRecord(order, pixel, run, status, fp, prior, config, rows=3, n_ok=3)
+
+
+def test_plan_gives_each_partition_its_reason():
+    state = {
+        (5, 1): _record(5, 1),
+        (5, 2): _record(5, 2, fp="old"),
+        (5, 3): _record(5, 3, prior="Q"),
+        (5, 4): _record(5, 4, config="D"),
+        (5, 5): _record(5, 5, status=FAILED),
+    }
+    fps = {(5, k): "fp" for k in range(1, 7)}
+    todo, done = plan(state, fps, "P", "C")
+    assert done == [(5, 1)]
+    assert todo == {
+        (5, 2): INPUT_CHANGED,
+        (5, 3): PRIOR_CHANGED,
+        (5, 4): CONFIG_CHANGED,
+        (5, 5): RETRY,
+        (5, 6): NEW,
+    }
+    todo, done = plan(state, fps, "P", "C", force=True)
+    assert done == [] and set(todo.values()) == {FORCED}
+
+
+def test_newest_record_of_a_partition_wins(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    assert not ledger.exists() and ledger.state() == {}
+    ledger.write_partition(_record(run="20260101T000000Z-a", fp="one"))
+    ledger.write_partition(_record(run="20260102T000000Z-b", fp="two", status=FAILED))
+    ledger.write_partition(_record(pixel=2, run="20260101T000000Z-a"))
+    state = ledger.state()
+    assert ledger.exists() and set(state) == {(5, 1), (5, 2)}
+    assert state[(5, 1)].fingerprint == "two" and state[(5, 1)].status == FAILED
+    # no temporary files are left beside the records
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_fingerprint_follows_the_partition_its_files_and_the_limit(tiny_survey, tmp_path):
+    root = tmp_path / "survey"
+    shutil.copytree(tiny_survey, root)
+    cat = open_input_catalog(str(root))
+    part = cat.partitions[0]
+
+    def fp(limit=-1):
+        return partition_fingerprint(part, ColumnMap(), BANDS, cat.root, limit)
+
+    base, n = fp()
+    assert n == pq.read_metadata(part.uri).num_rows and fp() == (base, n)
+    assert fp(limit=1) == (fp(limit=1)[0], 1) and fp(limit=1)[0] != base
+    # a cutout of this partition is rewritten with other pixels: the fingerprint changes
+    uri = pq.read_table(part.uri, columns=["r_cutout_uri"])["r_cutout_uri"][0].as_py()
+    with fits.open(root / uri) as hdul:
+        hdul[1].data = hdul[1].data + np.float32(1.0)
+        hdul.writeto(root / "tmp.fits")
+    (root / "tmp.fits").replace(root / uri)
+    changed, _ = fp()
+    assert changed != base
+    # a cutout of another partition does not change this one
+    other = cat.partitions[1]
+    uri2 = pq.read_table(other.uri, columns=["g_cutout_uri"])["g_cutout_uri"][0].as_py()
+    (root / uri2).write_bytes((root / uri2).read_bytes() + b"\0" * 2880)
+    assert fp()[0] == changed
+    # the partition file itself: content, not its name or time
+    t = pq.read_table(part.uri)
+    pq.write_table(t.slice(0, t.num_rows - 1), part.uri)
+    assert fp()[0] not in (base, changed)
+
+
+def test_a_missing_cutout_file_is_part_of_the_fingerprint(tiny_survey, tmp_path):
+    root = tmp_path / "survey"
+    shutil.copytree(tiny_survey, root)
+    cat = open_input_catalog(str(root))
+    part = cat.partitions[0]
+    before, _ = partition_fingerprint(part, ColumnMap(), BANDS, cat.root, -1)
+    uri = pq.read_table(part.uri, columns=["i_psf_uri"])["i_psf_uri"][0].as_py()
+    (root / uri).unlink()
+    after, _ = partition_fingerprint(part, ColumnMap(), BANDS, cat.root, -1)
+    assert after != before
+
+
+def test_an_unreadable_partition_raises(tmp_path, tiny_survey):
+    root = tmp_path / "survey"
+    shutil.copytree(tiny_survey, root)
+    cat = open_input_catalog(str(root))
+    part = cat.partitions[0]
+    with open(part.uri, "wb") as f:
+        f.write(b"PAR1 this is not parquet")
+    with pytest.raises(Exception, match=r"(?i)parquet|magic"):
+        partition_fingerprint(part, ColumnMap(), BANDS, cat.root, -1)
+
+
+def test_run_listing_says_what_changed(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    first = RunRecord("20260101T000000Z-a", "t1", "cat", "demo", "P" * 64, "C" * 64, "0.1.0")
+    ledger.write_run(first)  # never finished: interrupted
+    ledger.write_run(
+        RunRecord(
+            "20260102T000000Z-b", "t2", "cat", "demo", "Q" * 64, "C" * 64, "0.1.0",
+            status=OK, processed={"5/1": PRIOR_CHANGED, "5/2": PRIOR_CHANGED},
+            skipped=["5/3"], failed={"5/4": "cannot read partition"}, objects=6,
+        )
+    )  # fmt: skip
+    text = describe_runs(str(tmp_path / "out"))
+    lines = text.splitlines()
+    assert "20260101T000000Z-a" in lines[0] and "interrupted" in lines[0]
+    assert any("prior PPPPPPPPPPPP -> QQQQQQQQQQQQ" in line for line in lines)
+    assert any("processed (prior changed): 5/1, 5/2" in line for line in lines)
+    assert any("skipped: 1 partitions" in line for line in lines)
+    assert any("FAILED 5/4: cannot read partition" in line for line in lines)
+    assert "no run ledger" in describe_runs(str(tmp_path / "nothing"))
+
+
+def test_partition_names_parse():
+    assert parse_pixel(" 7/123 ") == (7, 123)
+    with pytest.raises(ValueError, match="ORDER/PIXEL"):
+        parse_pixel("7-123")
