@@ -157,8 +157,10 @@ def test_credentials_never_reach_outputs_or_logs(ray_local, tiny_survey, tiny_pr
         direct = s3fs.S3FileSystem(**s3.options(), skip_instance_cache=True)
         direct.put(str(tiny_survey), "survey/in", recursive=True)
         options = ExecutionOptions(batch_size=4, storage_options=s3.options(proxy.url))
-        summary = run_survey("s3://survey/in", "s3://survey/out", str(tiny_prior), config, options)
-        files = direct.find("survey/out")
+        summary = run_survey(
+            "s3://survey/in", "s3://survey/out-security", str(tiny_prior), config, options
+        )
+        files = direct.find("survey/out-security")
         outputs = {f: direct.cat_file(f) for f in files}
     assert summary.failed == 0 and proxy.injected > 0
     assert any(f.endswith("hats.properties") for f in outputs)

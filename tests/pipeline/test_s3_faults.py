@@ -23,7 +23,9 @@ def test_run_on_throttling_s3_loses_nothing(ray_local, tiny_survey, tiny_prior):
         direct = s3fs.S3FileSystem(**s3.options(), skip_instance_cache=True)
         direct.put(str(tiny_survey), "survey/in", recursive=True)
         options = ExecutionOptions(batch_size=4, storage_options=s3.options(proxy.url))
-        summary = run_survey("s3://survey/in", "s3://survey/out", str(tiny_prior), CONFIG, options)
+        summary = run_survey(
+            "s3://survey/in", "s3://survey/out-throttled", str(tiny_prior), CONFIG, options
+        )
         proxy.stop()  # the checks below go to the server directly
         cat = open_input_catalog("s3://survey/in", s3.options())
         ids = [
@@ -33,9 +35,9 @@ def test_run_on_throttling_s3_loses_nothing(ray_local, tiny_survey, tiny_prior):
                 "object_id"
             ].to_pylist()
         ]
-        files = sorted(direct.glob("survey/out/dataset/Norder=*/Dir=*/Npix=*.parquet"))
+        files = sorted(direct.glob("survey/out-throttled/dataset/Norder=*/Dir=*/Npix=*.parquet"))
         df = pd.concat(pd.read_parquet(direct.open(f, "rb")) for f in files)
-        n_fits = len(direct.glob("survey/out/fits/*/*.fits"))
+        n_fits = len(direct.glob("survey/out-throttled/fits/*/*.fits"))
     assert proxy.injected > 0, "the proxy injected no failure"
     assert sorted(df.object_id) == sorted(ids) and df.object_id.is_unique
     bad = df[df.status != Status.OK]
