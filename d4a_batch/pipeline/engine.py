@@ -508,6 +508,7 @@ def run_survey(
             "d4a_prior_hash": provenance.prior_hash,
             "d4a_config_hash": provenance.config_hash,
             "d4a_code_version": __version__,
+            "d4a_created_utc": created.isoformat(),
             "d4a_map_shapes": json.dumps({k: list(v) for k, v in shapes.items()}),
         }
         write_catalog_metadata(output, pixels, f"{cat.name}_posteriors", extra, so)

@@ -131,6 +131,7 @@ def test_maps_reshape_and_provenance_is_recorded(local_run, tiny_prior):
     assert saved == CONFIG
     props = (out / "hats.properties").read_text()
     assert f"d4a_run_id={summary.run_id}" in props and "d4a_prior_id=tiny-test" in props
+    assert "d4a_created_utc=" in props and f"d4a_config_hash={config_hash(CONFIG)}" in props
 
 
 @pytest.mark.ray
