@@ -79,6 +79,7 @@ from d4a_batch.survey.output import (
     fits_maps_bytes,
     fits_maps_uri,
     merge_chunks,
+    status_counts,
     write_chunks,
 )
 from d4a_batch.survey.staging import IDENTITY, StagedObject, Stager, make_packs
@@ -359,15 +360,7 @@ def _commit(work, output, order, pixel, expected, storage_options) -> dict[str, 
     if expected is not None and table.num_rows != expected:
         raise RuntimeError(f"{table.num_rows} result rows for {expected} input rows")
     commit_partition(table, output, join_uri(work, "commit"), order, pixel, storage_options)
-    status = table[Col.STATUS].to_numpy(zero_copy_only=False)
-    ok = status == str(Status.OK)
-    flags = table[Col.FLAGS].to_numpy()
-    return {
-        "rows": table.num_rows,
-        "n_ok": int(ok.sum()),
-        "n_error": int((~ok).sum()),
-        "n_flagged": int(((flags != 0) & ok).sum()),
-    }
+    return status_counts(table)
 
 
 def _select(cat: InputCatalog, names: tuple[str, ...] | None) -> list[Partition]:
@@ -590,11 +583,11 @@ def _process(
     so = opts.storage_options
     output = summary.output
     parts = [
-        {"order": o, "pixel": p, "uri": part.uri, "limit": limits[(o, p)]}
-        for part in cat.partitions
-        if (o := part.order, p := part.pixel) in todo
+        {"order": p.order, "pixel": p.pixel, "uri": p.uri, "limit": limits[(p.order, p.pixel)]}
+        for p in cat.partitions
+        if (p.order, p.pixel) in todo
     ]
-    expected = None if opts.read_staged else {k: n for k, n in limits.items()}
+    expected = None if opts.read_staged else dict(limits)
     total = sum(expected.values()) if expected else None
     actors, cpus, gpus = actor_resources(
         ray.cluster_resources(),

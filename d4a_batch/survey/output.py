@@ -261,20 +261,21 @@ def write_chunks(
         fs, path = filesystem(uri, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         pq.write_table(part.drop_columns([ORDER, PIXEL]), path, filesystem=fs)
-        status = part[Col.STATUS].to_numpy(zero_copy_only=False)
-        flags = part[Col.FLAGS].to_numpy()
-        ok = status == str(Status.OK)
-        out.append(
-            {
-                ORDER: o,
-                PIXEL: p,
-                "n": part.num_rows,
-                "n_ok": int(ok.sum()),
-                "n_error": int((~ok).sum()),
-                "n_flagged": int(((flags != 0) & ok).sum()),
-            }
-        )
+        counts = status_counts(part)
+        out.append({ORDER: o, PIXEL: p, "n": counts.pop("rows"), **counts})
     return out
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    """Rows of output ``table``: all, ok, error, and ok but flagged."""
+    ok = table[Col.STATUS].to_numpy(zero_copy_only=False) == str(Status.OK)
+    flagged = (table[Col.FLAGS].to_numpy() != 0) & ok
+    return {
+        "rows": table.num_rows,
+        "n_ok": int(ok.sum()),
+        "n_error": int((~ok).sum()),
+        "n_flagged": int(flagged.sum()),
+    }
 
 
 def merge_chunks(
