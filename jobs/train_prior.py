@@ -73,17 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import ray.data
 
+    from d4a_batch.ray_setup import init_ray
     from d4a_batch.training.data import read_training_dataset, write_mock_parquet
 
-    if args.address:
-        ray.init(address=args.address)
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address=args.address)  # join: no resources passed
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            num_cpus=args.num_cpus,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
-        )
+        init_ray(num_cpus=args.num_cpus, include_dashboard=False)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     prior = PriorConfig()
