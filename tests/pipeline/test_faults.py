@@ -31,7 +31,7 @@ from tests.survey.fixtures import tiny_survey_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 N_OBJECTS = 16
-STEPS = 60  # long enough that a kill lands while batches are being sampled
+STEPS = 200  # long enough that a kill lands while batches are being sampled
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,9 @@ def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
         time.sleep(0.5)
         pids = _sampling_actor_pids()
     assert pids, "no sampling actor appeared"
-    time.sleep(3.0)  # the actors have loaded the prior and are sampling
+    while _committed(out) == 0 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)  # sampling is under way once a first partition is committed
+    pids = _sampling_actor_pids() or pids
     committed_at_kill = _committed(out)
     running_at_kill = thread.is_alive()
     os.kill(pids[0], signal.SIGKILL)
