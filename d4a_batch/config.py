@@ -130,6 +130,8 @@ class PriorConfig:
     # reverse-step variance posterior_variance (True) or beta_t (False) when not learn_sigma
     rescale_timesteps: bool = False
     sigma_small: bool = False
+    # what the network predicts: "eps" (improved-diffusion, the published weights) or "v"
+    parameterization: str = "eps"
     kpc_per_pixel: float = 0.5
     stretch: StretchConfig = field(default_factory=StretchConfig)
     # photo-z range over which the prior's physical scale is trusted

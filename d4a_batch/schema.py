@@ -27,6 +27,8 @@ PRIOR_STATS = "stats.safetensors"
 LEDGER_DIR = "_d4a_ledger"  # the run ledger (pipeline/ledger.py)
 WORK_DIR = "_d4a_work"  # result chunks and partitions being committed, per run
 RUN_CONFIG_FILE = "_d4a_run_config.json"
+FIGURES_DIR = "_d4a_figures"  # per-object figures and the run report (pipeline/figures.py)
+DATASET_DIR = "dataset"  # a HATS catalog's Parquet partitions
 
 
 # --------------------------------------------------------------------------- status

@@ -16,6 +16,12 @@ up to date (same input fingerprint, prior and config) and only the others are
 processed; ``--force`` redoes them, ``--partitions`` limits the run to some.
 ``python jobs/list_runs.py OUTPUT`` lists the runs and what each changed.
 
+Figures (``pipeline.figures``, into ``OUTPUT/_d4a_figures/``): ``--figures 1001,1002``
+draws those objects' posteriors (observation, re-convolved mean, residual/σ, posterior
+mean and std, variance ratio, samples if kept); ``--report`` draws the run report
+(score, χ², upsampling, flag and status distributions over the whole catalog). The demo
+writes the report unless ``--no-report``.
+
 Exit codes (for schedulers): 0 every partition ok (objects may still have error
 rows: that is data); 3 some partitions failed (listed on stderr; re-run to retry
 them); 2 a job-level error before any work (bad arguments, unreadable catalog, a
@@ -40,6 +46,15 @@ from d4a_batch.survey.storage import is_absolute
 DEMO_SAMPLER = SamplerConfig(steps=25, samples=4)
 DEMO_OBJECTS = 32
 EXIT_OK, EXIT_CRASH, EXIT_JOB_ERROR, EXIT_PARTITIONS_FAILED = 0, 1, 2, 3
+
+
+def _object_ids(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated object ids, got {text!r}"
+        ) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--write-staged", help="also write the staged packs here (Parquet)")
     p.add_argument("--read-staged", help="read staged packs from here instead of staging")
+    p.add_argument(
+        "--figures", help="object ids to draw, e.g. '1001,1002' (into OUTPUT/_d4a_figures)"
+    )
+    p.add_argument("--report", action="store_true", help="draw the run report (the demo does)")
+    p.add_argument("--no-report", action="store_true", help="not even for the demo")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
     return p.parse_args(argv)
@@ -103,6 +123,19 @@ def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
     if args.fits_maps:
         cfg = dataclasses.replace(cfg, fits_maps=True)
     return cfg
+
+
+def draw_figures(args, demo: bool, catalog: str, output: str, prior: str, so) -> None:
+    """--figures and --report (the demo's report) after the run; a figure never fails the job."""
+    from d4a_batch.pipeline.figures import write_object_figures, write_run_report
+
+    if args.figures:
+        for oid, where in write_object_figures(
+            output, catalog, prior, args.figures, None, so
+        ).items():
+            print(f"[d4a] figure of object {oid}: {where}", flush=True)
+    if (args.report or demo) and not args.no_report:
+        print(f"[d4a] run report: {write_run_report(output, None, so)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  python -c \"import pandas as pd; df = pd.read_parquet('{out}/dataset'); "
         f"print(df[df.status == 'ok'][{cols}].to_string())\""
     )
+    draw_figures(args, demo, catalog, out, prior, options.storage_options)
     if summary.failed_partitions:
         print(f"[d4a] {len(summary.failed_partitions)} partitions FAILED:", file=sys.stderr)
         for name, msg in sorted(summary.failed_partitions.items()):

@@ -1,6 +1,8 @@
 """Train the diffusion prior on mock galaxies with Ray Train and export the prior artifact.
 
-    python jobs/train_prior.py --out priors/demo-64 --storage /tmp/d4a_train --name demo-64
+    python jobs/train_prior.py --out priors/demo-64 --storage /tmp/d4a_train --name demo-64 \
+        --prior-config jobs/configs/demo-64.json --lr 4e-4 --max-train-seconds 2700 \
+        --cpus-per-worker 2 --stats-steps 50          # how the shipped demo prior was made
     ray job submit --working-dir . -- python jobs/train_prior.py --address auto ...
 
 Without ``--address`` the script starts a local Ray cluster; with it, it joins
@@ -9,6 +11,11 @@ generated with Ray Data and materialised as Parquet under ``--data`` (reused if
 present). Running the same command again with the same ``--storage`` and
 ``--name`` resumes from the run's latest checkpoint. ``--export-checkpoint``
 skips training and exports a given checkpoint folder.
+
+``jobs/configs/demo-64.json`` is the demo architecture (``PriorConfig()``) with a
+v-predicting network and posterior-variance reverse steps; without
+``--prior-config`` the network predicts ε, as improved-diffusion's do (see
+``prior.diffusion`` for why the demo uses v).
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ from d4a_batch.config import RunConfig, config_hash, to_dict
 from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
 from d4a_batch.pipeline.ledger import (
     FAILED,
+    INPUT_CHANGED,
+    NEW,
     OK,
     RETRY,
     Ledger,
@@ -59,7 +61,7 @@ from d4a_batch.pipeline.ledger import (
     plan,
 )
 from d4a_batch.prior.artifact import load_prior, read_prior_config
-from d4a_batch.schema import LEDGER_DIR, RUN_CONFIG_FILE, WORK_DIR, Col, Status
+from d4a_batch.schema import DATASET_DIR, LEDGER_DIR, RUN_CONFIG_FILE, WORK_DIR, Col, Status
 from d4a_batch.survey.hats_io import (
     INPUT_PHOTOZ_HI,
     INPUT_PHOTOZ_LO,
@@ -452,8 +454,9 @@ def run_survey(
     limits = _apply_limit(selected, counts, opts.limit)
     if opts.limit is not None:  # a limited run stands only for the rows it took
         fingerprints = {k: f"{fp}:limit={limits[k]}" for k, fp in fingerprints.items()}
+    state = ledger.state()
     todo, done = plan(
-        ledger.state(),
+        state,
         {k: fp for k, fp in fingerprints.items() if limits.get(k, 0) != 0},
         provenance.prior_hash,
         provenance.config_hash,
@@ -472,8 +475,10 @@ def run_survey(
         failed={pixel_name(*k): m for k, m in failed.items()},
     )
     ledger.write_run(run)
-    for key, msg in failed.items():
-        ledger.write_partition(_record(run_id, key, FAILED, "", provenance, RETRY, msg, t0))
+    for key, msg in failed.items():  # unreadable: why this run tried it at all
+        before = state.get(key)
+        why = NEW if before is None else RETRY if before.status == FAILED else INPUT_CHANGED
+        ledger.write_partition(_record(run_id, key, FAILED, "", provenance, why, msg, t0))
     summary.skipped = [pixel_name(*k) for k in done]
     summary.failed_partitions = {pixel_name(*k): m for k, m in failed.items()}
     log.info(
@@ -565,7 +570,7 @@ def _record(run_id, key, status, fingerprint, prov: Provenance, reason, msg, t0,
 
 def _committed_pixels(output: str, so) -> list[tuple[int, int]]:
     """(order, pixel) of every partition file in the output catalog."""
-    fs, path = filesystem(join_uri(output, "dataset"), so)
+    fs, path = filesystem(join_uri(output, DATASET_DIR), so)
     if not fs.exists(path):
         return []
     found = []

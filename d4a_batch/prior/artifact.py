@@ -190,14 +190,20 @@ class Prior:
         return self.diffusion.respace(steps)
 
     def eps(self, x: torch.Tensor, t_original: torch.Tensor) -> torch.Tensor:
-        """ε̂(x[R,C,N,N], original timesteps t[R]) -> [R,C,N,N] (differentiable in x)."""
+        """ε̂(x[R,C,N,N], original timesteps t[R]) -> [R,C,N,N] (differentiable in x).
+
+        A v-network's output is converted to ε̂ (``GaussianDiffusion.eps_and_xstart``).
+        """
         C, N = self.config.in_channels, self.config.image_size
         if x.shape[1:] != (C, N, N):
             raise ValueError(f"expected x of shape [R, {C}, {N}, {N}], got {tuple(x.shape)}")
         t = t_original
         if self.config.rescale_timesteps:
             t = t.float() * (1000.0 / self.config.diffusion_steps)
-        return self.model(x, t)[:, :C]
+        out = self.model(x, t)[:, :C]
+        if self.config.parameterization == "eps":
+            return out
+        return self.diffusion.eps_and_xstart(out, x, t_original)[0]
 
     def compute_stats(
         self,

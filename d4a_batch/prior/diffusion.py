@@ -15,6 +15,16 @@ Reverse variance: ``learn_sigma`` -> learned interpolation between
 improved-diffusion's default) or ``posterior_variance`` when ``sigma_small``.
 Training loss: ε-MSE; with ``learn_sigma`` plus the VLB term on the variance
 output only (improved-diffusion's hybrid loss, RESCALED_MSE: ``vb * T / 1000``).
+
+Parameterisation: the network's (first C) output channels are ε (``"eps"``,
+improved-diffusion and the published weights) or v = √ᾱ_t ε - √(1 - ᾱ_t) x_0
+(``"v"``, Salimans & Ho 2022), trained with the v-MSE. Every consumer goes
+through ``eps_and_xstart``, so samplers and DPS see ε and x̂_0 either way. Why v:
+as ᾱ_t -> 0 an ε-network must get ε right to O(√ᾱ_t) for x̂_0 to be any good,
+so an undertrained one leaves x̂_0 near 0 at the start of sampling; with
+images whose sky sits at x = -1 that offset survives to the end as a haze
+(measured on the first demo prior: corner x -0.38 instead of -1). A v-network
+predicts -x_0 there, and its loss weights x_0 errors evenly over t.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import torch
 from d4a_batch.config import PriorConfig
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PARAMETERIZATIONS = ("eps", "v")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -170,13 +181,19 @@ class GaussianDiffusion:
         learn_sigma: bool = False,
         sigma_small: bool = False,
         rescale_timesteps: bool = False,
+        parameterization: str = "eps",
     ):
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
+            )
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be a 1-D array with values in (0, 1]")
         self.learn_sigma = learn_sigma
         self.sigma_small = sigma_small
         self.rescale_timesteps = rescale_timesteps
+        self.parameterization = parameterization
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
         # the process whose timesteps the network was trained on (the base process)
@@ -216,6 +233,7 @@ class GaussianDiffusion:
             learn_sigma=self.learn_sigma,
             sigma_small=self.sigma_small,
             rescale_timesteps=self.rescale_timesteps,
+            parameterization=self.parameterization,
         )
 
     # ----------------------------------------------------------------- network interface
@@ -282,6 +300,27 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
+    def v_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = √ᾱ_t ε - √(1 - ᾱ_t) x_0, the target of a v-network."""
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x_start) * noise
+            - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+        )
+
+    def eps_and_xstart(
+        self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x̂_0) from the network's mean output ``output[R, C, N, N]`` at x_t, t.
+
+        eps: identity and Tweedie's x̂_0; v: x̂_0 = √ᾱ x_t - √(1-ᾱ) v,
+        ε̂ = √(1-ᾱ) x_t + √ᾱ v (exact, no division by a vanishing √ᾱ).
+        """
+        if self.parameterization == "eps":
+            return output, self.predict_xstart_from_eps(x_t, t, output)
+        sa = _extract(self.sqrt_alphas_cumprod, t, x_t)
+        s1 = _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return s1 * x_t + sa * output, sa * x_t - s1 * output
+
     # ----------------------------------------------------------------- reverse process
     def p_mean_variance_from_output(
         self,
@@ -293,7 +332,8 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) from a network output [R, C or 2C, N, N] at x[R, C, N, N].
 
         Returns mean, variance, log_variance (broadcast to x), pred_xstart
-        (clamped to [-1, 1] when ``clip_denoised``) and eps (the ε output).
+        (clamped to [-1, 1] when ``clip_denoised``) and eps (ε̂, whatever the
+        parameterisation).
         """
         C = x.shape[1]
         if self.learn_sigma:
@@ -301,7 +341,7 @@ class GaussianDiffusion:
                 raise ValueError(
                     f"learn_sigma model output {tuple(model_output.shape)}, x {tuple(x.shape)}"
                 )
-            eps, var_values = model_output[:, :C], model_output[:, C:]
+            mean_out, var_values = model_output[:, :C], model_output[:, C:]
             min_log = _extract(self.posterior_log_variance_clipped, t, x)
             max_log = _extract(np.log(self.betas), t, x)
             frac = (var_values + 1) / 2  # [-1, 1] -> [min_var, max_var]
@@ -309,13 +349,13 @@ class GaussianDiffusion:
         else:
             if model_output.shape != x.shape:
                 raise ValueError(f"model output {tuple(model_output.shape)} != x {tuple(x.shape)}")
-            eps = model_output
+            mean_out = model_output
             if self.sigma_small:
                 log_var_arr = self.posterior_log_variance_clipped
             else:  # FIXED_LARGE: beta_t, with posterior_variance[1] at t = 0
                 log_var_arr = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
             log_variance = _extract(log_var_arr, t, x).expand_as(x)
-        pred_xstart = self.predict_xstart_from_eps(x, t, eps)
+        eps, pred_xstart = self.eps_and_xstart(mean_out, x, t)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
@@ -407,7 +447,8 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses [R] at indices t[R]: {"loss", "mse"} (+ "vb" with learn_sigma).
 
-        mse = mean over pixels of (ε - ε̂)²; with learn_sigma, vb is the VLB term
+        mse = mean over pixels of (target - output)², target ε or v (the
+        parameterisation); with learn_sigma, vb is the VLB term
         through the variance output only (mean output detached), scaled by T/1000,
         and loss = mse + vb.
         """
@@ -425,12 +466,13 @@ class GaussianDiffusion:
             frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
             out = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
             terms["vb"] = self._vb_terms_bpd(out, x_start, x_t, t) * (self.num_timesteps / 1000.0)
-        eps = model_output[:, :C]
-        if eps.shape != noise.shape:
+        pred = model_output[:, :C]
+        if pred.shape != noise.shape:
             raise ValueError(
                 f"model output {tuple(model_output.shape)} for x {tuple(x_start.shape)}"
             )
-        terms["mse"] = _mean_flat((noise - eps) ** 2)
+        target = noise if self.parameterization == "eps" else self.v_target(x_start, t, noise)
+        terms["mse"] = _mean_flat((target - pred) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
@@ -466,5 +508,6 @@ def build_diffusion(
         learn_sigma=cfg.learn_sigma,
         sigma_small=cfg.sigma_small,
         rescale_timesteps=cfg.rescale_timesteps,
+        parameterization=cfg.parameterization,
     )
     return base if steps is None else base.respace(steps)

@@ -25,8 +25,9 @@ from upath import UPath
 
 from d4a_batch.config import RunConfig, SamplerConfig, config_hash, from_dict
 from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+from d4a_batch.pipeline.figures import write_object_figures, write_run_report
 from d4a_batch.prior.artifact import read_prior_config
-from d4a_batch.schema import REPO_ROOT, RUN_CONFIG_FILE, Col, Flag, Status
+from d4a_batch.schema import FIGURES_DIR, REPO_ROOT, RUN_CONFIG_FILE, Col, Flag, Status
 from d4a_batch.survey.hats_io import open_input_catalog
 
 CONFIG = RunConfig(sampler=SamplerConfig(steps=2, samples=2, seed=7), fits_maps=True)
@@ -150,6 +151,30 @@ def test_fits_maps_for_sampled_objects(local_run):
         np.testing.assert_array_equal(hdul["MEAN_FLUX_G"].data, flux[0])
         wcs = WCS(hdul["MEAN_FLUX_G"].header)
         assert wcs.pixel_to_world_values(7.5, 7.5) == pytest.approx((row.ra, row.dec), abs=1e-10)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_figures_for_chosen_objects_and_the_run_report(local_run, tiny_prior):
+    import matplotlib.image as mpimg
+
+    root, out, broken, _ = local_run
+    df = pd.read_parquet(out / "dataset", columns=["object_id", "status"])
+    ok = sorted(df[df.status == Status.OK].object_id)[:2]
+    wanted = [*ok, broken["psf"], 999_999_999]
+    got = write_object_figures(str(out), str(root), str(tiny_prior), wanted)
+    assert set(got) == set(wanted)
+    for oid in ok:
+        assert got[oid] == str(out / FIGURES_DIR / f"{oid}.png")
+        img = mpimg.imread(got[oid])
+        assert img.ndim == 3 and img.shape[0] > 500 and img.shape[1] > 800
+    assert got[broken["psf"]].startswith("status error: PSF i:")
+    assert got[999_999_999] == "not in the output catalog"
+    report = write_run_report(str(out))
+    assert report == str(out / FIGURES_DIR / "report.png") and mpimg.imread(report).ndim == 3
+    # the figures folder does not disturb the catalog
+    assert is_valid_catalog(out, strict=True)
 
 
 # --------------------------------------------------------------------------- S3 (moto)

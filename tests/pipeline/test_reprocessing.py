@@ -223,6 +223,7 @@ def test_failed_partition_exits_3_the_rest_is_kept_and_a_rerun_retries_it(
     assert "duplicate object_id" in rep[Col.MESSAGE].iloc[0]
     state = Ledger(str(out)).state()
     assert state[(broken.order, broken.pixel)].status == FAILED
+    assert state[(broken.order, broken.pixel)].reason == NEW  # first attempt: not a retry
     # the partition is repaired: the next run processes it alone
     shutil.copyfile(tmp_path / "saved.parquet", broken.uri)
     shutil.copyfile(tmp_path / "saved_evil.parquet", evil.uri)

@@ -219,3 +219,29 @@ def test_compute_prior_stats(tmp_path, tiny_cfg, random_unet):
     assert torch.equal(again.stats_mean, prior.stats_mean)
     doc = json.loads((folder / PRIOR_CONFIG).read_text())
     assert doc["metadata"]["weights_sha256"] == again.sha256
+
+
+def test_v_prior_round_trip_and_eps(tmp_path, tiny_cfg, random_unet):
+    cfg = replace(tiny_cfg, parameterization="v", sigma_small=True)
+    model = random_unet(cfg, seed=2).eval()
+    prior = load_prior(save_prior(tmp_path / "v", model.state_dict(), cfg, _stats(cfg), {}))
+    assert prior.config.parameterization == "v" and prior.diffusion.parameterization == "v"
+    assert prior.spaced(10).parameterization == "v"
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        v = model(x, t)[:, :3]
+        eps = prior.eps(x, t)
+    ac = torch.from_numpy(prior.diffusion.alphas_cumprod)[t].reshape(-1, 1, 1, 1).float()
+    torch.testing.assert_close(eps, (1 - ac).sqrt() * x + ac.sqrt() * v)
+    assert not torch.allclose(eps, v)
+
+
+def test_prior_config_without_parameterization_is_an_eps_model(tmp_path, tiny_cfg, random_unet):
+    """Artifacts written before the field existed load as ε-models."""
+    folder = save_prior(tmp_path / "old", random_unet(tiny_cfg).state_dict(), tiny_cfg,
+                        _stats(tiny_cfg), {})  # fmt: skip
+    doc = json.loads((folder / PRIOR_CONFIG).read_text())
+    doc.pop("parameterization")
+    (folder / PRIOR_CONFIG).write_text(json.dumps(doc))
+    assert load_prior(folder).config.parameterization == "eps"
