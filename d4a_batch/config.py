@@ -160,9 +160,10 @@ class FlagThresholds:
 class SamplerConfig:
     """DPS settings and summaries (owner: sampling)."""
 
-    steps: int = 100  # respaced reverse steps (of the prior's diffusion_steps)
+    # steps and zeta measured on mocks with the demo prior: docs/sampler_tuning.md
+    steps: int = 50  # respaced reverse steps (of the prior's diffusion_steps)
     samples: int = 16  # posterior samples per object
-    guidance: float = 0.02  # zeta, applied to the unit-RMS-normalised gradient
+    guidance: float = 0.01  # zeta per step, applied to the unit-RMS-normalised gradient
     guidance_rule: str = "rms"  # "rms" (per-sample unit-RMS gradient) | "raw"
     clip_x0: bool = True
     marginalise_photoz: bool = False
