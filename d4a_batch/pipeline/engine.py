@@ -48,10 +48,7 @@ from d4a_batch.config import RunConfig, config_hash, to_dict
 from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
 from d4a_batch.pipeline.ledger import (
     FAILED,
-    INPUT_CHANGED,
-    NEW,
     OK,
-    RETRY,
     Ledger,
     PartitionRecord,
     RunRecord,
@@ -59,6 +56,7 @@ from d4a_batch.pipeline.ledger import (
     partition_fingerprint,
     pixel_name,
     plan,
+    reason,
 )
 from d4a_batch.prior.artifact import load_prior, read_prior_config
 from d4a_batch.schema import DATASET_DIR, LEDGER_DIR, RUN_CONFIG_FILE, WORK_DIR, Col, Status
@@ -476,8 +474,7 @@ def run_survey(
     )
     ledger.write_run(run)
     for key, msg in failed.items():  # unreadable: why this run tried it at all
-        before = state.get(key)
-        why = NEW if before is None else RETRY if before.status == FAILED else INPUT_CHANGED
+        why = reason(state.get(key), None, provenance.prior_hash, provenance.config_hash)
         ledger.write_partition(_record(run_id, key, FAILED, "", provenance, why, msg, t0))
     summary.skipped = [pixel_name(*k) for k in done]
     summary.failed_partitions = {pixel_name(*k): m for k, m in failed.items()}

@@ -33,7 +33,7 @@ from d4a_batch.figures import object_figure, run_report
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import DATASET_DIR, FIGURES_DIR, RUN_CONFIG_FILE, Col, Status
-from d4a_batch.survey.hats_io import open_input_catalog, read_partition
+from d4a_batch.survey.hats_io import InputCatalog, open_input_catalog, read_partition
 from d4a_batch.survey.staging import IMAGE, PSF, VALID, VARIANCE, Stager
 from d4a_batch.survey.storage import absolute_uri, filesystem, join_uri
 from d4a_batch.survey.tensors import tensor_numpy
@@ -73,9 +73,8 @@ def _put(local: Path, dest_dir: str, storage_options) -> str:
     return uri
 
 
-def _input_rows(catalog: str, ids: set[int], config: RunConfig, bands, so) -> dict[int, dict]:
+def _input_rows(cat: InputCatalog, ids: set[int], config: RunConfig, bands, so) -> dict[int, dict]:
     """Input rows (engine column names) of ``ids``, read partition by partition until all are found."""
-    cat = open_input_catalog(catalog, so)
     found: dict[int, dict] = {}
     for part in cat.partitions:
         table = read_partition(part, config.columns, tuple(bands), cat.healpix_column, so)
@@ -126,9 +125,9 @@ def write_object_figures(
     if not wanted:
         return result
     maps = {c: tensor_numpy(table[c]) for c in MAP_COLUMNS if c in table.column_names}
-    inputs = _input_rows(catalog, wanted, config, bands, so)
-    stager = Stager(open_input_catalog(catalog, so).root, prior_cfg, config.physics,
-                    config.staging, so)  # fmt: skip
+    cat = open_input_catalog(catalog, so)
+    inputs = _input_rows(cat, wanted, config, bands, so)
+    stager = Stager(cat.root, prior_cfg, config.physics, config.staging, so)
     staged = {int(o.ident[Col.OBJECT_ID]): o for o in stager.stage_rows(
         [inputs[i] for i in sorted(wanted) if i in inputs], threads=4)}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="d4a_figures_") as tmp:

@@ -201,6 +201,33 @@ class Ledger:
         return {r.key: r for r in self.partition_records()}
 
 
+def reason(
+    rec: PartitionRecord | None,
+    fingerprint: str | None,
+    prior_hash: str,
+    config_hash: str,
+    force: bool = False,
+) -> str | None:
+    """Why a partition whose newest record is ``rec`` needs processing; None: up to date.
+
+    ``fingerprint`` None: the partition could not be fingerprinted (unreadable), which
+    never matches a record.
+    """
+    if force:
+        return FORCED
+    if rec is None:
+        return NEW
+    if rec.status != OK:
+        return RETRY
+    if rec.fingerprint != fingerprint:
+        return INPUT_CHANGED
+    if rec.prior_hash != prior_hash:
+        return PRIOR_CHANGED
+    if rec.config_hash != config_hash:
+        return CONFIG_CHANGED
+    return None
+
+
 def plan(
     state: dict[tuple[int, int], PartitionRecord],
     fingerprints: dict[tuple[int, int], str],
@@ -212,21 +239,11 @@ def plan(
     todo: dict[tuple[int, int], str] = {}
     done: list[tuple[int, int]] = []
     for key, fp in sorted(fingerprints.items()):
-        rec = state.get(key)
-        if force:
-            todo[key] = FORCED
-        elif rec is None:
-            todo[key] = NEW
-        elif rec.status != OK:
-            todo[key] = RETRY
-        elif rec.fingerprint != fp:
-            todo[key] = INPUT_CHANGED
-        elif rec.prior_hash != prior_hash:
-            todo[key] = PRIOR_CHANGED
-        elif rec.config_hash != config_hash:
-            todo[key] = CONFIG_CHANGED
-        else:
+        why = reason(state.get(key), fp, prior_hash, config_hash, force)
+        if why is None:
             done.append(key)
+        else:
+            todo[key] = why
     return todo, done
 
 

@@ -200,10 +200,7 @@ class Prior:
         t = t_original
         if self.config.rescale_timesteps:
             t = t.float() * (1000.0 / self.config.diffusion_steps)
-        out = self.model(x, t)[:, :C]
-        if self.config.parameterization == "eps":
-            return out
-        return self.diffusion.eps_and_xstart(out, x, t_original)[0]
+        return self.diffusion.eps_and_xstart(self.model(x, t)[:, :C], x, t_original)[0]
 
     def compute_stats(
         self,
