@@ -45,7 +45,10 @@ def init_ray(
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # address="local": always a new cluster of our own, never one that another process
+        # started with `ray start` on this machine (ray.init() would otherwise join it)
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             _node_ip_address=LOOPBACK,
