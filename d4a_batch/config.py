@@ -7,19 +7,34 @@ the run config is saved inside every output catalog (and its hash in every row).
 
 Ownership: each dataclass below is owned by the sub-package named in its
 docstring; add fields there (with defaults, so old JSON still loads).
+
+Checks: every dataclass of this module checks its values when built (also through
+``dataclasses.replace`` and ``from_dict``) and raises ``ConfigError`` (a ``ValueError``)
+naming the class and field: each field's annotated type, then its rules in ``FIELD_RULES``
+(and ``CLASS_RULES`` for rules across fields) at the end of this module. A new field needs
+an entry in ``FIELD_RULES`` (``tests/test_config.py`` fails without one; ``()`` for a field
+that only needs its type checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value out of range, of the wrong type or not one of the choices."""
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -66,7 +81,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        raise ConfigError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
     kwargs = {k: _from_jsonable(hints[k], v) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -137,6 +152,9 @@ class PriorConfig:
     # photo-z range over which the prior's physical scale is trusted
     z_min: float = 0.02
     z_max: float = 1.5
+    # training mocks (mock.galaxies.sample_params structure): "smooth" (the demo prior's)
+    # or "realistic" (arms, bars, knots on arms, dust, published size-mass-z relations)
+    mock_structure: str = "smooth"
 
     @property
     def in_channels(self) -> int:
@@ -154,6 +172,20 @@ class FlagThresholds:
     masked_fraction_max: float = 0.3
     psf_sum_tolerance: float = 0.02  # |sum - 1| above this: renormalised and flagged
     psf_centroid_tolerance: float = 0.5  # pixels
+    # BLENDED (survey/detection.py; measured on 60 mock targets with one neighbour at
+    # 4-30 px, i 20-23.5, by jobs/blend_thresholds.py -> docs/results/blend_thresholds.json):
+    # blend_fraction = neighbour light left on the used footprint pixels / the target's;
+    # among deblended neighbours the true target model's chi2/dof on the used pixels first
+    # exceeded 1.5 at 0.022 (bright targets; faint ones tolerate 0.09), so 0.02 keeps it
+    # <= 1.5 for every unflagged one. asymmetry = light of the target's segment with no
+    # mirror image: <= 0.13 for every deblended or isolated mock, >= 0.18 for every
+    # neighbour too close to deblend (merged into the target's segment): 0.15 between.
+    blend_fraction_max: float = 0.02
+    asymmetry_max: float = 0.15
+    # TRUNCATED: target segment flux outside the model footprint / its total. The 60 mock
+    # targets, which fit the field, measure <= 0.06 (PSF wings, noise, merged neighbours);
+    # 0.1 is above all of them
+    truncated_fraction_max: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -164,8 +196,15 @@ class SamplerConfig:
     steps: int = 50  # respaced reverse steps (of the prior's diffusion_steps)
     samples: int = 16  # posterior samples per object
     guidance: float = 0.01  # zeta per step, applied to the unit-RMS-normalised gradient
-    guidance_rule: str = "rms"  # "rms" (per-sample unit-RMS gradient) | "raw"
+    # "rms" (per-sample unit-RMS gradient, zeta per step) | "raw" | "rms_total" (unit-RMS,
+    # zeta * 50 / steps per step: the total pull does not change with the step count)
+    guidance_rule: str = "rms"
     clip_x0: bool = True
+    # "dps" (guidance through the network, the paper's method) | "daps" (annealed decoupled
+    # sampling, no network gradient: sampling/daps.py); steps = network calls per sample
+    sampler: str = "dps"
+    inner_steps: int = 4  # daps: MALA steps per level (likelihood step)
+    cg_iterations: int = 20  # daps: CG iterations of the perturbed Gauss-Newton step per level
     marginalise_photoz: bool = False
     aperture_radius_frac: float = 30 / 256  # hallucination-score aperture, of the image side
     keep_samples: int = 0  # raw samples kept per object in the output
@@ -198,6 +237,16 @@ class StagingConfig:
     psf_size: int = 43
     # stamp side = smallest bucket >= ceil(n_out) + 2 * psf_margin (HSC pixels), else the largest
     psf_margin: int = 8
+    # neighbours (survey/detection.py): sep detection on the inverse-variance-weighted band
+    # sum, in a stamp detection_pad pixels wider on each side than the sampler's stamp
+    detect_neighbours: bool = True  # False: no detection, no neighbour mask, no BLENDED
+    detection_threshold: float = 2.0  # sigma per pixel (1.5 found noise peaks as neighbours)
+    detection_minarea: int = 10  # pixels
+    deblend_nthresh: int = 32
+    deblend_cont: float = 0.005
+    neighbour_dilation: float = 1.0  # neighbour segments grow by this x the PSF FWHM
+    target_radius: float = 3.0  # pixels: nearest segment to the position within this
+    detection_pad: int = 16  # pixels
 
 
 @dataclass(frozen=True)
@@ -214,3 +263,262 @@ class RunConfig:
     write_maps: bool = True
     map_dtype: str = "float32"  # "float32" | "float16" for the tensor map columns
     fits_maps: bool = False  # also write per-object FITS maps (WCS at the model pixel scale)
+
+
+# --------------------------------------------------------------------------- checks
+# A rule takes a field's value and returns what is wrong with it, or None.
+Rule = typing.Callable[[Any], "str | None"]
+
+GUIDANCE_RULES = ("rms", "raw", "rms_total")
+SAMPLERS = ("dps", "daps")
+NOISE_SCHEDULES = ("linear", "cosine")
+PARAMETERIZATIONS = ("eps", "v")
+MAP_DTYPES = ("float32", "float16")
+
+
+def between(lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    """Rule: lo <= v <= hi (``lo_open`` / ``hi_open``: strict); None is no bound."""
+
+    def rule(v: Any) -> str | None:
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"must be {'>' if lo_open else '>='} {lo}"
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return f"must be {'<' if hi_open else '<='} {hi}"
+        return None
+
+    return rule
+
+
+positive = between(0, lo_open=True)
+non_negative = between(0)
+
+
+def finite(v: Any) -> str | None:
+    return None if abs(v) < float("inf") else "must be finite"
+
+
+def one_of(*choices: Any) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {choices}"
+
+
+def each(*rules: Rule) -> Rule:
+    """Rule: every item of a tuple passes ``rules``."""
+
+    def rule(v: Any) -> str | None:
+        for i, item in enumerate(v):
+            for r in rules:
+                if (problem := r(item)) is not None:
+                    return f"item {i} ({item!r}) {problem}"
+        return None
+
+    return rule
+
+
+def non_empty(v: Any) -> str | None:
+    return None if len(v) else "must not be empty"
+
+
+def distinct(v: Any) -> str | None:
+    return None if len(set(v)) == len(v) else "must not repeat items"
+
+
+def contains(text: str) -> Rule:
+    return lambda v: None if text in v else f"must contain {text!r}"
+
+
+def cosmology_name(v: Any) -> str | None:
+    from astropy.cosmology import realizations
+
+    names = tuple(realizations.available)
+    return None if v in names else f"must be one of astropy's realizations {names}"
+
+
+def _type_problem(tp: Any, v: Any) -> str | None:
+    """What is wrong with ``v`` as a value of the resolved annotation ``tp``, or None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(a, v) for a in args]
+        return None if None in problems else f"must be {' or '.join(map(_type_name, args))}"
+    if tp is type(None):
+        return None if v is None else "must be None"
+    if tp is bool:
+        return None if isinstance(v, bool | np.bool_) else "must be a bool"
+    if tp is int:
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+        return None if ok else "must be an int"
+    if tp is float:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool | np.bool_):
+            return "must be a number"
+        return "must not be NaN" if v != v else None
+    if tp is str:
+        return None if isinstance(v, str) else "must be a str"
+    if origin is tuple:
+        if not isinstance(v, tuple):
+            return "must be a tuple"
+        items = [args[0]] * len(v) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if args and len(items) != len(v):
+            return f"must have {len(items)} items"
+        for i, (a, item) in enumerate(zip(items, v, strict=False)):
+            if (problem := _type_problem(a, item)) is not None:
+                return f"item {i} ({item!r}) {problem}"
+        return None
+    if origin is dict:
+        if not isinstance(v, dict):
+            return "must be a dict"
+        kt, vt = args or (Any, Any)
+        for k, item in v.items():
+            if (problem := _type_problem(kt, k) or _type_problem(vt, item)) is not None:
+                return f"entry {k!r} {problem}"
+        return None
+    if isinstance(tp, type):
+        return None if isinstance(v, tp) else f"must be a {tp.__name__}"
+    return None  # an annotation these checks do not know: no type check
+
+
+def _type_name(tp: Any) -> str:
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def check_config(cfg: Any) -> None:
+    """Raise ``ConfigError`` naming the first field of ``cfg`` that breaks its type or rules."""
+    cls = type(cfg)
+    hints = typing.get_type_hints(cls)
+    rules = FIELD_RULES.get(cls.__name__, {})
+    for f in dataclasses.fields(cls):
+        v = getattr(cfg, f.name)
+        problem = _type_problem(hints[f.name], v)
+        if problem is None and v is not None:
+            for rule in rules.get(f.name, ()):
+                if (problem := rule(v)) is not None:
+                    break
+        if problem is not None:
+            raise ConfigError(f"{cls.__name__}.{f.name} {problem} (got {v!r})")
+    for names, rule, text in CLASS_RULES.get(cls.__name__, ()):
+        if not rule(cfg):
+            got = ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names)
+            raise ConfigError(f"{cls.__name__}.{names[0]} {text} (got {got})")
+
+
+FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
+    "StretchConfig": {"a": (positive, finite)},
+    "PhysicsConfig": {
+        "hsc_pixel_arcsec": (positive, finite),
+        "cosmology": (cosmology_name,),
+        "zeropoint_ab": (finite,),
+        "profile_ridge": (non_negative, finite),
+    },
+    "PriorConfig": {
+        "name": (non_empty,),
+        "image_size": (positive,),
+        "bands": (non_empty, distinct, each(non_empty)),
+        "num_channels": (positive,),
+        "num_res_blocks": (positive,),
+        "channel_mult": (non_empty, each(positive)),
+        "attention_resolutions": (each(positive),),
+        "num_heads": (positive,),
+        "num_heads_upsample": (lambda v: None if v == -1 or v >= 1 else "must be -1 or >= 1",),
+        "dropout": (between(0, 1, hi_open=True),),
+        "use_scale_shift_norm": (),
+        "learn_sigma": (),
+        "diffusion_steps": (positive,),
+        "noise_schedule": (one_of(*NOISE_SCHEDULES),),
+        "rescale_timesteps": (),
+        "sigma_small": (),
+        "parameterization": (one_of(*PARAMETERIZATIONS),),
+        "kpc_per_pixel": (positive, finite),
+        "stretch": (),
+        "z_min": (non_negative, finite),
+        "z_max": (positive, finite),
+    },
+    "FlagThresholds": {
+        "hallucination_max": (positive,),
+        "upsampling_max": (positive,),
+        "chi2_max": (positive,),
+        "masked_fraction_max": (between(0, 1),),
+        "psf_sum_tolerance": (non_negative,),
+        "psf_centroid_tolerance": (non_negative,),
+        "blend_fraction_max": (non_negative,),
+        "asymmetry_max": (non_negative,),
+        "truncated_fraction_max": (between(0, 1),),
+    },
+    "SamplerConfig": {
+        "steps": (positive,),
+        "samples": (positive,),
+        "guidance": (non_negative, finite),
+        "guidance_rule": (one_of(*GUIDANCE_RULES),),
+        "clip_x0": (),
+        "sampler": (one_of(*SAMPLERS),),
+        "inner_steps": (non_negative,),
+        "cg_iterations": (non_negative,),
+        "marginalise_photoz": (),
+        "aperture_radius_frac": (between(0, 0.5, lo_open=True),),
+        "keep_samples": (non_negative,),
+        "seed": (non_negative,),
+        "flags": (),
+    },
+    "ColumnMap": {
+        "object_id": (non_empty,),
+        "ra": (non_empty,),
+        "dec": (non_empty,),
+        "photoz": (non_empty,),
+        "photoz_err_min": (non_empty,),
+        "photoz_err_max": (non_empty,),
+        "cutout_uri": (contains("{band}"),),
+        "psf_uri": (contains("{band}"),),
+    },
+    "StagingConfig": {
+        "stamp_sizes": (non_empty, distinct, each(positive)),
+        "bad_mask_planes": (each(non_empty),),
+        "psf_size": (positive,),
+        "psf_margin": (non_negative,),
+        "detect_neighbours": (),
+        "detection_threshold": (positive,),
+        "detection_minarea": (positive,),
+        "deblend_nthresh": (positive,),
+        "deblend_cont": (between(0, 1),),
+        "neighbour_dilation": (non_negative,),
+        "target_radius": (non_negative,),
+        "detection_pad": (non_negative,),
+    },
+    "RunConfig": {
+        "physics": (),
+        "sampler": (),
+        "columns": (),
+        "staging": (),
+        "write_maps": (),
+        "map_dtype": (one_of(*MAP_DTYPES),),
+        "fits_maps": (),
+    },
+}
+# rules across fields: (field names, predicate on the config, what must hold)
+CLASS_RULES: dict[str, tuple[tuple[tuple[str, ...], typing.Callable[[Any], bool], str], ...]] = {
+    "PriorConfig": ((("z_max", "z_min"), lambda c: c.z_max > c.z_min, "must exceed z_min"),),
+}
+
+
+def _checked_init(init: typing.Callable[..., None]) -> typing.Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__module__ == __name__:  # a subclass elsewhere checks its own fields
+            check_config(self)
+
+    __init__._d4a_checked = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def _install_checks() -> None:
+    """Every dataclass of this module checks itself when built (see the module docstring)."""
+    for obj in list(globals().values()):
+        if (
+            isinstance(obj, type)
+            and dataclasses.is_dataclass(obj)
+            and obj.__module__ == __name__
+            and not getattr(obj.__init__, "_d4a_checked", False)
+        ):
+            obj.__init__ = _checked_init(obj.__init__)
+
+
+_install_checks()  # keep last: classes defined below this line would not be checked

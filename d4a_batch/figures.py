@@ -10,13 +10,15 @@ API (no pyplot state) and are written at exactly ``figsize · dpi`` pixels.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle
+from matplotlib.patches import Circle, Rectangle
 
 from d4a_batch.config import FlagThresholds
 from d4a_batch.physics.stretch import DEFAULT_A
@@ -24,6 +26,7 @@ from d4a_batch.schema import Col, Flag, Status, band_col
 
 DPI = 100
 RESIDUAL_RANGE = 5.0  # residual/sigma colour scale: ±this
+_RESID_CMAP = colormaps["RdBu_r"].with_extremes(bad="0.6")  # unused pixels grey
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -77,16 +80,28 @@ def object_figure(
     a: float = DEFAULT_A,
     figsize: tuple[float, float] = (12.0, 9.0),
     dpi: int = DPI,
+    segmap: np.ndarray | None = None,
+    target: int = 0,
+    neighbour_mask: np.ndarray | None = None,
+    footprint: float | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    flag_reasons: str = "",
 ) -> Path:
-    """One object's posterior on a 3×4 grid; returns the PNG path.
+    """One object's posterior on a grid of 4 columns; returns the PNG path.
 
-    Stamp grid (counts per HSC pixel, [C,H,W]): ``observation``, ``variance``, ``valid``,
-    ``reconvolved`` (PSF ⊛ R(mean) + background, ``validation.metrics.reconvolve``).
-    Model grid ([C,N,N], counts per model pixel): ``mean_flux``, ``std_flux``, ``truth``
-    (optional), ``samples_flux[K,C,N,N]`` (up to 4 shown); ``variance_ratio[N,N]``.
-    Panels: observation, re-convolved mean, residual/σ (band mean, valid pixels), posterior
-    std; posterior mean, truth, variance ratio with the score aperture, ``notes`` (text
-    lines, e.g. scores); samples.
+    Stamp grid (counts per HSC pixel, [C,H,W]): ``observation``, ``variance``, ``valid``
+    (the pixels the likelihood used), ``reconvolved`` (PSF ⊛ R(mean) + background,
+    ``validation.metrics.reconvolve``). Model grid ([C,N,N], counts per model pixel):
+    ``mean_flux``, ``std_flux``, ``truth`` (optional), ``samples_flux[K,C,N,N]`` (up to 4
+    shown); ``variance_ratio[N,N]``. Detection (optional, ``survey.detection``): ``segmap``
+    [H,W] with the ``target`` segment, ``neighbour_mask`` [H,W] (pixels masked for
+    neighbours), ``footprint`` (model footprint side, HSC pixels) around the object at
+    ``offset`` (dy, dx) from the stamp centre.
+    Panels, only those with data: observation (masked pixels grey, neighbour-masked ones
+    hatched in red, the model footprint outlined), segmentation, re-convolved mean,
+    residual/σ (band mean over used pixels; unused pixels grey), posterior std, posterior
+    mean, truth, variance ratio with the score aperture, samples; below them ``notes`` and
+    the flags with their reasons (``flag_reasons``, "; "-separated), wrapped.
     """
     obs = np.where(valid, observation, np.nan)
     sky = np.nanmedian(obs, axis=(-2, -1), keepdims=True)
@@ -95,48 +110,83 @@ def object_figure(
     chi = np.where(valid, (observation - reconvolved) / np.sqrt(np.where(valid, variance, 1.0)), 0)
     n_valid = valid.sum(0)
     resid = np.where(n_valid > 0, chi.sum(0) / np.maximum(n_valid, 1), np.nan)
-    fig = Figure(figsize=figsize, dpi=dpi)
-    axes = fig.subplots(3, 4)
-    _show(axes[0, 0], asinh_rgb(obs - sky, stamp_norm, a), "observation")
-    _show(axes[0, 1], asinh_rgb(reconvolved - sky, stamp_norm, a), "re-convolved mean")
-    im = _show(
-        axes[0, 2],
-        resid,
-        "residual / σ (band mean)",
-        cmap="RdBu_r",
-        vmin=-RESIDUAL_RANGE,
-        vmax=RESIDUAL_RANGE,
-    )
-    fig.colorbar(im, ax=axes[0, 2], fraction=0.046, pad=0.04)
-    _show(axes[0, 3], asinh_rgb(std_flux, band_norm(std_flux), a), "posterior std (own scale)")
-    _show(axes[1, 0], asinh_rgb(mean_flux, model_norm, a), "posterior mean")
-    if truth is not None:
-        _show(axes[1, 1], asinh_rgb(truth, model_norm, a), "truth")
-    else:
-        axes[1, 1].axis("off")
-    n = variance_ratio.shape[-1]
-    im = _show(axes[1, 2], variance_ratio, "variance ratio", cmap="magma", vmin=0)
-    axes[1, 2].add_patch(
-        Circle((n / 2 - 0.5, n / 2 - 0.5), aperture_radius_frac * n, fill=False, ec="cyan", lw=1)
-    )
-    fig.colorbar(im, ax=axes[1, 2], fraction=0.046, pad=0.04)
-    axes[1, 3].axis("off")
-    axes[1, 3].text(
-        0.0,
-        1.0,
-        "\n".join(notes),
-        va="top",
-        ha="left",
-        fontsize=9,
-        family="monospace",
-        transform=axes[1, 3].transAxes,
-    )
+    h, w = observation.shape[-2:]
     k_show = min(4, samples_flux.shape[0])
-    for k in range(4):
-        if k < k_show:
-            _show(axes[2, k], asinh_rgb(samples_flux[k], model_norm, a), f"sample {k}")
+    panels: list[str] = ["observation"] + (["segmentation"] if segmap is not None else [])
+    panels += ["reconvolved", "residual", "std", "mean"]
+    panels += (["truth"] if truth is not None else []) + ["ratio"]
+    panels += [f"sample{k}" for k in range(k_show)]
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=figsize, dpi=dpi)
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [0.55])
+    n = variance_ratio.shape[-1]
+
+    def outline(ax):
+        if footprint is not None and np.isfinite(footprint):
+            cy, cx = h / 2 + offset[0] - 0.5, w / 2 + offset[1] - 0.5  # pixel-centre coords
+            ax.add_patch(Rectangle((cx - footprint / 2, cy - footprint / 2), footprint,
+                                   footprint, fill=False, ec="yellow", lw=1, ls="--"))  # fmt: skip
+            ax.set_xlim(-0.5, w - 0.5)
+            ax.set_ylim(-0.5, h - 0.5)
+
+    def draw(ax, name):
+        if name == "observation":
+            rgb = asinh_rgb(np.nan_to_num(obs - sky), stamp_norm, a)
+            rgb[~valid.any(0)] = 0.5
+            _show(ax, rgb, "observation (grey: unused)")
+            if neighbour_mask is not None and neighbour_mask.any():
+                ax.contourf(neighbour_mask.astype(float), levels=[0.5, 1.5], colors="none",
+                            hatches=["////"], origin="lower")  # fmt: skip
+                ax.contour(neighbour_mask.astype(float), levels=[0.5], colors="red",
+                           linewidths=0.8, origin="lower")  # fmt: skip
+            outline(ax)
+        elif name == "segmentation":
+            seg = np.where(segmap == target, -1, segmap).astype(float)
+            seg[segmap == 0] = np.nan
+            n_seg = int(segmap.max())
+            _show(ax, seg, f"segmentation ({n_seg} sources; target white)", cmap="tab20",
+                  vmin=0, vmax=max(n_seg, 1))  # fmt: skip
+            ax.imshow(np.where(segmap == target, 1.0, np.nan), origin="lower", cmap="gray",
+                      vmin=0, vmax=1, interpolation="nearest")  # fmt: skip
+            if neighbour_mask is not None and neighbour_mask.any():
+                ax.contour(neighbour_mask.astype(float), levels=[0.5], colors="red",
+                           linewidths=0.8, origin="lower")  # fmt: skip
+            outline(ax)
+        elif name == "reconvolved":
+            _show(ax, asinh_rgb(reconvolved - sky, stamp_norm, a), "re-convolved mean")
+            outline(ax)
+        elif name == "residual":
+            im = _show(ax, np.ma.masked_invalid(np.where(n_valid > 0, resid, np.nan)),
+                       "residual / σ (used pixels)", cmap=_RESID_CMAP,
+                       vmin=-RESIDUAL_RANGE, vmax=RESIDUAL_RANGE)  # fmt: skip
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            outline(ax)
+        elif name == "std":
+            _show(ax, asinh_rgb(std_flux, band_norm(std_flux), a), "posterior std (own scale)")
+        elif name == "mean":
+            _show(ax, asinh_rgb(mean_flux, model_norm, a), "posterior mean")
+        elif name == "truth":
+            _show(ax, asinh_rgb(truth, model_norm, a), "truth")
+        elif name == "ratio":
+            im = _show(ax, variance_ratio, "variance ratio", cmap="magma", vmin=0)
+            ax.add_patch(Circle((n / 2 - 0.5, n / 2 - 0.5), aperture_radius_frac * n,
+                                fill=False, ec="cyan", lw=1))  # fmt: skip
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         else:
-            axes[2, k].axis("off")
+            k = int(name[len("sample") :])
+            _show(ax, asinh_rgb(samples_flux[k], model_norm, a), f"sample {k}")
+
+    for i, name in enumerate(panels):
+        draw(fig.add_subplot(grid[i // cols, i % cols]), name)
+    text_ax = fig.add_subplot(grid[rows, :])
+    text_ax.axis("off")
+    width = max(40, int(figsize[0] * dpi / 7.5))  # characters per line at 8 pt
+    lines = [*notes]
+    for reason in [r.strip() for r in flag_reasons.split(";") if r.strip()]:
+        lines += textwrap.wrap(reason, width, subsequent_indent="    ")
+    text_ax.text(0.0, 1.0, "\n".join(lines) if lines else "no flags", va="top", ha="left",
+                 fontsize=8, family="monospace", transform=text_ax.transAxes)  # fmt: skip
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

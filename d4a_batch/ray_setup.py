@@ -56,3 +56,26 @@ def init_ray(
             **kwargs,
         )
     return ray
+
+
+def node_local_path(path: str) -> str:
+    """``path`` as each node should open it: relative when it lies in this job's working dir.
+
+    Under ``ray job submit --working-dir`` every node unpacks its own copy of the working
+    dir and runs the job's tasks and actors in it, while the driver sees only the head's
+    copy: a file shipped that way (e.g. the prior) is handed to actors relative to it, so
+    each opens its own node's copy (no disk shared between nodes). Any other path or URL
+    is returned unchanged. Call on the driver, connected to Ray.
+    """
+    import ray
+
+    if "://" in str(path) or not os.path.isabs(str(path)):
+        return str(path)
+    try:
+        working_dir = (ray.get_runtime_context().runtime_env or {}).get("working_dir")
+    except Exception:  # not connected: nothing is shipped
+        working_dir = None
+    cwd = os.getcwd()
+    if working_dir and os.path.commonpath([cwd, str(path)]) == cwd:
+        return os.path.relpath(str(path), cwd)
+    return str(path)

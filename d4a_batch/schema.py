@@ -22,10 +22,12 @@ SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 PRIOR_WEIGHTS = "weights.safetensors"
 PRIOR_CONFIG = "config.json"
 PRIOR_STATS = "stats.safetensors"
+PRIOR_CALIBRATION = "calibration.json"  # optional: interval scales (prior/calibration.py)
 
 # run ledger / output metadata file names (next to the output catalog)
 LEDGER_DIR = "_d4a_ledger"  # the run ledger (pipeline/ledger.py)
 WORK_DIR = "_d4a_work"  # result chunks and partitions being committed, per run
+LEASE_FILE = "_d4a_lease.json"  # the one writer's lease on an output (pipeline/lease.py)
 RUN_CONFIG_FILE = "_d4a_run_config.json"
 FIGURES_DIR = "_d4a_figures"  # per-object figures and the run report (pipeline/figures.py)
 DATASET_DIR = "dataset"  # a HATS catalog's Parquet partitions
@@ -48,6 +50,9 @@ class Flag(enum.IntFlag):
     PSF_BAD = 1 << 4
     PHOTOZ_BAD = 1 << 5
     INPUT_ERROR = 1 << 6
+    NOISE_ESTIMATED = 1 << 7  # image-only cutout: noise (and/or mask) estimated from the stamp
+    BLENDED = 1 << 8  # a neighbour's light reaches the target's model footprint (detection.py)
+    TRUNCATED = 1 << 9  # the target's light extends past the model footprint (detection.py)
 
 
 FLAG_REASONS: dict[Flag, str] = {
@@ -58,6 +63,9 @@ FLAG_REASONS: dict[Flag, str] = {
     Flag.PSF_BAD: "PSF missing, renormalised or off-centre",
     Flag.PHOTOZ_BAD: "photo-z missing, invalid or outside the prior's validity range",
     Flag.INPUT_ERROR: "input could not be read or used; see status_message",
+    Flag.NOISE_ESTIMATED: "MASK and/or VARIANCE empty or absent: noise estimated from the stamp (sky from source-free pixels + source term), see flag_reasons",
+    Flag.BLENDED: "a neighbour's light left on the used pixels of the model footprint (or a neighbour merged into the target's segment) above threshold: masking cannot remove it",
+    Flag.TRUNCATED: "fraction of the target segment's flux outside the model footprint above threshold: the model field cuts the galaxy off",
 }
 
 
@@ -88,9 +96,22 @@ class Col:
     N_OUT = "footprint_hsc_pixels"
     STAMP_SIZE = "stamp_size"
     MASKED_FRACTION = "masked_fraction"
+    # neighbours and truncation (survey/detection.py, measured at staging)
+    N_NEIGHBOURS_MASKED = "n_neighbours_masked"  # neighbour segments made invalid pixels
+    NEIGHBOUR_MASKED_FRACTION = "neighbour_masked_fraction"  # stamp pixels masked for them
+    BLEND_FRACTION = "blend_fraction"  # neighbour light on used footprint pixels / target's
+    ASYMMETRY = "asymmetry"  # target segment light with no point-mirror image / its flux
+    TRUNCATED_FRACTION = "truncated_fraction"  # target segment flux outside the footprint
     # summaries (per band columns are f"{name}_{band}")
     HALLUCINATION = "hallucination_score"
     VARIANCE_RATIO_MEAN = "variance_ratio_mean"
+    # calibrated intervals (prior/calibration.py; NaN without a matching calibration.json):
+    # observed aperture S/N per pixel (sampling.calibrate.observed_snr), its S/N bin (float
+    # index, NaN: none) and the lambdas of the 68/95 % intervals mean ± lambda·z_p·std_flux
+    SNR = "snr_aperture"
+    CALIB_BIN = "calib_snr_bin"
+    CALIB_LAMBDA68 = "calib_lambda68"
+    CALIB_LAMBDA95 = "calib_lambda95"
     CHI2 = "chi2_reduced"
     FLUX = "flux"  # per band: flux_{band} (counts, zp 27)
     FLUX_ERR = "flux_err"
@@ -104,6 +125,8 @@ class Col:
     MEAN_FLUX = "mean_flux"
     STD_FLUX = "std_flux"
     VARIANCE_RATIO = "variance_ratio"
+    HALFWIDTH68_FLUX = "halfwidth68_flux"  # calibrated half-width lambda68 · 0.994 · std_flux
+    HALFWIDTH95_FLUX = "halfwidth95_flux"  # calibrated half-width lambda95 · 1.96 · std_flux
     SAMPLES_X = "samples_x"
     # provenance
     RUN_ID = "run_id"

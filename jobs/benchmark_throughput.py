@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
+from d4a_batch import testing
 from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, to_dict
-from d4a_batch.prior.artifact import Prior, PriorStats, load_prior, save_prior
-from d4a_batch.prior.unet import build_unet
+from d4a_batch.prior.artifact import Prior, load_prior
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
 from d4a_batch.validation.throughput import (
@@ -93,14 +93,7 @@ def log(msg: str) -> None:
 def random_prior(cfg: PriorConfig, device: str | torch.device) -> Prior:
     """A prior with random weights (the UNet's initialisation plus N(0, 0.02²) on every
     parameter, so the zero-initialised output layers are not zero) and unit prior variance."""
-    torch.manual_seed(0)
-    model = build_unet(cfg, device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    ones = torch.ones(shape)
-    return Prior(model, cfg, cfg.name, "random", PriorStats(0 * ones, ones, 0, 0))
+    return testing.random_prior(cfg, weight_std=0.02, keep_init=True, device=device)
 
 
 def batched_vs_naive(prior: Prior, args) -> dict[str, Any]:
@@ -220,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="throughput-", dir=out))
     if args.random or not Path(args.prior).is_dir():
         prior = random_prior(PriorConfig(name="demo-arch-random"), device)
-        prior_path = str(save_prior(work / "prior", prior.model.state_dict(), prior.config,
-                                    prior.stats))  # fmt: skip
+        prior_path = str(testing.write_prior(work / "prior", prior))
         label = "random weights, PriorConfig() architecture"
     else:
         prior, prior_path = load_prior(args.prior, device=device), args.prior

@@ -1,221 +1,24 @@
-"""Deconvolve a HATS catalog of HSC galaxies with a diffusion prior; write a HATS catalog of posteriors.
+"""Deconvolve a HATS catalog of HSC galaxies with a diffusion prior (``python jobs/deconvolve_survey.py``).
 
-    python jobs/deconvolve_survey.py            # the demo: mock COSMOS survey, priors/demo-64
-    python jobs/deconvolve_survey.py --catalog s3://bucket/survey --output s3://bucket/out \\
-        --prior /shared/priors/demo-64 --storage-options '{"anon": false}' --samples 16 --steps 100
-    ray job submit --working-dir . -- python jobs/deconvolve_survey.py --output /abs/path/out
-
-Without arguments it builds the demo survey (catalogs/demo/survey, if absent or built
-for another prior), starts a local Ray cluster and writes catalogs/out/demo_posteriors.
-With RAY_ADDRESS set (as under ``ray job submit``) or ``--address`` it joins that cluster
-and passes no resources to ``ray.init``; the job's working directory is a temporary
-copy there, so ``--output`` must then be an absolute path or a URL.
-
-Re-runs are incremental: the run ledger next to the output says which partitions are
-up to date (same input fingerprint, prior and config) and only the others are
-processed; ``--force`` redoes them, ``--partitions`` limits the run to some.
-``python jobs/list_runs.py OUTPUT`` lists the runs and what each changed.
-
-Figures (``pipeline.figures``, into ``OUTPUT/_d4a_figures/``): ``--figures 1001,1002``
-draws those objects' posteriors (observation, re-convolved mean, residual/σ, posterior
-mean and std, variance ratio, samples if kept); ``--report`` draws the run report
-(score, χ², upsampling, flag and status distributions over the whole catalog). The demo
-writes the report unless ``--no-report``.
-
-Exit codes (for schedulers): 0 every partition ok (objects may still have error
-rows: that is data); 3 some partitions failed (listed on stderr; re-run to retry
-them); 2 a job-level error before any work (bad arguments, unreadable catalog, a
-missing column, a prior that does not load or match its config); 1 anything else.
+The same command as ``d4a-deconvolve``; its code, options and exit codes are in
+``d4a_batch/cli/deconvolve.py`` (``--help`` prints them).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import logging
-import os
 import sys
-from pathlib import Path
 
-from d4a_batch.config import ColumnMap, RunConfig, SamplerConfig, from_dict
-from d4a_batch.schema import DEMO_OUTPUT_DIR, DEMO_PRIOR_DIR, DEMO_SURVEY_DIR
-from d4a_batch.survey.storage import is_absolute
-
-# the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores
-DEMO_SAMPLER = SamplerConfig(steps=25, samples=4)
-DEMO_OBJECTS = 32
-EXIT_OK, EXIT_CRASH, EXIT_JOB_ERROR, EXIT_PARTITIONS_FAILED = 0, 1, 2, 3
-
-
-def _object_ids(text: str) -> list[int]:
-    try:
-        return [int(i) for i in text.split(",") if i.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated object ids, got {text!r}"
-        ) from None
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--catalog", help="input HATS catalog (path or URL); default: the demo survey")
-    p.add_argument("--output", help=f"output HATS catalog; default: {DEMO_OUTPUT_DIR}")
-    p.add_argument("--prior", help=f"prior artifact folder; default: {DEMO_PRIOR_DIR}")
-    p.add_argument("--config", type=Path, help="JSON of RunConfig fields (CLI options override)")
-    p.add_argument("--samples", type=int, help="posterior samples per object")
-    p.add_argument("--steps", type=int, help="reverse diffusion steps")
-    p.add_argument("--seed", type=int, help="sampler seed")
-    p.add_argument(
-        "--columns",
-        help="input column names as key=name pairs, e.g. 'photoz=photoz_mizuki,ra=ra2000' "
-        f"(keys: {', '.join(f.name for f in dataclasses.fields(ColumnMap))})",
-    )
-    p.add_argument("--no-maps", action="store_true", help="scalars only, no tensor map columns")
-    p.add_argument("--fits-maps", action="store_true", help="also write per-object FITS maps")
-    p.add_argument("--limit", type=int, help="process only the first N objects")
-    p.add_argument(
-        "--batch-size", type=int, default=8, help="objects per sampler call (GPU: 64 or more)"
-    )
-    p.add_argument("--actors", type=int, help="sampling actors (default: one per GPU or CPU)")
-    p.add_argument("--gpus", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: derived)")
-    p.add_argument("--storage-options", help="JSON of fsspec storage options for all URIs")
-    p.add_argument(
-        "--overwrite", action="store_true", help="delete the existing output (and its ledger) first"
-    )
-    p.add_argument(
-        "--force", action="store_true", help="reprocess partitions the ledger says are up to date"
-    )
-    p.add_argument(
-        "--partitions",
-        help="only these partitions, as ORDER/PIXEL pairs: '7/123,7/124' (default: all)",
-    )
-    p.add_argument("--write-staged", help="also write the staged packs here (Parquet)")
-    p.add_argument("--read-staged", help="read staged packs from here instead of staging")
-    p.add_argument(
-        "--figures", help="object ids to draw, e.g. '1001,1002' (into OUTPUT/_d4a_figures)"
-    )
-    p.add_argument("--report", action="store_true", help="draw the run report (the demo does)")
-    p.add_argument("--no-report", action="store_true", help="not even for the demo")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
-    return p.parse_args(argv)
-
-
-def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
-    """RunConfig from --config (or the demo's), with the CLI options on top."""
-    cfg = RunConfig(sampler=DEMO_SAMPLER) if demo else RunConfig()
-    if args.config:
-        cfg = from_dict(RunConfig, json.loads(args.config.read_text()))
-    sampler = {
-        k: v
-        for k, v in (("samples", args.samples), ("steps", args.steps), ("seed", args.seed))
-        if v is not None
-    }
-    if sampler:
-        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **sampler))
-    if args.columns:
-        pairs = dict(item.split("=", 1) for item in args.columns.split(",") if item)
-        cfg = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, **pairs))
-    if args.no_maps:
-        cfg = dataclasses.replace(cfg, write_maps=False)
-    if args.fits_maps:
-        cfg = dataclasses.replace(cfg, fits_maps=True)
-    return cfg
-
-
-def draw_figures(args, demo: bool, catalog: str, output: str, prior: str, so) -> None:
-    """--figures and --report (the demo's report) after the run; a figure never fails the job."""
-    from d4a_batch.pipeline.figures import write_object_figures, write_run_report
-
-    if args.figures:
-        for oid, where in write_object_figures(
-            output, catalog, prior, args.figures, None, so
-        ).items():
-            print(f"[d4a] figure of object {oid}: {where}", flush=True)
-    if (args.report or demo) and not args.no_report:
-        print(f"[d4a] run report: {write_run_report(output, None, so)}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[d4a] %(message)s", stream=sys.stdout)
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    demo = args.catalog is None
-    if address and not (args.output and is_absolute(args.output)):
-        print("[d4a] job error: on a Ray cluster --output must be an absolute path or a URL (the "
-              "job's working directory is a temporary copy)", file=sys.stderr)  # fmt: skip
-        return EXIT_JOB_ERROR
-    prior = args.prior or str(DEMO_PRIOR_DIR)
-    catalog = args.catalog
-    if demo:
-        from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
-        from d4a_batch.prior.artifact import read_prior_config
-
-        prior_cfg, _ = read_prior_config(prior)
-        survey_cfg = MockSurveyConfig(
-            n_objects=DEMO_OBJECTS,
-            bands=tuple(prior_cfg.bands),
-            kpc_per_pixel=prior_cfg.kpc_per_pixel,
-            n_model=prior_cfg.image_size,
-        )
-        catalog = str(ensure_mock_survey(DEMO_SURVEY_DIR, survey_cfg))
-        print(f"[d4a] demo survey: {catalog} ({DEMO_OBJECTS} mock HSC galaxies)", flush=True)
-    output = args.output or str(DEMO_OUTPUT_DIR)
-
-    from d4a_batch.ray_setup import init_ray
-
-    if address:
-        init_ray(address=address)
-    else:
-        init_ray(
-            num_cpus=args.num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    from d4a_batch.pipeline.engine import ExecutionOptions, JobError, run_survey
-    from d4a_batch.pipeline.ledger import Ledger
-
-    options = ExecutionOptions(
-        actors=args.actors,
-        gpus_per_actor=args.gpus,
-        cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        storage_options=json.loads(args.storage_options) if args.storage_options else None,
-        # the demo's own output, if an older version left it without a ledger
-        overwrite=args.overwrite or (demo and args.output is None and not Ledger(output).exists()),
-        force=args.force,
-        partitions=tuple(args.partitions.split(",")) if args.partitions else None,
-        write_staged=args.write_staged,
-        read_staged=args.read_staged,
-    )
-    try:
-        summary = run_survey(catalog, output, prior, run_config(args, demo), options)
-    except JobError as e:
-        print(f"[d4a] job error (nothing was processed): {e}", file=sys.stderr, flush=True)
-        return EXIT_JOB_ERROR
-    out = summary.output
-    print(f"[d4a] {summary.line()}", flush=True)
-    print(
-        f"[d4a] output HATS catalog: {out}  ({summary.partitions} partitions written, "
-        f"{len(summary.skipped)} up to date)"
-    )
-    print("[d4a] query it, e.g.:")
-    cols = "['object_id', 'status', 'flag_names', 'mag_i', 'hallucination_score', 'chi2_reduced']"
-    print(
-        f"  python -c \"import pandas as pd; df = pd.read_parquet('{out}/dataset'); "
-        f"print(df[df.status == 'ok'][{cols}].to_string())\""
-    )
-    draw_figures(args, demo, catalog, out, prior, options.storage_options)
-    if summary.failed_partitions:
-        print(f"[d4a] {len(summary.failed_partitions)} partitions FAILED:", file=sys.stderr)
-        for name, msg in sorted(summary.failed_partitions.items()):
-            print(f"  {name}: {msg}", file=sys.stderr)
-        return EXIT_PARTITIONS_FAILED
-    return EXIT_OK
-
+from d4a_batch.cli.deconvolve import (  # noqa: F401  (the job's names, for tests and callers)
+    DEMO_OBJECTS,
+    DEMO_SAMPLER,
+    EXIT_CRASH,
+    EXIT_JOB_ERROR,
+    EXIT_OK,
+    EXIT_PARTITIONS_FAILED,
+    main,
+    parse_args,
+    run_config,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,11 +10,24 @@ is ``--n-heldout`` fresh mock galaxies from ``--heldout-seed`` (training data
 uses other seeds). Features are standardised on the held-out set. The JSON also
 holds the distance between two independent held-out halves (the noise floor of
 the metric at that sample size); the PNG shows both sets in the held-out PCA plane.
+
+``--heldout-structure`` (repeatable: ``smooth``, ``realistic``; default: the first
+prior's ``mock_structure``) compares the same samples with held-out sets of each mock
+population; the first one is the reference of ``frechet_distance`` and the PCA plot.
+The JSON also holds quantiles (10/25/50/75/90 %) of every feature (size r50,
+ellipticity, concentration, asymmetry, the g/r and i/r colour-extent ratios, ...) for
+the samples and each held-out set, and a sanity check against a real galaxy:
+``--real`` (default: the HST/ACS F814W COSMOS galaxy in ../shared/data, skipped when
+absent), sky-subtracted and cut to 3.5", moved onto the prior's grid at each
+``--real-z`` (flux-conserving rebin to p * arcsec_per_kpc(z)) and copied into every band
+(one band: its colour features are 0 by construction), with the percentile of each of
+its features among the samples and the held-out mocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,13 +37,16 @@ import numpy as np
 import torch
 
 from d4a_batch.config import PriorConfig
+from d4a_batch.physics.cosmology import model_pixel_arcsec
 from d4a_batch.prior.artifact import load_prior
 from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
 from d4a_batch.training.data import mock_images
 from d4a_batch.training.evaluate import (
     FEATURE_NAMES,
+    feature_quantiles,
     frechet_distance,
+    image_on_prior_grid,
     morphology_features,
     pca_fit,
     pca_project,
@@ -38,6 +54,11 @@ from d4a_batch.training.evaluate import (
     standardise,
 )
 from d4a_batch.training.loop import STATE_FILE, load_checkpoint_dir
+
+DEFAULT_REAL = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/galsim/cosmos_147246_f814w.fits"
+)
+HST_PIXEL_ARCSEC = 0.03
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, PriorConfig, dict]:
@@ -52,6 +73,37 @@ def load_model(path: Path) -> tuple[torch.nn.Module, PriorConfig, dict]:
     steps = prior.metadata.get("training", {}).get("steps")
     info = {"kind": "artifact", "prior_id": prior.prior_id, "steps_trained": steps}
     return prior.model, prior.config, info
+
+
+def real_galaxy_x(path: Path, cfg: PriorConfig, z: float) -> np.ndarray:
+    """The HST galaxy at ``path`` on the prior's grid at redshift z, in x space ``[1, C, N, N]``.
+
+    Sky from the median beyond 200 HST pixels of the centre, light beyond 3.5" of the
+    centroid cut (its neighbours are masked with noise there), as in the physics tests.
+    """
+    from astropy.io import fits
+
+    from d4a_batch.training.data import to_model_space
+
+    hst = fits.getdata(path).astype(np.float64)
+    n = hst.shape[0]
+    y, x = np.indices(hst.shape)
+    r0 = np.hypot(y - (n - 1) / 2, x - (n - 1) / 2)
+    gal = hst - np.median(hst[r0 > 200])
+    core = r0 < 60
+    gy, gx = ((gal * c)[core].sum() / gal[core].sum() for c in (y, x))
+    gal = np.where(np.hypot(y - gy, x - gx) < 3.5 / HST_PIXEL_ARCSEC, gal, 0.0)
+    theta = float(model_pixel_arcsec(z, cfg.kpc_per_pixel))
+    img = np.clip(image_on_prior_grid(gal, HST_PIXEL_ARCSEC, theta, cfg.image_size), 0, None)
+    return to_model_space(np.repeat(img[None], cfg.in_channels, axis=0), cfg.stretch.a)[None]
+
+
+def percentile_of(value: np.ndarray, population: np.ndarray) -> dict[str, float]:
+    """Per feature: the fraction of ``population[K, D]`` below ``value[D]`` (in %)."""
+    return {
+        name: float(100 * np.mean(population[:, j] < value[j]))
+        for j, name in enumerate(FEATURE_NAMES)
+    }
 
 
 @torch.no_grad()
@@ -80,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-png", type=Path, help="PCA plot")
     p.add_argument("--samples-png", type=Path, help="grid of the last prior's samples")
     p.add_argument("--grid", type=int, default=8, help="grid side of --samples-png")
+    p.add_argument(
+        "--heldout-structure",
+        action="append",
+        choices=("smooth", "realistic"),
+        help="mock population(s) of the held-out sets (repeatable; default: the prior's)",
+    )
+    p.add_argument("--real", type=Path, default=DEFAULT_REAL, help="real galaxy FITS (HST)")
+    p.add_argument("--real-z", type=float, nargs="+", default=[0.3, 0.6, 1.0])
     args = p.parse_args(argv)
 
     priors = []
@@ -88,14 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(path)
         priors.append((label or path.name, path, *load_model(path)))
     cfg0 = priors[0][3]
-    t0 = time.perf_counter()
-    heldout = mock_images(np.arange(args.n_heldout), args.heldout_seed, cfg0)
-    f_held = morphology_features(heldout, cfg0.stretch.a, cfg0.bands)
-    half = args.n_heldout // 2
-    fa, fb = standardise(f_held[:half], f_held[half:])
-    floor = frechet_distance(fa, fb)
-    print(f"[eval] held-out: {args.n_heldout} mocks in {time.perf_counter() - t0:.0f} s, "
-          f"floor FD (half vs half) {floor:.4f}", flush=True)  # fmt: skip
+    structures = args.heldout_structure or [cfg0.mock_structure]
+    heldout_sets = []
+    for structure in structures:
+        t0 = time.perf_counter()
+        cfg_h = dataclasses.replace(cfg0, mock_structure=structure)
+        heldout = mock_images(np.arange(args.n_heldout), args.heldout_seed, cfg_h)
+        f_h = morphology_features(heldout, cfg0.stretch.a, cfg0.bands)
+        half = args.n_heldout // 2
+        fa, fb = standardise(f_h[:half], f_h[half:])
+        floor = frechet_distance(fa, fb)
+        print(f"[eval] held-out {structure}: {args.n_heldout} mocks in "
+              f"{time.perf_counter() - t0:.0f} s, floor FD (half vs half) {floor:.4f}", flush=True)  # fmt: skip
+        heldout_sets.append((structure, f_h, floor))
+    f_held = heldout_sets[0][1]
 
     results, projections, last = [], [], None
     mean, comps = pca_fit(standardise(f_held)[0], 2)
@@ -105,28 +171,54 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         x = draw_samples(model, cfg, args.n_samples, args.steps, args.seed, args.batch_size)
         f = morphology_features(x, cfg.stretch.a, cfg.bands)
-        ref, fs = standardise(f_held, f)
-        fd = frechet_distance(ref, fs)
+        fds = {st: frechet_distance(*standardise(fh, f)) for st, fh, _ in heldout_sets}
+        fd = fds[structures[0]]
         secs = time.perf_counter() - t0
-        print(f"[eval] {label}: FD {fd:.4f} ({args.n_samples} samples, {secs:.0f} s)", flush=True)
+        by = ", ".join(f"{k} {v:.3f}" for k, v in fds.items())
+        print(f"[eval] {label}: FD {by} ({args.n_samples} samples, {secs:.0f} s)", flush=True)
         results.append({
             "label": label, "path": str(path), **info, "frechet_distance": fd,
+            "frechet_distance_by_heldout": fds, "mock_structure": cfg.mock_structure,
             "n_samples": args.n_samples, "sampling_steps": args.steps, "seconds": secs,
             "feature_mean": dict(zip(FEATURE_NAMES, f.mean(axis=0).tolist())),
             "feature_std": dict(zip(FEATURE_NAMES, f.std(axis=0).tolist())),
+            "feature_quantiles": feature_quantiles(f),
         })  # fmt: skip
-        projections.append((label, pca_project(fs, mean, comps)))
-        last = x
+        projections.append((label, pca_project(standardise(f_held, f)[1], mean, comps)))
+        last = (x, f)
 
+    real = None
+    if args.real is not None and args.real.exists():
+        real = {"path": str(args.real), "by_z": {}}
+        for z in args.real_z:
+            fr = morphology_features(real_galaxy_x(args.real, cfg0, z), cfg0.stretch.a, cfg0.bands)[
+                0
+            ]
+            real["by_z"][str(z)] = {
+                "features": dict(zip(FEATURE_NAMES, fr.tolist())),
+                "percentile_in_samples": percentile_of(fr, last[1]),
+                "percentile_in_heldout": {st: percentile_of(fr, fh) for st, fh, _ in heldout_sets},
+            }
+            print(f"[eval] real galaxy at z = {z}: "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in zip(FEATURE_NAMES, fr)), flush=True)  # fmt: skip
+
+    heldout_report = {
+        st: {
+            "n": args.n_heldout, "seed": args.heldout_seed, "structure": st,
+            "floor_frechet_distance": floor,
+            "feature_mean": dict(zip(FEATURE_NAMES, fh.mean(axis=0).tolist())),
+            "feature_std": dict(zip(FEATURE_NAMES, fh.std(axis=0).tolist())),
+            "feature_quantiles": feature_quantiles(fh),
+        }
+        for st, fh, floor in heldout_sets
+    }  # fmt: skip
     report = {
         "features": list(FEATURE_NAMES),
-        "heldout": {
-            "n": args.n_heldout, "seed": args.heldout_seed, "floor_frechet_distance": floor,
-            "feature_mean": dict(zip(FEATURE_NAMES, f_held.mean(axis=0).tolist())),
-            "feature_std": dict(zip(FEATURE_NAMES, f_held.std(axis=0).tolist())),
-        },
+        "heldout": heldout_report[structures[0]],
+        "heldout_sets": heldout_report,
         "priors": results,
-    }  # fmt: skip
+        "real_galaxy": real,
+    }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"[eval] wrote {args.out_json}", flush=True)
@@ -152,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(args.out_png, dpi=80)
         print(f"[eval] wrote {args.out_png}", flush=True)
     if args.samples_png:
-        k = min(args.grid**2, len(last))
-        grid = sample_grid_rgb(last[:k], ncol=args.grid, bands=cfg0.bands)
+        k = min(args.grid**2, len(last[0]))
+        grid = sample_grid_rgb(last[0][:k], ncol=args.grid, bands=cfg0.bands)
         plt.imsave(args.samples_png, grid)
         print(f"[eval] wrote {args.samples_png}", flush=True)
     return 0

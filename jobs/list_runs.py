@@ -1,32 +1,13 @@
-"""List the runs recorded in an output catalog's ledger and what each changed.
+"""List the runs recorded in an output catalog's ledger (``python jobs/list_runs.py OUTPUT``).
 
-    python jobs/list_runs.py catalogs/out/demo_posteriors
-    python jobs/list_runs.py s3://bucket/out --storage-options '{"anon": false}'
-
-One block per run, oldest first: run id, status (``interrupted`` when the run never
-wrote its end record), prior, config, code version, objects and time; then what
-changed against the previous run and which partitions it processed and why (new,
-input changed, prior changed, config changed, previous attempt failed, forced).
+The same command as ``d4a-runs``; its code is ``d4a_batch/cli/runs.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from d4a_batch.pipeline.ledger import describe_runs
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("output", help="output HATS catalog (path or URL)")
-    p.add_argument("--storage-options", help="JSON of fsspec storage options")
-    args = p.parse_args(argv)
-    so = json.loads(args.storage_options) if args.storage_options else None
-    print(describe_runs(args.output, so))
-    return 0
-
+from d4a_batch.cli.runs import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,15 @@ present). Running the same command again with the same ``--storage`` and
 ``--name`` resumes from the run's latest checkpoint. ``--export-checkpoint``
 skips training and exports a given checkpoint folder.
 
+The HSC-field prior (``jobs/configs/hsc-64.json``: 64 px at 0.75 kpc/pixel, realistic
+mocks with arms, bars, knots and dust; why: ``jobs/configs/hsc-64.md``) trains with
+
+    python jobs/train_prior.py --storage /tmp/d4a_train --name hsc-64 \
+        --prior-config jobs/configs/hsc-64.json --n-images 20000 --steps 20000 \
+        --lr 2e-4 --batch-size 64 --checkpoint-every 500 --gpu --out priors/hsc-64
+
+(the same command again resumes from the latest checkpoint).
+
 ``jobs/configs/demo-64.json`` is the demo architecture (``PriorConfig()``) with a
 v-predicting network and posterior-variance reverse steps; without
 ``--prior-config`` the network predicts ε, as improved-diffusion's do (see
@@ -29,6 +38,15 @@ from pathlib import Path
 
 from d4a_batch.config import PriorConfig, from_dict
 from d4a_batch.training.loop import TrainConfig, export_prior, list_checkpoints, run_training
+
+
+def data_folder_name(prior: PriorConfig, n_images: int, seed: int) -> str:
+    """Parquet folder name of a training set: the demo's name for smooth 0.5 kpc mocks, else
+    one that names the mock structure and the kpc/pixel (so runs never share wrong data)."""
+    if prior.mock_structure == "smooth" and prior.kpc_per_pixel == 0.5:
+        return f"data-{prior.image_size}-{n_images}-{seed}"
+    kpc = f"{prior.kpc_per_pixel:g}".replace(".", "p")
+    return f"data-{prior.mock_structure}-{prior.image_size}-{kpc}kpc-{n_images}-{seed}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     t_job = time.perf_counter()
-    data = args.data or args.storage / f"data-{prior.image_size}-{args.n_images}-{args.data_seed}"
+    data = args.data or args.storage / data_folder_name(prior, args.n_images, args.data_seed)
     if not (data.is_dir() and any(data.glob("*.parquet"))):
         t0 = time.perf_counter()
         write_mock_parquet(data, args.n_images, prior, args.data_seed)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
+from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import ColumnMap, RunConfig, SamplerConfig
 from d4a_batch.prior.artifact import PriorFormatError, load_prior
@@ -21,10 +22,10 @@ from d4a_batch.schema import PRIOR_CONFIG, PRIOR_WEIGHTS
 from d4a_batch.survey.hats_io import Partition, read_partition
 from d4a_batch.survey.output import fits_maps_uri
 from d4a_batch.survey.storage import safe_join
+from d4a_batch.testing import TINY_PRIOR
 from d4a_batch.training.loop import CONFIG_FILE, STATE_FILE, load_checkpoint_dir
 from tests.faults import FlakyS3Proxy, moto_s3
 from tests.survey.conftest import tiny_prior, tiny_survey
-from tests.survey.fixtures import TINY_PRIOR
 
 __all__ = ["tiny_prior", "tiny_survey"]  # session fixtures used below
 
@@ -121,10 +122,10 @@ def test_object_ids_are_integers_by_schema(tmp_path):
     assert table["object_id"].to_pylist() == [12, -7]
     root = "s3://bkt/out"
     for oid in table["object_id"].to_pylist():
-        uri = fits_maps_uri(root, 0, 4, oid)
+        uri = fits_maps_uri(root, HealpixPixel(0, 4), oid)
         assert uri == safe_join(root, "fits", "0_4", f"{oid}.fits")
     with pytest.raises(ValueError):
-        fits_maps_uri(root, 0, 4, "../../x")
+        fits_maps_uri(root, HealpixPixel(0, 4), "../../x")
 
 
 # --------------------------------------------------------------------------- credentials

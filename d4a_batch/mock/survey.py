@@ -6,7 +6,8 @@ Layout of a survey folder (the HATS catalog root)::
     cutouts/{band}/{object_id}.fits   HSC cutout-service files (IMAGE, MASK, VARIANCE)
     psfs/{band}/{object_id}.fits      PSF-picker files (43x43)
     truth.parquet                     per object: true z, truth image [C,N,N] (counts per
-                                      model pixel at the prior's kpc/pixel), what was added
+                                      model pixel at the prior's kpc/pixel), what was added,
+                                      its neighbour / larger-than-field / image-only role
     mock_survey.json                  the MockSurveyConfig it was built from
 
 The catalog uses HSC PDR3 column names (``object_id``, ``ra``, ``dec``,
@@ -24,6 +25,7 @@ Everything is deterministic given ``MockSurveyConfig.seed``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -71,7 +73,12 @@ class MockSurveyConfig:
     z_range: tuple[float, float] = (0.25, 1.0)
     i_mag_range: tuple[float, float] = (20.0, 23.5)
     cutout_size: int = 112
-    neighbour_fraction: float = 0.3  # stamps with one or two neighbouring galaxies
+    neighbour_fraction: float = 0.2  # stamps with one or two separate neighbours (10-30 px)
+    # what real cutouts have (issue 11); roles drawn per object from their own random stream
+    overlap_fraction: float = 0.06  # a neighbour 6-9 px away whose light overlaps the target
+    large_fraction: float = 0.06  # galaxies large_factor x larger: they overflow the field
+    large_factor: float = 5.0
+    image_only_fraction: float = 0.1  # cutouts written "image only" (MASK, VARIANCE empty)
     star_fraction: float = 0.1  # stamps with a bright (saturated) star nearby
     cr_fraction: float = 0.3  # stamps with an interpolated cosmic ray (INTRP|CR)
     bad_column_fraction: float = 0.1  # stamps with a BAD column
@@ -138,11 +145,25 @@ def _z_scale(z: float, cfg: MockSurveyConfig) -> float:
 def _make_object(k: int, ra: float, dec: float, cfg: MockSurveyConfig, tract: WCS) -> dict:
     """Truth, cutouts [C,S,S] (image, mask, variance), PSFs and WCS of object k."""
     rng = np.random.default_rng([cfg.seed, k])
+    roles = np.random.default_rng([cfg.seed, k, 2])  # issue-11 roles: their own stream
+    u_role = float(roles.uniform())
+    large = u_role < cfg.large_fraction
+    overlap = cfg.large_fraction <= u_role < cfg.large_fraction + cfg.overlap_fraction
+    image_only = float(roles.uniform()) < cfg.image_only_fraction
     zp = PhysicsConfig().zeropoint_ab
     size, bands = cfg.cutout_size, cfg.bands
     z = float(rng.uniform(*cfg.z_range))
     mag_i = float(rng.uniform(*cfg.i_mag_range))
-    truth = _galaxy(rng, cfg, mag_i)  # [C,N,N] counts per model pixel
+    if large:  # the galaxy drawn at 1/f of the pixel scale on an f-times wider grid, read at
+        # the prior's scale: f times larger, on a grid f times the field; truth = its centre
+        f = round(cfg.large_factor)
+        wide_cfg = dataclasses.replace(cfg, kpc_per_pixel=cfg.kpc_per_pixel / f,
+                                       n_model=cfg.n_model * f)  # fmt: skip
+        wide = _galaxy(rng, wide_cfg, mag_i)
+        lo = (wide.shape[-1] - cfg.n_model) // 2
+        truth = wide[:, lo : lo + cfg.n_model, lo : lo + cfg.n_model]
+    else:
+        wide = truth = _galaxy(rng, cfg, mag_i)  # [C,N,N] counts per model pixel
     # cutout grid: the tract's pixels around the object, object near the centre
     x, y = (float(v) for v in tract.world_to_pixel_values(ra, dec))  # 0-based pixel centres
     x0, y0 = math.floor(x + 0.5) - size // 2, math.floor(y + 0.5) - size // 2
@@ -152,8 +173,20 @@ def _make_object(k: int, ra: float, dec: float, cfg: MockSurveyConfig, tract: WC
     e1, e2 = 0.03 * math.cos(3 * ra), 0.03 * math.sin(5 * dec)
     fwhm = [seeing_fwhm(b, ra, dec, cfg) for b in bands]
     psf = np.stack([draw_psf(f, e1, e2) for f in fwhm])
-    model = _render(truth, psf, _z_scale(z, cfg), centre, size)
+    model = _render(wide, psf, _z_scale(z, cfg), centre, size)
     extras: list[str] = []
+    outside = 1.0 - float(truth.sum() / wide.sum())
+    neighbour_sep = math.nan
+    if large:
+        extras.append(f"larger than the field: {100 * outside:.0f} % of the flux outside")
+    if overlap:
+        r, phi = roles.uniform(6, 9), roles.uniform(0, 2 * math.pi)
+        off = (centre[0] + r * math.sin(phi), centre[1] + r * math.cos(phi))
+        zn = float(roles.uniform(*cfg.z_range))
+        neighbour = _galaxy(roles, cfg, mag_i + float(roles.uniform(-0.5, 1.0)))
+        model += _render(neighbour, psf, _z_scale(zn, cfg), off, size)
+        neighbour_sep = float(r)
+        extras.append(f"overlapping galaxy z={zn:.3f} at dy={off[0]:.1f} dx={off[1]:.1f}")
     if rng.uniform() < cfg.neighbour_fraction:
         for _ in range(int(rng.integers(1, 3))):
             r, phi = rng.uniform(10, 30), rng.uniform(0, 2 * math.pi)
@@ -161,6 +194,7 @@ def _make_object(k: int, ra: float, dec: float, cfg: MockSurveyConfig, tract: WC
             zn = float(rng.uniform(*cfg.z_range))
             neighbour = _galaxy(rng, cfg, mag_i + float(rng.uniform(-1.0, 1.5)))
             model += _render(neighbour, psf, _z_scale(zn, cfg), off, size)
+            neighbour_sep = float(np.nanmin([neighbour_sep, r]))
             extras.append(f"galaxy z={zn:.3f} at dy={off[0]:.1f} dx={off[1]:.1f}")
     sat = np.zeros((size, size), bool)
     if rng.uniform() < cfg.star_fraction:
@@ -213,6 +247,11 @@ def _make_object(k: int, ra: float, dec: float, cfg: MockSurveyConfig, tract: WC
         "seeing": fwhm,
         "offset": centre,
         "extras": "; ".join(extras),
+        "neighbour_sep": neighbour_sep,
+        "overlap": overlap,
+        "large": large,
+        "flux_outside_field": outside,
+        "image_only": image_only,
     }
 
 
@@ -287,6 +326,13 @@ def build_mock_survey(
                 "offset_y": obj["offset"][0],
                 "offset_x": obj["offset"][1],
                 "extras": obj["extras"],
+                # issue-11 roles: nearest neighbour (HSC px, NaN: none), one overlapping the
+                # target, a galaxy larger than the field (flux share outside it), image only
+                "neighbour_sep_px": obj["neighbour_sep"],
+                "overlapping_neighbour": obj["overlap"],
+                "larger_than_field": obj["large"],
+                "flux_outside_field": obj["flux_outside_field"],
+                "image_only": obj["image_only"],
                 **{f"seeing_{b}": obj["seeing"][c] for c, b in enumerate(cfg.bands)},
                 "truth": obj["truth"],
             }
@@ -302,9 +348,11 @@ def build_mock_survey(
     )
     catalog.write_catalog(root, as_collection=False, progress_bar=False)
     for cut_path, psf_path, obj, c in files:
+        only = obj["image_only"]  # the cutout service's "image only": MASK, VARIANCE empty
         write_hsc_cutout(
-            str(cut_path), obj["image"][c], obj["mask"][c], obj["variance"][c], obj["wcs"]
-        )
+            str(cut_path), obj["image"][c], None if only else obj["mask"][c],
+            None if only else obj["variance"][c], obj["wcs"],
+        )  # fmt: skip
         write_psf(str(psf_path), obj["psf"][c])
     truth = pa.table(
         {

@@ -12,19 +12,27 @@ import pyarrow as pa
 
 from d4a_batch.config import RunConfig, from_dict
 from d4a_batch.physics.operator import ObservationBatch
+from d4a_batch.sampling.calibrate import calibrated_columns, observed_snr, usable_calibration
+from d4a_batch.sampling.flags import flag_objects
 from d4a_batch.schema import Col
+from d4a_batch.survey.detection import detection_flag_inputs
 from d4a_batch.survey.hats_io import INPUT_PHOTOZ_HI, INPUT_PHOTOZ_LO
 from d4a_batch.survey.output import OutputSpec, Provenance, output_table
-from d4a_batch.survey.staging import (
+from d4a_batch.survey.packs import (
     IMAGE,
     KIND_ERRORS,
+    NOISE_NOTE,
     OFFSET,
     PSF,
+    PSF_CENTROID,
+    PSF_SUM,
+    SCALE,
     VALID,
     VARIANCE,
     pack_arrays,
     pack_from_bytes,
 )
+from d4a_batch.survey.tensors import tensor_numpy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,8 @@ class DeconvolveActor:
         self.provenance = provenance
         cfg = self.prior.config
         self.z_range = (cfg.z_min, cfg.z_max)
+        # calibrated interval columns only with a calibration fitted for this sampler config
+        self.calibration = usable_calibration(self.prior.calibration, self.config.sampler)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = [
@@ -72,15 +82,37 @@ class DeconvolveActor:
         ]
         return pa.concat_tables(tables)
 
-    def _table(self, pack: pa.Table, results, error: str | None = None) -> pa.Table:
-        return output_table(
-            pack,
-            results,
-            self.spec,
-            self.provenance,
+    def _table(
+        self,
+        pack: pa.Table,
+        summaries=None,
+        messages: list[str | None] | None = None,
+        calibrated: dict[str, np.ndarray] | None = None,
+    ) -> pa.Table:
+        """Output rows of a pack: flags decided by ``sampling.flags``, written by ``output``."""
+        messages = pack[Col.MESSAGE].to_pylist() if messages is None else messages
+        fit = None
+        if summaries is not None:
+            fit = {
+                "masked_fraction": pack[Col.MASKED_FRACTION].to_numpy(),
+                "upsampling": 1.0 / pack[SCALE].to_numpy(),
+                "hallucination": summaries.hallucination,
+                "chi2_reduced": summaries.chi2,
+                **detection_flag_inputs(pack, self.prior.config),
+            }
+        flags = flag_objects(
             self.config.sampler.flags,
-            self.z_range,
-            error=error,
+            z_range=self.z_range,
+            bands=self.spec.bands,
+            photoz=pack[Col.PHOTOZ].to_numpy(),
+            psf_sum=tensor_numpy(pack[PSF_SUM]),
+            psf_centroid_offset=tensor_numpy(pack[PSF_CENTROID]),
+            errors=messages,
+            fit=fit,
+            noise_notes=(pack[NOISE_NOTE].to_pylist() if NOISE_NOTE in pack.column_names else None),
+        )
+        return output_table(
+            pack, summaries, flags, self.spec, self.provenance, messages, calibrated=calibrated
         )
 
     def process(self, kind: str, data: bytes) -> pa.Table:
@@ -89,7 +121,7 @@ class DeconvolveActor:
 
         pack = pack_from_bytes(data)
         if kind == KIND_ERRORS:
-            return self._table(pack, None)
+            return self._table(pack)
         a = pack_arrays(pack)
         try:
             obs = ObservationBatch.from_arrays(
@@ -109,10 +141,17 @@ class DeconvolveActor:
                 physics=self.config.physics,
                 photoz_err=np.stack([a[INPUT_PHOTOZ_LO], a[INPUT_PHOTOZ_HI]], axis=1),
             )
+            cfg = self.prior.config
+            snr = observed_snr(
+                obs, summaries.beta, a[SCALE], self.config.sampler.aperture_radius_frac,
+                cfg.image_size,
+            )  # fmt: skip
+            calibrated = calibrated_columns(snr, summaries.std_flux, self.calibration)
         except Exception as e:  # a failing pack becomes error rows; the run goes on
             log.exception("sampling failed for %d objects", pack.num_rows)
-            return self._table(pack, None, error=f"sampling failed: {type(e).__name__}: {e}")
-        return self._table(pack, summaries.rows(maps=bool(self.spec.map_shapes())))
+            why = f"sampling failed: {type(e).__name__}: {e}"
+            return self._table(pack, None, [why] * pack.num_rows)
+        return self._table(pack, summaries, calibrated=calibrated)
 
 
 def actor_resources(

@@ -32,13 +32,12 @@ from d4a_batch.config import RunConfig, from_dict
 from d4a_batch.figures import object_figure, run_report
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import read_prior_config
+from d4a_batch.sampling.summaries import flux_samples, reconvolved_flux
 from d4a_batch.schema import DATASET_DIR, FIGURES_DIR, RUN_CONFIG_FILE, Col, Status
 from d4a_batch.survey.hats_io import InputCatalog, open_input_catalog, read_partition
 from d4a_batch.survey.staging import IMAGE, PSF, VALID, VARIANCE, Stager
 from d4a_batch.survey.storage import absolute_uri, filesystem, join_uri
 from d4a_batch.survey.tensors import tensor_numpy
-from d4a_batch.validation.metrics import reconvolve
-from d4a_batch.validation.samples import flux_samples
 
 MAP_COLUMNS = (Col.MEAN_X, Col.STD_X, Col.MEAN_FLUX, Col.STD_FLUX, Col.VARIANCE_RATIO,
                Col.SAMPLES_X)  # fmt: skip
@@ -149,21 +148,31 @@ def write_object_figures(
             else:
                 samples = np.zeros((0, *mean_flux.shape[1:]))
             row = {c: table[c][k].as_py() for c in (Col.CHI2, Col.HALLUCINATION, Col.UPSAMPLING,
-                                                    Col.FLAG_NAMES, Col.PHOTOZ)}  # fmt: skip
+                                                    Col.FLAG_NAMES, Col.PHOTOZ, Col.FLAG_REASONS)}  # fmt: skip
+            src = obj.sources  # detection on the stamp (None: staged without it)
             notes = [
                 f"z {row[Col.PHOTOZ]:.3f}   u {row[Col.UPSAMPLING]:.2f}",
                 f"chi2/dof {row[Col.CHI2]:.2f}",
                 f"score {row[Col.HALLUCINATION]:.3f}",
                 f"flags {row[Col.FLAG_NAMES] or '-'}",
-                *(f"mag_{b} {table[f'mag_{b}'][k].as_py():.2f}" for b in bands),
+                "  ".join(f"mag_{b} {table[f'mag_{b}'][k].as_py():.2f}" for b in bands),
             ]
+            if src is not None:
+                notes.insert(3, f"neighbours masked {src.n_neighbours} "
+                             f"({100 * src.neighbour_masked_fraction:.0f} % of the stamp), "
+                             f"blend {src.blend_fraction:.3f}, asymmetry {src.asymmetry:.3f}, "
+                             f"truncated {src.truncated_fraction:.3f}")  # fmt: skip
+            detection = {} if src is None else {
+                "segmap": src.segmap, "target": src.target, "neighbour_mask": src.neighbour_mask}  # fmt: skip
             local = object_figure(
                 Path(tmp) / f"{oid}.png", observation=arr[IMAGE], variance=arr[VARIANCE],
-                valid=arr[VALID].astype(bool), reconvolved=reconvolve(mean_flux, obs, scale)[0],
+                valid=arr[VALID].astype(bool), reconvolved=reconvolved_flux(mean_flux, obs, scale)[0],
                 mean_flux=mean_flux[0], std_flux=maps[Col.STD_FLUX][k],
                 variance_ratio=maps[Col.VARIANCE_RATIO][k], samples_flux=samples,
                 title=f"object {oid}", notes=notes,
                 aperture_radius_frac=config.sampler.aperture_radius_frac, a=a,
+                footprint=obj.footprint, offset=obj.offset,
+                flag_reasons=row[Col.FLAG_REASONS] or "", **detection,
             )  # fmt: skip
             result[oid] = _put(local, dest, so)
     return result

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
+from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import ColumnMap
 from d4a_batch.schema import LEDGER_DIR
@@ -61,8 +62,8 @@ class PartitionRecord:
     committed_utc: str = ""
 
     @property
-    def key(self) -> tuple[int, int]:
-        return (self.order, self.pixel)
+    def key(self) -> HealpixPixel:
+        return HealpixPixel(self.order, self.pixel)
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,18 @@ class RunRecord:
     seconds: float = 0.0
 
 
-def pixel_name(order: int, pixel: int) -> str:
-    return f"{order}/{pixel}"
+def pixel_name(pixel: HealpixPixel) -> str:
+    """``"k/p"``: how the ledger's JSON, logs and ``--partitions`` spell a partition."""
+    return f"{pixel.order}/{pixel.pixel}"
 
 
-def parse_pixel(text: str) -> tuple[int, int]:
-    """``"k/p"`` -> (k, p); the form ``--partitions`` takes and the ledger shows."""
+def parse_pixel(text: str | HealpixPixel) -> HealpixPixel:
+    """``"k/p"`` -> ``HealpixPixel(k, p)`` (a HealpixPixel passes through)."""
+    if isinstance(text, HealpixPixel):
+        return text
     try:
         order, pixel = text.strip().split("/")
-        return int(order), int(pixel)
+        return HealpixPixel(int(order), int(pixel))
     except ValueError:
         raise ValueError(
             f"partition {text!r} is not of the form ORDER/PIXEL, e.g. 7/12345"
@@ -196,7 +200,7 @@ class Ledger:
         recs = [PartitionRecord(**d) for d in self._read_all("partitions")]
         return sorted(recs, key=lambda r: (r.run_id, r.order, r.pixel))
 
-    def state(self) -> dict[tuple[int, int], PartitionRecord]:
+    def state(self) -> dict[HealpixPixel, PartitionRecord]:
         """The newest record of each partition."""
         return {r.key: r for r in self.partition_records()}
 
@@ -229,15 +233,15 @@ def reason(
 
 
 def plan(
-    state: dict[tuple[int, int], PartitionRecord],
-    fingerprints: dict[tuple[int, int], str],
+    state: dict[HealpixPixel, PartitionRecord],
+    fingerprints: dict[HealpixPixel, str],
     prior_hash: str,
     config_hash: str,
     force: bool = False,
-) -> tuple[dict[tuple[int, int], str], list[tuple[int, int]]]:
-    """Split partitions into ({key: reason to process}, [up-to-date keys])."""
-    todo: dict[tuple[int, int], str] = {}
-    done: list[tuple[int, int]] = []
+) -> tuple[dict[HealpixPixel, str], list[HealpixPixel]]:
+    """Split partitions into ({pixel: reason to process}, [up-to-date pixels])."""
+    todo: dict[HealpixPixel, str] = {}
+    done: list[HealpixPixel] = []
     for key, fp in sorted(fingerprints.items()):
         why = reason(state.get(key), fp, prior_hash, config_hash, force)
         if why is None:

@@ -3,7 +3,9 @@
 An artifact is a folder with ``weights.safetensors`` (the EMA UNet state dict),
 ``config.json`` (``to_dict(PriorConfig)`` plus a ``"metadata"`` object) and
 ``stats.safetensors`` (``mean`` and ``var`` [C,N,N] of unconditional samples in
-x-space). An improved-diffusion checkpoint (a ``.pt`` state dict, or a
+x-space), and optionally ``calibration.json`` (interval scales λ per S/N bin,
+``prior/calibration.py``; absent -> ``Prior.calibration`` is None and the catalog's
+calibrated interval columns are NaN). An improved-diffusion checkpoint (a ``.pt`` state dict, or a
 ``.safetensors`` file) plus its flags is accepted too. Nothing is ever
 unpickled beyond tensors: ``.pt`` files go through ``torch.load(weights_only=True)``.
 """
@@ -23,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from d4a_batch.config import PriorConfig, from_dict, to_dict
+from d4a_batch.prior.calibration import Calibration, CalibrationError, read_calibration
 from d4a_batch.prior.diffusion import GaussianDiffusion, SpacedDiffusion, build_diffusion
 from d4a_batch.prior.unet import UNetModel, build_unet
 from d4a_batch.schema import PRIOR_CONFIG, PRIOR_STATS, PRIOR_WEIGHTS
@@ -153,6 +156,7 @@ class Prior:
         sha256: str,
         stats: PriorStats | None = None,
         metadata: Mapping[str, Any] | None = None,
+        calibration: Calibration | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
         self.config = config
@@ -161,6 +165,7 @@ class Prior:
         self.sha256 = sha256
         self.metadata = dict(metadata or {})
         self.stats = stats
+        self.calibration = calibration  # interval scales (calibration.json) or None
 
     @property
     def device(self) -> torch.device:
@@ -412,7 +417,11 @@ def load_prior(
             )
         model = _build_model(_load_checkpoint(weights_path), cfg, device, str(weights_path))
         stats = _load_stats(path / PRIOR_STATS, cfg) if (path / PRIOR_STATS).exists() else None
-        return Prior(model, cfg, str(meta.get("prior_id", cfg.name)), sha, stats, meta)
+        try:
+            calibration = read_calibration(path)
+        except CalibrationError as e:
+            raise PriorFormatError(str(e)) from e
+        return Prior(model, cfg, str(meta.get("prior_id", cfg.name)), sha, stats, meta, calibration)
     if not path.is_file():
         raise FileNotFoundError(f"no prior at {path}")
     if flags is None:

@@ -10,6 +10,13 @@ One reverse step at spaced index i (DESIGN.md section 2):
                                                       z = 0 at i = 0)
     g  = ∇_{x_t} ‖r(x̂0)‖                            (whitened residual of that row only)
     x_{t−1} = x' − ζ · g / rms(g)   ("rms" rule)    or    x' − ζ · g   ("raw" rule)
+    x_{t−1} = x' − ζ (50/steps) · g / rms(g)          ("rms_total" rule)
+
+Step rules: "rms" and "raw" take ζ per step (the paper's semantics; "rms" is what
+docs/sampler_tuning.md tuned at 50 steps), so their total pull toward the data, Σ ζ, grows
+with the step count. "rms_total" spreads the pull ζ·50 over the steps (ζ_step = ζ·50/steps):
+at 50 steps it equals "rms", and 25 or 100 steps pull as far in total
+(tests/sampling/test_dps.py checks χ² at 25 and 100 steps on a bright mock).
 
 σ_i² is the reverse variance the prior's own sampler uses (improved-diffusion semantics of
 the *spaced* process: learned with ``learn_sigma``, posterior variance with ``sigma_small``,
@@ -44,7 +51,8 @@ from d4a_batch.physics.operator import (
 from d4a_batch.prior.artifact import Prior
 from d4a_batch.sampling.summaries import PosteriorSummaries
 
-GUIDANCE_RULES = ("rms", "raw")
+GUIDANCE_RULES = ("rms", "raw", "rms_total")
+TOTAL_REFERENCE_STEPS = 50  # "rms_total": ζ is the per-step value at this many steps
 _STREAM_NOISE = 0  # x_T and the per-step noise
 _STREAM_PHOTOZ = 1  # the per-sample photo-z draw
 
@@ -129,10 +137,11 @@ def draw_photoz(
 
 # --------------------------------------------------------------------------- the sampler
 def scale_guidance(grad: torch.Tensor, rule: str) -> torch.Tensor:
-    """The guidance direction of each row of grad[R, ...]: unit RMS per row ("rms") or as is."""
+    """The guidance direction of each row of grad[R, ...]: unit RMS per row ("rms",
+    "rms_total") or as is ("raw")."""
     if rule == "raw":
         return grad
-    if rule == "rms":
+    if rule in ("rms", "rms_total"):
         rms = grad.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *([1] * (grad.ndim - 1)))
         return torch.where(rms > 0, grad / torch.where(rms > 0, rms, 1.0), 0.0)
     raise ValueError(f"unknown guidance rule {rule!r}; expected one of {GUIDANCE_RULES}")
@@ -166,6 +175,7 @@ def dps_sample(
     spaced = prior.spaced(steps)
     rows = len(generators)
     guided = residual_fn is not None and guidance != 0
+    zeta = guidance * TOTAL_REFERENCE_STEPS / steps if rule == "rms_total" else guidance
     use_bf16 = device.type == "cuda"
     model = spaced.wrap_model(prior.model)
     x = randn_rows(generators, shape, device)
@@ -185,7 +195,7 @@ def dps_sample(
             sigma = torch.exp(0.5 * step["log_variance"].detach())
             x_next = x_next + sigma * randn_rows(generators, shape, device)
         if guided:
-            x_next = x_next - guidance * scale_guidance(grad, rule)
+            x_next = x_next - zeta * scale_guidance(grad, rule)
         x = x_next.detach()
         if callback is not None:
             callback(i, x)
@@ -203,6 +213,10 @@ def deconvolve(
     photoz_err: ArrayLike | None = None,
 ) -> PosteriorSummaries:
     """Posterior samples and summaries of B objects (all bands at once), usable without Ray.
+
+    ``config.sampler`` picks the sampler: "dps" (``dps_sample``) or "daps"
+    (``sampling.daps.daps_sample``: ``config.steps`` levels, ``inner_steps`` MALA steps and
+    ``cg_iterations`` CG iterations per level); both return the same summaries.
 
     ``observations``: the physics ``ObservationBatch`` of the B objects -- image, variance,
     valid [B,C,H,W] (counts, zero point ``physics.zeropoint_ab``), the per-band PSFs
@@ -243,15 +257,31 @@ def deconvolve(
     def residual(x0: torch.Tensor) -> torch.Tensor:
         return whitened_residual(x0, rows, op, ridge)[0]
 
-    x = dps_sample(
-        prior,
-        residual,
-        row_generators(config.seed, ids, samples, device),
-        steps=config.steps,
-        guidance=config.guidance,
-        rule=config.guidance_rule,
-        clip_x0=config.clip_x0,
-    )
+    generators = row_generators(config.seed, ids, samples, device)
+    if config.sampler == "daps":
+        from d4a_batch.sampling.daps import OperatorLikelihood, daps_sample
+
+        x = daps_sample(
+            prior,
+            OperatorLikelihood(rows, op, ridge),
+            generators,
+            levels=config.steps,
+            inner=config.inner_steps,
+            cg=config.cg_iterations,
+            clip_x0=config.clip_x0,
+        )
+    elif config.sampler == "dps":
+        x = dps_sample(
+            prior,
+            residual,
+            generators,
+            steps=config.steps,
+            guidance=config.guidance,
+            rule=config.guidance_rule,
+            clip_x0=config.clip_x0,
+        )
+    else:
+        raise ValueError(f"deconvolve: unknown sampler {config.sampler!r} (expected dps or daps)")
     with torch.no_grad():
         _, alpha, beta = whitened_residual(x, rows, op, ridge)
     scale = model_pixel_scale(z, pcfg, physics)

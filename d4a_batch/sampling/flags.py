@@ -9,12 +9,13 @@ their meanings from `d4a_batch.schema` (never redefined here).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from d4a_batch.config import FlagThresholds
-from d4a_batch.schema import Flag
+from d4a_batch.schema import Flag, flag_names
 
 FlagResult = tuple[Flag, str | None]
 
@@ -122,6 +123,64 @@ def check_photoz(photoz: float | None, z_min: float, z_max: float) -> FlagResult
     return Flag.PHOTOZ_BAD, None
 
 
+def check_noise_estimated(note: str | None) -> FlagResult:
+    """MASK and/or VARIANCE of a cutout were empty: ``note`` says how staging replaced them
+    (``survey.noise``; None or "" when every band had both planes)."""
+    return Flag.NOISE_ESTIMATED, (note or None)
+
+
+def check_blended(
+    blend_fraction: float,
+    asymmetry: float,
+    thresholds: FlagThresholds,
+    n_neighbours: float | None = None,
+) -> FlagResult:
+    """A neighbour's light the mask cannot remove (``survey.detection``; thresholds measured,
+    see ``FlagThresholds.blend_fraction_max``).
+
+    Fires when ``blend_fraction`` (neighbour light left on the used pixels of the model
+    footprint, relative to the target's light there) exceeds ``blend_fraction_max``, or
+    when ``asymmetry`` (light of the target's segment with no point-mirror image: a
+    neighbour too close to deblend) exceeds ``asymmetry_max``. NaN (target not detected,
+    no detection run) does not fire.
+    """
+    why = []
+    if _finite(blend_fraction) and blend_fraction > thresholds.blend_fraction_max:
+        n = f" from {int(n_neighbours)} masked neighbour(s)" if _finite(n_neighbours) else ""
+        why.append(
+            f"{100 * blend_fraction:.0f} % of the target's light on the used footprint pixels "
+            f"is neighbour light{n} (> {100 * thresholds.blend_fraction_max:.0f} %)"
+        )
+    if _finite(asymmetry) and asymmetry > thresholds.asymmetry_max:
+        why.append(
+            f"{100 * asymmetry:.0f} % of the target segment's light has no mirror image "
+            f"(> {100 * thresholds.asymmetry_max:.0f} %): a neighbour too close to deblend"
+        )
+    return Flag.BLENDED, ("; ".join(why) if why else None)
+
+
+def check_truncated(
+    truncated_fraction: float,
+    thresholds: FlagThresholds,
+    field_kpc: float | None = None,
+    footprint: float | None = None,
+) -> FlagResult:
+    """The target segment's flux outside the model footprint above ``truncated_fraction_max``
+    (NaN: target not detected, does not fire). ``field_kpc``/``footprint`` (HSC pixels)
+    only word the reason."""
+    if not _finite(truncated_fraction) or truncated_fraction <= thresholds.truncated_fraction_max:
+        return Flag.TRUNCATED, None
+    where = "the model field"
+    if _finite(field_kpc):
+        where = f"the {field_kpc:.3g} kpc model field"
+    if _finite(footprint):
+        where += f" ({footprint:.0f} HSC px)"
+    return Flag.TRUNCATED, (
+        f"{100 * truncated_fraction:.0f} % of the segment's flux lies outside {where} "
+        f"(> {100 * thresholds.truncated_fraction_max:.0f} %)"
+    )
+
+
 def check_input_error(error: str | None) -> FlagResult:
     """Input could not be read or used: ``error`` is its message (None or "" when fine)."""
     return Flag.INPUT_ERROR, (f"input error: {error}" if error else None)
@@ -140,6 +199,13 @@ def evaluate_flags(
     hallucination: float | None = None,
     chi2_reduced: float | None = None,
     error: str | None = None,
+    noise_estimated: str | None = None,
+    blend_fraction: float | None = None,
+    asymmetry: float | None = None,
+    n_neighbours: float | None = None,
+    truncated_fraction: float | None = None,
+    field_kpc: float | None = None,
+    footprint: float | None = None,
 ) -> tuple[int, list[str]]:
     """All flags of one object -> ``(bits, reasons)`` (one reason per fired check).
 
@@ -152,6 +218,7 @@ def evaluate_flags(
         check_input_error(error),
         check_photoz(photoz, *z_range),
         check_psf(psf_sum, psf_centroid_offset, thresholds, bands),
+        check_noise_estimated(noise_estimated),
     ]
     if masked_fraction is not None:
         results.append(check_masked_fraction(masked_fraction, thresholds))
@@ -161,6 +228,17 @@ def evaluate_flags(
         results.append(check_prior_dominated(hallucination, thresholds))
     if chi2_reduced is not None:
         results.append(check_chi2(chi2_reduced, thresholds))
+    if blend_fraction is not None or asymmetry is not None:
+        results.append(
+            check_blended(
+                math.nan if blend_fraction is None else blend_fraction,
+                math.nan if asymmetry is None else asymmetry,
+                thresholds,
+                n_neighbours,
+            )
+        )
+    if truncated_fraction is not None:
+        results.append(check_truncated(truncated_fraction, thresholds, field_kpc, footprint))
     bits = 0
     reasons: list[str] = []
     for bit, reason in results:
@@ -168,3 +246,62 @@ def evaluate_flags(
             bits |= int(bit)
             reasons.append(f"{bit.name}: {reason}")
     return bits, reasons
+
+
+@dataclass(frozen=True)
+class ObjectFlags:
+    """The flags of B objects as the output catalog stores them."""
+
+    bits: np.ndarray  # [B] int64 bitmask of ``schema.Flag``
+    names: list[str]  # [B] "|"-joined flag names
+    reasons: list[str]  # [B] "; "-joined reasons
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def flag_objects(
+    thresholds: FlagThresholds,
+    *,
+    z_range: tuple[float, float],
+    bands: Sequence[str],
+    photoz: np.ndarray,
+    psf_sum: np.ndarray,
+    psf_centroid_offset: np.ndarray,
+    errors: Sequence[str | None],
+    fit: Mapping[str, np.ndarray] | None = None,
+    noise_notes: Sequence[str | None] | None = None,
+) -> ObjectFlags:
+    """``evaluate_flags`` for each of B objects.
+
+    ``photoz[B]``, ``psf_sum[B,C]``, ``psf_centroid_offset[B,C]``, ``errors[B]`` (None: the
+    object is usable); ``fit``: the sampled objects' ``masked_fraction``, ``upsampling``,
+    ``hallucination``, ``chi2_reduced`` arrays [B] (None: nothing was sampled), and
+    optionally staging's ``blend_fraction``, ``asymmetry``, ``n_neighbours``,
+    ``truncated_fraction``, ``footprint``, ``field_kpc`` (any ``evaluate_flags`` keyword
+    taking a float) for BLENDED and TRUNCATED. An object
+    with an error gets no fit checks. ``noise_notes[B]``: how staging estimated an
+    image-only cutout's noise (None: not estimated), the NOISE_ESTIMATED reason.
+    """
+    n = len(errors)
+    if len(photoz) != n or len(psf_sum) != n or len(psf_centroid_offset) != n:
+        raise ValueError(f"flag_objects: {n} errors but inputs of {len(photoz)}, {len(psf_sum)}")
+    bits = np.zeros(n, np.int64)
+    names, reasons = [], []
+    for i in range(n):
+        values = {k: float(v[i]) for k, v in fit.items()} if fit and errors[i] is None else {}
+        b, why = evaluate_flags(
+            thresholds,
+            photoz=float(photoz[i]),
+            z_range=z_range,
+            psf_sum=psf_sum[i],
+            psf_centroid_offset=psf_centroid_offset[i],
+            bands=bands,
+            error=errors[i],
+            noise_estimated=None if noise_notes is None else noise_notes[i],
+            **values,
+        )
+        bits[i] = b
+        names.append("|".join(flag_names(b)))
+        reasons.append("; ".join(why))
+    return ObjectFlags(bits, names, reasons)

@@ -10,9 +10,10 @@ Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
   ``aperture_radius_frac · N`` (pixel centres within the radius of the image centre);
   ``variance_ratio_mean``: its mean over the whole image.
 - ``chi2``: reduced chi² of the re-convolved posterior mean *flux* image:
-  y ≈ PSF ⊛ R(mean_flux) + beta_c with only the background beta_c profiled (weighted mean
-  of the residual per band; alpha is already inside the flux image), at the nominal
-  redshift; dof = valid pixels − 1 per band with valid pixels.
+  y ≈ PSF ⊛ R(mean_flux) + beta_c with the background beta_c profiled here (weighted mean
+  of the residual per band) and the amplitude alpha_c fitted per sample (inside the flux
+  image), at the nominal redshift; dof = valid pixels − 2 per band (alpha and beta), the
+  one rule of ``physics.operator.degrees_of_freedom`` (also ``reduced_chi2``'s).
 - ``flux``, ``flux_err`` [C]: mean and std over samples of sum(F_k) (counts); ``mag`` =
   zp − 2.5 log10(flux) (NaN when flux ≤ 0), ``mag_err`` = std of the per-sample
   magnitudes. These stds are DPS posterior widths, known to be too narrow (DESIGN.md:
@@ -24,14 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from d4a_batch.config import PhysicsConfig, SamplerConfig
-from d4a_batch.physics.operator import ForwardOperator, ObservationBatch
-from d4a_batch.physics.stretch import inverse_stretch
+from d4a_batch.physics.operator import (
+    ForwardOperator,
+    ObservationBatch,
+    degrees_of_freedom,
+    whitened_residual,
+)
+from d4a_batch.physics.stretch import DEFAULT_A, inverse_stretch
 from d4a_batch.schema import Col, band_col
 
 
@@ -52,23 +57,73 @@ def _std(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.std(dim=dim, correction=1)
 
 
+def reconvolve(mean_flux: torch.Tensor, obs: ObservationBatch, op: ForwardOperator) -> torch.Tensor:
+    """op.linear(mean_flux) + beta_c [B,C,H,W], the background beta_c profiled per band
+    (weighted mean of the residual; 0 in a band without valid pixels)."""
+    m = op.linear(mean_flux)
+    w = obs.weight()
+    w_sum = w.sum((-2, -1))
+    beta = (w * (obs.masked_image() - m)).sum((-2, -1)) / torch.where(w_sum > 0, w_sum, 1.0)
+    return m + beta[..., None, None]
+
+
 def reconvolved_chi2(
     mean_flux: torch.Tensor, obs: ObservationBatch, op: ForwardOperator
 ) -> torch.Tensor:
-    """Reduced chi² [B] of y ≈ op.linear(mean_flux) + beta_c (beta profiled per band).
+    """Reduced chi² [B] of y ≈ ``reconvolve(mean_flux)`` (see the module docstring's dof).
 
     mean_flux[B,C,N,N] in counts per model pixel; NaN where no dof is left.
     """
-    m = op.linear(mean_flux)
-    w = obs.weight()
-    y = obs.masked_image()
-    w_sum = w.sum((-2, -1))
-    beta = (w * (y - m)).sum((-2, -1)) / torch.where(w_sum > 0, w_sum, 1.0)
-    res = y - m - beta[..., None, None]
-    chi2 = (w * res * res).sum((1, 2, 3))
-    n_valid = obs.valid.sum((-2, -1))
-    dof = (n_valid - (n_valid > 0).to(n_valid.dtype)).sum(-1).to(chi2.dtype)
+    res = obs.masked_image() - reconvolve(mean_flux, obs, op)
+    chi2 = (obs.weight() * res * res).sum((1, 2, 3))
+    dof = degrees_of_freedom(obs.valid).to(chi2.dtype)
     return chi2 / torch.where(dof > 0, dof, float("nan"))
+
+
+def flux_operator(
+    obs: ObservationBatch, scale: np.ndarray | torch.Tensor, stretch_a: float = DEFAULT_A
+) -> ForwardOperator:
+    """The forward operator of ``obs`` (its PSFs, offsets, stamp) at model pixel ``scale[B]``."""
+    return ForwardOperator.for_observations(
+        obs, torch.as_tensor(np.array(scale, dtype=np.float64), dtype=obs.image.dtype), stretch_a
+    )
+
+
+def reconvolved_flux(flux: np.ndarray, obs: ObservationBatch, scale: np.ndarray) -> np.ndarray:
+    """numpy ``reconvolve``: flux[B,C,N,N] (counts per model pixel, model pixel ``scale[B]``
+    HSC pixels) seen through each object's operator, plus the profiled beta_c: [B,C,H,W]."""
+    f = torch.as_tensor(np.asarray(flux), dtype=obs.image.dtype)
+    with torch.no_grad():
+        return reconvolve(f, obs, flux_operator(obs, scale)).double().numpy()
+
+
+def flux_samples(
+    samples_x: np.ndarray,
+    obs: ObservationBatch,
+    scale: np.ndarray,
+    stretch_a: float = DEFAULT_A,
+    ridge: float = PhysicsConfig().profile_ridge,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flux[B,S,C,N,N], alpha[B,S,C]) of kept x-space samples samples_x[B,S,C,N,N].
+
+    Sample k's flux image F_k = alpha_k · v(x_k), alpha_k profiled against the observation
+    as ``deconvolve`` does after sampling, so this reproduces the sampler's flux samples
+    (at the nominal redshift). ``scale[B]``: model pixel width in HSC pixels.
+    """
+    x = torch.as_tensor(np.array(samples_x), dtype=obs.image.dtype)
+    if x.ndim != 5 or x.shape[0] != obs.image.shape[0] or x.shape[2] != obs.image.shape[1]:
+        raise ValueError(f"flux_samples: samples {tuple(x.shape)} vs obs {tuple(obs.image.shape)}")
+    b, s = x.shape[:2]
+    rows = obs.repeat_interleave(s)
+    op = flux_operator(rows, np.repeat(np.asarray(scale, dtype=np.float64), s), stretch_a)
+    flat = x.reshape(b * s, *x.shape[2:])
+    with torch.no_grad():
+        _, alpha, _ = whitened_residual(flat, rows, op, ridge)
+        flux = alpha[..., None, None] * inverse_stretch(flat, stretch_a)
+    return (
+        flux.reshape(x.shape).double().numpy(),
+        alpha.reshape(b, s, -1).double().numpy(),
+    )
 
 
 @dataclass
@@ -186,45 +241,28 @@ class PosteriorSummaries:
             samples_x=_np(x[:, :keep]).astype(np.float32) if keep > 0 else None,
         )
 
-    def rows(self, maps: bool = True) -> list[dict[str, Any]]:
-        """One dict per object keyed by ``Col`` names (band columns via ``band_col``).
+    def columns(self, maps: bool = True) -> dict[str, np.ndarray]:
+        """Column arrays keyed by ``Col`` names (band columns via ``band_col``), one entry per object.
 
-        Scalars are Python floats/ints; with ``maps`` the image maps are numpy arrays
-        (``MEAN_X``/``STD_X``/``MEAN_FLUX``/``STD_FLUX`` [C,N,N], ``VARIANCE_RATIO`` [N,N],
-        ``SAMPLES_X`` [K,C,N,N] when samples were kept).
+        Scalars [B] float64 (the output catalog's summary and per-band columns); with
+        ``maps`` the image maps: ``MEAN_X``/``STD_X``/``MEAN_FLUX``/``STD_FLUX`` [B,C,N,N],
+        ``VARIANCE_RATIO`` [B,N,N], ``SAMPLES_X`` [B,K,C,N,N] when samples were kept.
         """
-        out = []
-        for o in range(len(self)):
-            row: dict[str, Any] = {
-                Col.OBJECT_ID: int(self.object_id[o]),
-                Col.THETA_ARCSEC: float(self.theta_arcsec[o]),
-                Col.UPSAMPLING: float(self.upsampling[o]),
-                Col.N_OUT: float(self.footprint[o]),
-                Col.MASKED_FRACTION: float(self.masked_fraction[o]),
-                Col.HALLUCINATION: float(self.hallucination[o]),
-                Col.VARIANCE_RATIO_MEAN: float(self.variance_ratio_mean[o]),
-                Col.CHI2: float(self.chi2[o]),
-                Col.SEED: self.seed,
-                Col.STEPS: self.steps,
-                Col.SAMPLES: self.samples,
-            }
-            for c, band in enumerate(self.bands):
-                for name, arr in (
-                    (Col.FLUX, self.flux),
-                    (Col.FLUX_ERR, self.flux_err),
-                    (Col.MAG, self.mag),
-                    (Col.MAG_ERR, self.mag_err),
-                    (Col.ALPHA, self.alpha),
-                    (Col.BETA, self.beta),
-                ):
-                    row[band_col(name, band)] = float(arr[o, c])
-            if maps:
-                row[Col.MEAN_X] = self.mean_x[o]
-                row[Col.STD_X] = self.std_x[o]
-                row[Col.MEAN_FLUX] = self.mean_flux[o]
-                row[Col.STD_FLUX] = self.std_flux[o]
-                row[Col.VARIANCE_RATIO] = self.variance_ratio[o]
-                if self.samples_x is not None:
-                    row[Col.SAMPLES_X] = self.samples_x[o]
-            out.append(row)
-        return out
+        cols: dict[str, np.ndarray] = {
+            Col.OBJECT_ID: self.object_id,
+            Col.HALLUCINATION: self.hallucination,
+            Col.VARIANCE_RATIO_MEAN: self.variance_ratio_mean,
+            Col.CHI2: self.chi2,
+        }
+        per_band = ((Col.FLUX, self.flux), (Col.FLUX_ERR, self.flux_err), (Col.MAG, self.mag),
+                    (Col.MAG_ERR, self.mag_err), (Col.ALPHA, self.alpha), (Col.BETA, self.beta))  # fmt: skip
+        for c, band in enumerate(self.bands):
+            for name, arr in per_band:
+                cols[band_col(name, band)] = arr[:, c]
+        if maps:
+            cols[Col.MEAN_X], cols[Col.STD_X] = self.mean_x, self.std_x
+            cols[Col.MEAN_FLUX], cols[Col.STD_FLUX] = self.mean_flux, self.std_flux
+            cols[Col.VARIANCE_RATIO] = self.variance_ratio
+            if self.samples_x is not None:
+                cols[Col.SAMPLES_X] = self.samples_x
+        return cols

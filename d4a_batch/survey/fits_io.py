@@ -3,7 +3,10 @@
 Cutout (HSC cutout service, coadd): HDU0 empty primary (FLUXMAG0 = 10^(0.4 zp)),
 HDU1 ``IMAGE`` (float32 counts at zero point 27 AB, celestial WCS), HDU2 ``MASK``
 (int32 bit planes; header keywords ``MP_<NAME> = bit`` name them, long names as
-HIERARCH cards), HDU3 ``VARIANCE`` (float32, counts²). PSF (PSF picker): one
+HIERARCH cards), HDU3 ``VARIANCE`` (float32, counts²). The cutout service's "image
+only" files keep the MASK and VARIANCE HDUs but empty (NAXIS = 0): an empty or absent
+MASK or VARIANCE is not an error, ``HSCCutout.missing`` names it (MASK reads as all
+zeros, VARIANCE as NaN until staging estimates it, ``survey/noise.py``). PSF (PSF picker): one
 primary HDU holding a P×P image (43×43 for HSC). Everything goes through fsspec,
 so local paths, ``memory://`` and ``s3://`` URLs work alike; a given ``fs`` takes
 precedence over the URL's protocol. IMAGE and VARIANCE must be 2-D floating point
@@ -77,6 +80,10 @@ class HSCCutout:
     wcs: WCS
     header: fits.Header  # the IMAGE HDU's header
     zeropoint: float = HSC_ZEROPOINT  # AB zero point of the counts (from FLUXMAG0 when present)
+    # planes the file did not hold ("MASK", "VARIANCE"): empty or absent HDUs. A missing MASK
+    # reads as zeros (nothing masked), a missing VARIANCE as NaN (no pixel valid) until
+    # ``with_estimated_noise`` fills it
+    missing: tuple[str, ...] = ()
 
     def valid(self, bad_plane_names: Iterable[str]) -> NDArray[np.bool_]:
         """Usable pixels: no bad mask bit, finite image, finite variance > 0. [H, W] bool."""
@@ -167,13 +174,18 @@ def _write_bytes(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | None) ->
         f.write(data)
 
 
-def _find_hdu(hdul: fits.HDUList, name: str, index: int, uri: str) -> fits.ImageHDU:
-    """The HDU called ``name``, or the one at ``index`` if it has no EXTNAME."""
+def _find_hdu(
+    hdul: fits.HDUList, name: str, index: int, uri: str, required: bool = True
+) -> fits.ImageHDU | None:
+    """The HDU called ``name``, or the one at ``index`` if it has no EXTNAME (None when
+    absent and not ``required``)."""
     for hdu in hdul[1:]:
         if str(hdu.header.get("EXTNAME", "")).strip().upper() == name:
             return hdu
     if index < len(hdul) and "EXTNAME" not in hdul[index].header:
         return hdul[index]
+    if not required:
+        return None
     raise InputError(uri, f"missing HDU {name} (HDU{index}); file has {len(hdul)} HDUs")
 
 
@@ -219,14 +231,29 @@ def _mask_planes(header: fits.Header, uri: str) -> dict[str, int]:
 
 
 def read_hsc_cutout(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> HSCCutout:
-    """Read one HSC cutout-service FITS file (local path or any fsspec URL)."""
+    """Read one HSC cutout-service FITS file (local path or any fsspec URL).
+
+    IMAGE is required; an empty (NAXIS = 0) or absent MASK or VARIANCE is listed in
+    ``missing`` (image-only cutouts), a MASK or VARIANCE with data must be valid.
+    """
     hdul = _read_hdus(uri, fs)
     image_hdu = _find_hdu(hdul, "IMAGE", 1, uri)
-    mask_hdu = _find_hdu(hdul, "MASK", 2, uri)
-    var_hdu = _find_hdu(hdul, "VARIANCE", 3, uri)
+    mask_hdu = _find_hdu(hdul, "MASK", 2, uri, required=False)
+    var_hdu = _find_hdu(hdul, "VARIANCE", 3, uri, required=False)
     image = _image_data(image_hdu, "IMAGE", uri, "f", "floating-point")
-    mask = _image_data(mask_hdu, "MASK", uri, "iu", "integer bit planes")
-    variance = _image_data(var_hdu, "VARIANCE", uri, "f", "floating-point")
+    missing = tuple(
+        name
+        for name, hdu in (("MASK", mask_hdu), ("VARIANCE", var_hdu))
+        if hdu is None or hdu.data is None
+    )
+    if "MASK" in missing:
+        mask = np.zeros(image.shape, np.int32)
+    else:
+        mask = _image_data(mask_hdu, "MASK", uri, "iu", "integer bit planes")
+    if "VARIANCE" in missing:
+        variance = np.full(image.shape, np.nan, np.float32)
+    else:
+        variance = _image_data(var_hdu, "VARIANCE", uri, "f", "floating-point")
     for name, arr in (("MASK", mask), ("VARIANCE", variance)):
         if arr.shape != image.shape:
             raise InputError(uri, f"{name} has shape {arr.shape}, IMAGE has {image.shape}")
@@ -242,10 +269,11 @@ def read_hsc_cutout(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> HS
         image=image.astype(np.float32),
         mask=mask.astype(np.int32),
         variance=variance.astype(np.float32),
-        mask_planes=_mask_planes(mask_hdu.header, uri),
+        mask_planes=_mask_planes(mask_hdu.header, uri) if mask_hdu is not None else {},
         wcs=wcs.celestial,
         header=image_hdu.header,
         zeropoint=_zeropoint(hdul, image_hdu.header, uri),
+        missing=missing,
     )
 
 
@@ -265,8 +293,8 @@ def hsc_tan_wcs(
 def write_hsc_cutout(
     uri: str,
     image: ArrayLike,
-    mask: ArrayLike,
-    variance: ArrayLike,
+    mask: ArrayLike | None,
+    variance: ArrayLike | None,
     wcs: WCS,
     mask_planes: Mapping[str, int] | None = None,
     *,
@@ -275,11 +303,13 @@ def write_hsc_cutout(
 ) -> None:
     """Write an HSC cutout-service FITS file: image/variance [H,W] float, mask [H,W] int.
 
-    ``mask_planes`` (name -> bit) default to ``HSC_MASK_PLANES``.
+    ``mask_planes`` (name -> bit) default to ``HSC_MASK_PLANES``. ``mask`` and/or
+    ``variance`` None write that HDU empty, as the cutout service's "image only" option does.
     """
     image = np.asarray(image, dtype=np.float32)
-    variance = np.asarray(variance, dtype=np.float32)
-    mask = np.asarray(mask)
+    empty_mask, empty_var = mask is None, variance is None
+    variance = np.zeros(image.shape, np.float32) if empty_var else np.asarray(variance, np.float32)
+    mask = np.zeros(image.shape, np.int32) if empty_mask else np.asarray(mask)
     if image.ndim != 2 or variance.shape != image.shape or mask.shape != image.shape:
         raise ValueError(
             f"write_hsc_cutout: image, mask, variance must share a 2-D shape, got "
@@ -306,8 +336,10 @@ def write_hsc_cutout(
         [
             primary,
             fits.ImageHDU(image, header=image_header, name="IMAGE"),
-            fits.ImageHDU(mask.astype(np.int32), header=mask_header, name="MASK"),
-            fits.ImageHDU(variance, header=var_header, name="VARIANCE"),
+            fits.ImageHDU(
+                None if empty_mask else mask.astype(np.int32), header=mask_header, name="MASK"
+            ),
+            fits.ImageHDU(None if empty_var else variance, header=var_header, name="VARIANCE"),
         ]
     )
     buf = io.BytesIO()

@@ -4,9 +4,13 @@ Columns (names from ``d4a_batch.schema.Col``; C bands, N the prior's image side)
 
 - identity: object_id, ra, dec, _healpix_29, photoz (the catalog's photo-z);
 - status: status ("ok" | "error"), status_message (why, for errors), flags (int64
-  bitmask of ``schema.Flag``), flag_names ("|"-joined names), flag_reasons ("; "-joined);
+  bitmask of ``schema.Flag``), flag_names ("|"-joined names), flag_reasons ("; "-joined),
+  as ``sampling.flags.flag_objects`` decided them (this module only writes them);
 - geometry: model_pixel_arcsec, upsampling, footprint_hsc_pixels, stamp_size,
   masked_fraction;
+- neighbours and truncation (staging, ``survey/detection.py``): n_neighbours_masked
+  (int32, null: not measured), neighbour_masked_fraction, blend_fraction, asymmetry,
+  truncated_fraction (NaN: not measured or target not detected);
 - summaries: hallucination_score, variance_ratio_mean, chi2_reduced and per band
   flux_{b}, flux_err_{b}, mag_{b}, mag_err_{b}, alpha_{b}, beta_{b} (NaN for errors);
 - maps (``RunConfig.write_maps``): mean_x, std_x, mean_flux, std_flux [C,N,N],
@@ -23,28 +27,38 @@ run goes on; ``merge_partition`` turns them into the partition's single Parquet 
 from __future__ import annotations
 
 import io
-import math
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.io import fits
+from hats.pixel_math import HealpixPixel
 
-from d4a_batch.config import FlagThresholds
-from d4a_batch.sampling.flags import evaluate_flags
-from d4a_batch.schema import Col, Status, band_col, flag_names
+from d4a_batch import __version__
+from d4a_batch.config import PriorConfig, RunConfig, config_hash
+from d4a_batch.schema import Col, Status, band_col
+from d4a_batch.survey.detection import DETECTION_COLUMNS
 from d4a_batch.survey.fits_io import hsc_tan_wcs
 from d4a_batch.survey.hats_io import ORDER, PIXEL, partition_uri, write_partition
-from d4a_batch.survey.staging import PSF_CENTROID, PSF_SUM, SCALE, pack_id
+from d4a_batch.survey.packs import SCALE, pack_id
 from d4a_batch.survey.storage import filesystem, join_uri, safe_join
 from d4a_batch.survey.tensors import tensor_array, tensor_numpy, tensor_type
 
+if TYPE_CHECKING:
+    from d4a_batch.sampling.flags import ObjectFlags
+    from d4a_batch.sampling.summaries import PosteriorSummaries
+
 PER_BAND = (Col.FLUX, Col.FLUX_ERR, Col.MAG, Col.MAG_ERR, Col.ALPHA, Col.BETA)
 SUMMARIES = (Col.HALLUCINATION, Col.VARIANCE_RATIO_MEAN, Col.CHI2)
+# calibrated intervals (sampling/calibrate.py): NaN when the prior has no calibration.json
+# fitted for the run's sampler config
+CALIBRATED = (Col.SNR, Col.CALIB_BIN, Col.CALIB_LAMBDA68, Col.CALIB_LAMBDA95)
+CALIBRATED_MAPS = (Col.HALFWIDTH68_FLUX, Col.HALFWIDTH95_FLUX)
 GEOMETRY = (Col.THETA_ARCSEC, Col.UPSAMPLING, Col.N_OUT)
 FITS_DIR = "fits"  # per-object FITS maps: <catalog>/fits/<Norder>_<Npix>/<object_id>.fits
 
@@ -66,6 +80,7 @@ class OutputSpec:
         c, n = len(self.bands), self.image_size
         shapes = {name: (c, n, n) for name in (Col.MEAN_X, Col.STD_X, Col.MEAN_FLUX, Col.STD_FLUX)}
         shapes[Col.VARIANCE_RATIO] = (n, n)
+        shapes |= {name: (c, n, n) for name in CALIBRATED_MAPS}
         if self.keep_samples > 0:
             shapes[Col.SAMPLES_X] = (self.keep_samples, c, n, n)
         return shapes
@@ -80,7 +95,10 @@ class OutputSpec:
             (Col.FLAG_NAMES, pa.string()), (Col.FLAG_REASONS, pa.string()),
             *((name, f64) for name in GEOMETRY),
             (Col.STAMP_SIZE, pa.int32()), (Col.MASKED_FRACTION, f64),
+            (Col.N_NEIGHBOURS_MASKED, pa.int32()),
+            *((name, f64) for name, _ in DETECTION_COLUMNS[1:]),
             *((name, f64) for name in SUMMARIES),
+            *((name, f64) for name in CALIBRATED),
             *((band_col(name, b), f64) for b in self.bands for name in PER_BAND),
             *((name, tensor_type(self.map_dtype, shape)) for name, shape in self.map_shapes().items()),
             (Col.RUN_ID, pa.string()), (Col.PRIOR_ID, pa.string()), (Col.PRIOR_HASH, pa.string()),
@@ -105,6 +123,24 @@ class Provenance:
     samples: int
     created_utc: datetime
 
+    @classmethod
+    def new_run(
+        cls, prior_cfg: PriorConfig, prior_meta: dict[str, Any], config: RunConfig
+    ) -> Provenance:
+        """The provenance of a new run now (run id from the time and a random suffix)."""
+        created = datetime.now(UTC)
+        return cls(
+            run_id=f"{created:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+            prior_id=str(prior_meta.get("prior_id", prior_cfg.name)),
+            prior_hash=str(prior_meta.get("weights_sha256", "")),
+            config_hash=config_hash(config),
+            code_version=__version__,
+            seed=config.sampler.seed,
+            steps=config.sampler.steps,
+            samples=config.sampler.samples,
+            created_utc=created,
+        )
+
     def columns(self, n: int) -> dict[str, pa.Array]:
         values = {
             Col.RUN_ID: (self.run_id, pa.string()),
@@ -122,82 +158,64 @@ class Provenance:
 
 def output_table(
     pack: pa.Table,
-    results: list[dict[str, Any]] | None,
+    summaries: PosteriorSummaries | None,
+    flags: ObjectFlags,
     spec: OutputSpec,
     provenance: Provenance,
-    thresholds: FlagThresholds,
-    z_range: tuple[float, float],
-    error: str | None = None,
+    messages: list[str | None] | None = None,
+    calibrated: dict[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """Output rows of one pack, plus its Norder/Npix columns (the writer splits on them).
 
-    ``results``: ``PosteriorSummaries.rows()`` of the pack's objects in pack order, or
-    None when they were not sampled (their message says why; ``error`` overrides it
-    for the whole pack, e.g. when sampling itself failed). Flags come from
-    ``sampling.flags.evaluate_flags``: input checks always, fit checks only for
-    sampled objects.
+    ``summaries``: the pack's objects sampled, in pack order, or None when they were not
+    (their messages say why); ``messages``: per object, overrides the pack's (e.g. when
+    sampling itself failed); ``flags``: decided by ``sampling.flags.flag_objects``.
+    Geometry (θ, upsampling, footprint, masked fraction) comes from staging.
+    ``calibrated``: the calibrated interval columns of the sampled objects
+    (``sampling.calibrate.calibrated_columns``, [B] scalars and [B,C,N,N] maps); absent -> NaN.
     """
     n = pack.num_rows
-    if results is not None and len(results) != n:
-        raise ValueError(f"output_table: {n} objects but {len(results)} results")
-    ident = {
-        k: pack[k].to_numpy() for k in (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX, Col.PHOTOZ)
-    }
-    messages = [error or m for m in pack[Col.MESSAGE].to_pylist()]
-    psf_sum, psf_cen = tensor_numpy(pack[PSF_SUM]), tensor_numpy(pack[PSF_CENTROID])
-    staged = {
-        Col.THETA_ARCSEC: pack[Col.THETA_ARCSEC].to_numpy(),
-        Col.UPSAMPLING: 1.0 / pack[SCALE].to_numpy(),
-        Col.N_OUT: pack[Col.N_OUT].to_numpy(),
-        Col.MASKED_FRACTION: pack[Col.MASKED_FRACTION].to_numpy(),
-    }
-    scalars: dict[str, list[float]] = {
-        name: [] for name in (*GEOMETRY, Col.MASKED_FRACTION, *SUMMARIES)
-    }
-    scalars |= {band_col(name, b): [] for b in spec.bands for name in PER_BAND}
-    bits, names, reasons = [], [], []
-    for i in range(n):
-        res = results[i] if results is not None and messages[i] is None else None
-        if res is not None and int(res[Col.OBJECT_ID]) != int(ident[Col.OBJECT_ID][i]):
-            raise ValueError("output_table: results are not in pack order")
-        for name in scalars:
-            if name in staged and res is None:
-                scalars[name].append(float(staged[name][i]))
-            else:
-                scalars[name].append(float(res[name]) if res is not None else math.nan)
-        fit = res or {}
-        b, why = evaluate_flags(
-            thresholds,
-            photoz=float(ident[Col.PHOTOZ][i]),
-            z_range=z_range,
-            psf_sum=psf_sum[i],
-            psf_centroid_offset=psf_cen[i],
-            bands=spec.bands,
-            masked_fraction=fit.get(Col.MASKED_FRACTION),
-            upsampling=fit.get(Col.UPSAMPLING),
-            hallucination=fit.get(Col.HALLUCINATION),
-            chi2_reduced=fit.get(Col.CHI2),
-            error=messages[i],
-        )
-        bits.append(b)
-        names.append("|".join(flag_names(b)))
-        reasons.append("; ".join(why))
-    cols: dict[str, Any] = {k: pa.array(v) for k, v in ident.items()}
+    messages = pack[Col.MESSAGE].to_pylist() if messages is None else list(messages)
+    if len(messages) != n or len(flags) != n:
+        raise ValueError(f"output_table: {n} objects, {len(messages)} messages, {len(flags)} flags")
+    fit = {} if summaries is None else summaries.columns(maps=bool(spec.map_shapes()))
+    if summaries is not None and calibrated:
+        fit = {**fit, **calibrated}
+    if summaries is not None and not np.array_equal(
+        fit[Col.OBJECT_ID], pack[Col.OBJECT_ID].to_numpy()
+    ):
+        raise ValueError("output_table: summaries are not in pack order")
+    sampled = np.array([summaries is not None and m is None for m in messages])
+    cols: dict[str, Any] = {k: pack[k] for k in (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX)}
+    cols[Col.PHOTOZ] = pack[Col.PHOTOZ]
     cols[Col.STATUS] = pa.array([str(Status.ERROR if m else Status.OK) for m in messages])
     cols[Col.MESSAGE] = pa.array(messages, pa.string())
-    cols[Col.FLAGS] = pa.array(bits, pa.int64())
-    cols[Col.FLAG_NAMES] = pa.array(names, pa.string())
-    cols[Col.FLAG_REASONS] = pa.array(reasons, pa.string())
-    cols[Col.STAMP_SIZE] = pack[Col.STAMP_SIZE].combine_chunks()
-    cols |= {k: pa.array(v, pa.float64()) for k, v in scalars.items()}
+    cols[Col.FLAGS] = pa.array(flags.bits, pa.int64())
+    cols[Col.FLAG_NAMES] = pa.array(flags.names, pa.string())
+    cols[Col.FLAG_REASONS] = pa.array(flags.reasons, pa.string())
+    cols[Col.THETA_ARCSEC] = pack[Col.THETA_ARCSEC]
+    cols[Col.UPSAMPLING] = pc.divide(1.0, pack[SCALE])
+    cols[Col.N_OUT] = pack[Col.N_OUT]
+    cols[Col.STAMP_SIZE] = pack[Col.STAMP_SIZE]
+    cols[Col.MASKED_FRACTION] = pack[Col.MASKED_FRACTION]
+    for name, _ in DETECTION_COLUMNS:  # staged without detection (old packs): null / NaN
+        values = pack[name] if name in pack.column_names else pa.nulls(n, pa.float64())
+        if name == Col.N_NEIGHBOURS_MASKED:
+            v = np.asarray(values.to_numpy(zero_copy_only=False), np.float64)
+            values = pa.array(np.nan_to_num(v, nan=0).astype(np.int32), mask=np.isnan(v))
+        cols[name] = values
+    names = [*SUMMARIES, *CALIBRATED, *(band_col(name, b) for b in spec.bands for name in PER_BAND)]
+    for name in names:
+        values = np.asarray(fit[name], np.float64) if name in fit else np.full(n, np.nan)
+        cols[name] = pa.array(np.where(sampled, values, np.nan), pa.float64())
     for name, shape in spec.map_shapes().items():
         arr = np.full((n, *shape), np.nan, spec.map_dtype)
-        for i in range(n):
-            if results is not None and messages[i] is None:
-                arr[i] = results[i][name]
+        if name in fit:
+            arr[sampled] = fit[name][sampled]
         cols[name] = tensor_array(arr)
     cols |= provenance.columns(n)
-    table = pa.table({f.name: cols[f.name] for f in spec.schema()}, schema=spec.schema())
+    schema = spec.schema()
+    table = pa.table({f.name: cols[f.name] for f in schema}, schema=schema)
     return table.append_column(ORDER, pack[ORDER]).append_column(PIXEL, pack[PIXEL])
 
 
@@ -234,14 +252,40 @@ def fits_maps_bytes(row: dict[str, Any], bands: tuple[str, ...], zeropoint: floa
     return buf.getvalue()
 
 
-def fits_maps_uri(root: str, order: int, pixel: int, object_id: int) -> str:
+def fits_maps_uri(root: str, pixel: HealpixPixel, object_id: int) -> str:
     """Where an object's FITS maps go under the output catalog root."""
-    return safe_join(root, FITS_DIR, f"{int(order)}_{int(pixel)}", f"{int(object_id)}.fits")
+    name = f"{int(pixel.order)}_{int(pixel.pixel)}"
+    return safe_join(root, FITS_DIR, name, f"{int(object_id)}.fits")
+
+
+def write_fits_maps(
+    table: pa.Table,
+    output_root: str,
+    spec: OutputSpec,
+    zeropoint: float,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    """Write the FITS maps of the ok rows of output ``table`` (with Norder/Npix); how many."""
+    maps = {name: tensor_numpy(table[name]) for name in spec.map_shapes()}
+    written = 0
+    for i, row in enumerate(table.drop_columns(list(maps)).to_pylist()):
+        if row[Col.STATUS] != Status.OK:
+            continue
+        row |= {name: arr[i] for name, arr in maps.items()}
+        pixel = HealpixPixel(row[ORDER], row[PIXEL])
+        fs, path = filesystem(
+            fits_maps_uri(output_root, pixel, row[Col.OBJECT_ID]), storage_options
+        )
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(fits_maps_bytes(row, spec.bands, zeropoint))
+        written += 1
+    return written
 
 
 # --------------------------------------------------------------------------- chunks
-def chunk_dir(work_root: str, order: int, pixel: int) -> str:
-    return safe_join(work_root, f"{ORDER}={int(order)}", f"{PIXEL}={int(pixel)}")
+def chunk_dir(work_root: str, pixel: HealpixPixel) -> str:
+    return safe_join(work_root, f"{ORDER}={int(pixel.order)}", f"{PIXEL}={int(pixel.pixel)}")
 
 
 def write_chunks(
@@ -257,7 +301,7 @@ def write_chunks(
         o, p = int(key[ORDER]), int(key[PIXEL])
         part = table.filter(pc.and_(pc.equal(table[ORDER], o), pc.equal(table[PIXEL], p)))
         ids = part[Col.OBJECT_ID].to_pylist()
-        uri = safe_join(chunk_dir(work_root, o, p), f"{pack_id(ids)}.parquet")
+        uri = safe_join(chunk_dir(work_root, HealpixPixel(o, p)), f"{pack_id(ids)}.parquet")
         fs, path = filesystem(uri, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         pq.write_table(part.drop_columns([ORDER, PIXEL]), path, filesystem=fs)
@@ -279,7 +323,7 @@ def status_counts(table: pa.Table) -> dict[str, int]:
 
 
 def merge_chunks(
-    work_root: str, order: int, pixel: int, storage_options: dict[str, Any] | None = None
+    work_root: str, pixel: HealpixPixel, storage_options: dict[str, Any] | None = None
 ) -> pa.Table:
     """A partition's result rows from its chunks, each row once.
 
@@ -287,7 +331,7 @@ def merge_chunks(
     unique by (object_id, status message), since a second input row with the same
     object_id becomes an error row whose message names its input row.
     """
-    fs, path = filesystem(chunk_dir(work_root, order, pixel), storage_options)
+    fs, path = filesystem(chunk_dir(work_root, pixel), storage_options)
     files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
     table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
     keys = pa.table(
@@ -303,8 +347,7 @@ def commit_partition(
     table: pa.Table,
     output_root: str,
     staging_root: str,
-    order: int,
-    pixel: int,
+    pixel: HealpixPixel,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write a partition aside under ``staging_root``, then move it into the catalog.
@@ -312,8 +355,8 @@ def commit_partition(
     A reader of the catalog sees the old file or the new one, never a partial one
     (a rename on a local disk; on S3 the object appears whole when its copy completes).
     """
-    tmp = write_partition(table, staging_root, order, pixel, storage_options)
-    final = partition_uri(output_root, order, pixel)
+    tmp = write_partition(table, staging_root, pixel.order, pixel.pixel, storage_options)
+    final = partition_uri(output_root, pixel.order, pixel.pixel)
     fs, tmp_path = filesystem(tmp, storage_options)
     _, final_path = filesystem(final, storage_options)
     fs.makedirs(final_path.rsplit("/", 1)[0], exist_ok=True)
@@ -324,13 +367,10 @@ def commit_partition(
 def merge_partition(
     work_root: str,
     output_root: str,
-    order: int,
-    pixel: int,
+    pixel: HealpixPixel,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
     """Merge a partition's result chunks and commit its catalog file; returns its row count."""
-    table = merge_chunks(work_root, order, pixel, storage_options)
-    commit_partition(
-        table, output_root, join_uri(work_root, "commit"), order, pixel, storage_options
-    )
+    table = merge_chunks(work_root, pixel, storage_options)
+    commit_partition(table, output_root, join_uri(work_root, "commit"), pixel, storage_options)
     return table.num_rows

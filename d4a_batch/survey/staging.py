@@ -12,6 +12,16 @@ Per object (a row of ``hats_io.read_partition``; C = the prior's bands):
    (``cut_stamp``), the object at the stamp centre + offset, |offset| ≤ 0.5 px; pixels
    outside the cutout or with a bad mask plane are invalid. The bands must share
    a pixel grid (HSC coadds do): the object's offset is taken from the first band.
+   An image-only cutout (MASK and/or VARIANCE HDU empty or absent) is staged anyway:
+   its variance is estimated from the whole cutout (``noise.fill_missing_planes``: sky
+   from source-free pixels + source term) and ``noise_note`` says how, per band (the
+   NOISE_ESTIMATED flag's reason); a cutout whose noise cannot be estimated is an error.
+5. neighbours (``StagingConfig.detect_neighbours``): ``detection.find_sources`` on a
+   stamp ``detection_pad`` pixels wider: the other sources' segments, dilated by about
+   the PSF FWHM, become invalid pixels (like bad MASK bits, so the likelihood, χ² and
+   every score skip them); the number of masked neighbours, the masked fraction, the
+   blend fraction, the asymmetry and the truncated fraction go into the pack (BLENDED,
+   TRUNCATED flags). ``masked_fraction`` counts the neighbour pixels too.
 
 A problem with any of these (missing, corrupt or truncated file, wrong shape or
 dtype, no usable pixel in a band's stamp, missing PSF, unusable photo-z, object
@@ -23,30 +33,24 @@ raises, so the other objects are unaffected. A PSF whose stored sum is not 1 or
 whose centroid is off centre is renormalised and kept (``psf_sum``/``psf_centroid``
 let the output flag it PSF_BAD).
 
-Packs: up to ``pack_size`` staged objects of one stamp size in an Arrow table
-with fixed_shape_tensor columns (image, variance [C,H,W] float32, valid [C,H,W]
-uint8, psf [C,P,P] float32), or the error records of a batch (no tensors);
-each is carried as Parquet bytes (``pack_to_bytes`` / ``pack_from_bytes``), so
-a staged dataset is plain Parquet that can be written and reused.
+Packs (the format handed to the sampler): ``survey/packs.py`` owns their schema and
+encoding; ``make_packs`` and the pack column names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import logging
 import math
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
 from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
 from d4a_batch.schema import Col
+from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources
 from d4a_batch.survey.fits_io import (
     HSCCutout,
     InputError,
@@ -55,28 +59,36 @@ from d4a_batch.survey.fits_io import (
     read_psf,
 )
 from d4a_batch.survey.hats_io import (
-    INPUT_PHOTOZ_HI,
-    INPUT_PHOTOZ_LO,
-    ORDER,
-    PIXEL,
     cutout_column,
     psf_column,
 )
-from d4a_batch.survey.storage import filesystem, resolve_uri
-from d4a_batch.survey.tensors import tensor_array, tensor_numpy
+from d4a_batch.survey.noise import NoiseEstimateError, fill_missing_planes
 
+# the pack schema and its encoding live in survey/packs.py (re-exported for old imports)
+from d4a_batch.survey.packs import (  # noqa: F401
+    IDENTITY,
+    IMAGE,
+    KIND_ERRORS,
+    KIND_OBJECTS,
+    OFFSET,
+    PSF,
+    PSF_CENTROID,
+    PSF_SUM,
+    SCALE,
+    VALID,
+    VARIANCE,
+    make_packs,
+    pack_arrays,
+    pack_from_bytes,
+    pack_id,
+    pack_table,
+    pack_to_bytes,
+)
+from d4a_batch.survey.storage import filesystem, resolve_uri
+
+log = logging.getLogger(__name__)
 # sub-pixel offsets of the bands may differ by this much (HSC pixels) before the object is refused
 BAND_OFFSET_TOLERANCE = 0.1
-KIND_OBJECTS = "objects"
-KIND_ERRORS = "errors"
-# pack columns besides the identity columns
-PSF_SUM = "psf_sum"  # [C] PSF sums as stored (NaN: PSF not read)
-PSF_CENTROID = "psf_centroid_offset"  # [C] |centroid - centre| in pixels (NaN: not read)
-OFFSET = "offset"  # [2] (dy, dx) of the object from the stamp centre, HSC pixels
-SCALE = "model_scale"  # model pixel width in HSC pixels, θ/0.168''
-IMAGE, VARIANCE, VALID, PSF = "image", "variance", "valid", "psf"
-IDENTITY = (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX, ORDER, PIXEL, Col.PHOTOZ,
-            INPUT_PHOTOZ_LO, INPUT_PHOTOZ_HI)  # fmt: skip
 
 
 @dataclass
@@ -94,6 +106,14 @@ class StagedObject:
     footprint: float = math.nan
     masked_fraction: float = math.nan
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # image, variance, valid, psf
+    noise_note: str | None = None  # image-only cutouts: how the noise was estimated, per band
+    # neighbours and truncation (survey/detection.py; NaN: not measured)
+    n_neighbours_masked: float = math.nan
+    neighbour_masked_fraction: float = math.nan
+    blend_fraction: float = math.nan
+    asymmetry: float = math.nan
+    truncated_fraction: float = math.nan
+    sources: StampSources | None = None  # segmentation on the stamp (not packed; figures)
 
 
 def photoz_error(z: float | None) -> str | None:
@@ -247,14 +267,31 @@ class Stager:
         """Cut every band's stamp into ``obj``; returns the error messages."""
         size, bands = obj.stamp_size, self.prior.bands
         planes: dict[str, list[np.ndarray]] = {IMAGE: [], VARIANCE: [], VALID: []}
+        pad = self.staging.detection_pad if self.staging.detect_neighbours else 0
+        wide: dict[str, list[np.ndarray]] = {IMAGE: [], VARIANCE: [], VALID: []}
         offsets: dict[str, tuple[float, float]] = {}
         errors: list[str] = []
-        for b in bands:
+        notes: list[str] = []
+        for c, b in enumerate(bands):
             try:
                 cutout, uri = self._read(row, cutout_column(b), read_hsc_cutout)
+                if cutout.missing:  # image-only cutout: noise from the stamp (survey/noise.py)
+                    try:
+                        cutout, note = fill_missing_planes(
+                            cutout, self.staging.bad_mask_planes, obj.arrays[PSF][c]
+                        )
+                    except NoiseEstimateError as e:
+                        what = " and ".join(cutout.missing)
+                        raise InputError(uri, f"{what} empty, noise not estimable: {e}") from e
+                    notes.append(f"{b}: {note}")
                 image, var, valid, offsets[b] = cut_stamp(
                     cutout, row[Col.RA], row[Col.DEC], size, self.staging.bad_mask_planes, uri
                 )
+                if self.staging.detect_neighbours:  # the detection stamp: `pad` px wider
+                    for name, plane in zip((IMAGE, VARIANCE, VALID), cut_stamp(
+                            cutout, row[Col.RA], row[Col.DEC], size + 2 * pad,
+                            self.staging.bad_mask_planes, uri)[:3]):  # fmt: skip
+                        wide[name].append(plane)
                 ref = offsets.get(bands[0], offsets[b])
                 if max(abs(u - v) for u, v in zip(offsets[b], ref)) > BAND_OFFSET_TOLERANCE:
                     raise InputError(uri, f"not on the pixel grid of band {bands[0]}")
@@ -266,12 +303,43 @@ class Stager:
             planes[VALID].append(valid)
         if errors:
             return errors
+        obj.noise_note = " / ".join(notes) or None
         obj.offset = offsets[bands[0]]
         obj.arrays[IMAGE] = np.stack(planes[IMAGE])
         obj.arrays[VARIANCE] = np.stack(planes[VARIANCE])
         obj.arrays[VALID] = np.stack(planes[VALID]).astype(np.uint8)
+        if self.staging.detect_neighbours:
+            self._neighbours(obj, {k: np.stack(v) for k, v in wide.items()}, pad)
         obj.masked_fraction = float(1.0 - obj.arrays[VALID].mean())
         return []
+
+    def _neighbours(self, obj: StagedObject, wide: dict[str, np.ndarray], pad: int) -> None:
+        """Detect the stamp's sources on the wider stamp ``wide`` [C,H+2pad,W+2pad]; make the
+        dilated neighbour segments invalid pixels of ``obj``; record the measurements."""
+        st = self.staging
+        params = DetectionParams(
+            threshold=st.detection_threshold,
+            minarea=st.detection_minarea,
+            deblend_nthresh=st.deblend_nthresh,
+            deblend_cont=st.deblend_cont,
+            dilation_fwhm=st.neighbour_dilation,
+            target_radius=st.target_radius,
+        )
+        try:
+            found = find_sources(
+                wide[IMAGE], wide[VARIANCE], wide[VALID], obj.arrays[PSF], obj.offset,
+                obj.footprint, params,
+            ).crop(pad)  # fmt: skip
+        except Exception as e:  # detection is a refinement: without it, stage unmasked
+            log.warning("object %s: source detection failed (%s)", obj.ident[Col.OBJECT_ID], e)
+            return
+        obj.sources = found
+        obj.arrays[VALID] &= ~found.neighbour_mask[None].astype(np.uint8)
+        obj.n_neighbours_masked = float(found.n_neighbours)
+        obj.neighbour_masked_fraction = found.neighbour_masked_fraction
+        obj.blend_fraction = found.blend_fraction
+        obj.asymmetry = found.asymmetry
+        obj.truncated_fraction = found.truncated_fraction
 
     def stage_rows(self, rows: list[dict[str, Any]], threads: int = 8) -> list[StagedObject]:
         """Stage rows concurrently (I/O bound: remote reads overlap); order is kept."""
@@ -279,84 +347,3 @@ class Stager:
             return [self.stage(r) for r in rows]
         with ThreadPoolExecutor(max_workers=min(threads, len(rows))) as pool:
             return list(pool.map(self.stage, rows))
-
-
-# --------------------------------------------------------------------------- packs
-def _common_columns(objs: list[StagedObject]) -> dict[str, pa.Array]:
-    cols: dict[str, pa.Array] = {}
-    for k in IDENTITY:
-        typ = pa.int64() if k in (Col.OBJECT_ID, Col.HEALPIX, ORDER, PIXEL) else pa.float64()
-        cols[k] = pa.array([o.ident[k] for o in objs], typ)
-    cols[Col.MESSAGE] = pa.array([o.error for o in objs], pa.string())
-    cols[PSF_SUM] = tensor_array(np.stack([o.psf_sum for o in objs]))
-    cols[PSF_CENTROID] = tensor_array(np.stack([o.psf_centroid for o in objs]))
-    cols[Col.STAMP_SIZE] = pa.array([o.stamp_size for o in objs], pa.int32())
-    cols[OFFSET] = tensor_array(np.array([o.offset for o in objs], np.float64))
-    for name, attr in ((Col.THETA_ARCSEC, "theta_arcsec"), (SCALE, "scale"),
-                       (Col.N_OUT, "footprint"), (Col.MASKED_FRACTION, "masked_fraction")):  # fmt: skip
-        cols[name] = pa.array([getattr(o, attr) for o in objs], pa.float64())
-    return cols
-
-
-def pack_table(objs: list[StagedObject]) -> pa.Table:
-    """Arrow table of staged objects: stamps when none has an error, else error records only."""
-    cols = _common_columns(objs)
-    if all(o.error is None for o in objs):
-        for name in (IMAGE, VARIANCE, VALID, PSF):
-            cols[name] = tensor_array(np.stack([o.arrays[name] for o in objs]))
-    elif any(o.error is None for o in objs):
-        raise ValueError("pack_table: a pack holds either staged objects or error records")
-    return pa.table(cols)
-
-
-def pack_id(object_ids: list[int]) -> str:
-    """Stable name of a pack (or result chunk) from its object ids."""
-    digest = hashlib.sha1(",".join(str(int(i)) for i in sorted(object_ids)).encode())
-    return digest.hexdigest()[:20]
-
-
-def make_packs(objs: list[StagedObject], pack_size: int) -> list[dict[str, Any]]:
-    """Group staged objects into packs: one per stamp size (≤ pack_size objects), one of errors.
-
-    Returns rows ``{pack_id, kind, stamp_size, n_objects, pack}`` (pack: Parquet bytes).
-    """
-    groups: dict[tuple[str, int], list[StagedObject]] = defaultdict(list)
-    for o in objs:
-        key = (KIND_ERRORS, 0) if o.error else (KIND_OBJECTS, o.stamp_size)
-        groups[key].append(o)
-    rows = []
-    for (kind, size), members in sorted(groups.items()):
-        step = len(members) if kind == KIND_ERRORS else max(1, int(pack_size))
-        for i in range(0, len(members), step):
-            chunk = members[i : i + step]
-            rows.append(
-                {
-                    "pack_id": pack_id([o.ident[Col.OBJECT_ID] for o in chunk]),
-                    "kind": kind,
-                    "stamp_size": size,
-                    "n_objects": len(chunk),
-                    "pack": pack_to_bytes(pack_table(chunk)),
-                }
-            )
-    return rows
-
-
-def pack_to_bytes(table: pa.Table) -> bytes:
-    """Parquet bytes of a pack table."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def pack_from_bytes(data: bytes) -> pa.Table:
-    """A pack table from its Parquet bytes."""
-    return pq.read_table(io.BytesIO(data))
-
-
-def pack_arrays(table: pa.Table) -> dict[str, np.ndarray]:
-    """numpy arrays (writable copies) of a pack of staged objects: tensors ``[B, ...]``, scalars ``[B]``."""
-    tensors = (IMAGE, VARIANCE, VALID, PSF, OFFSET, PSF_SUM, PSF_CENTROID)
-    out = {name: np.array(tensor_numpy(table[name])) for name in tensors}
-    for name in (*IDENTITY, SCALE, Col.MASKED_FRACTION):
-        out[name] = table[name].to_numpy()
-    return out

@@ -149,12 +149,13 @@ def mock_images(ids: Sequence[int] | np.ndarray, seed: int, cfg: PriorConfig) ->
     """x-space mock galaxies ``[K, C, N, N]`` (float32), one per id, deterministic per (seed, id).
 
     Each galaxy's parameters and its sub-pixel centre offset (uniform in ±0.5 px)
-    come from a generator seeded by ``[seed, id]``, so any subset can be rebuilt.
+    come from a generator seeded by ``[seed, id]``, so any subset can be rebuilt. The
+    population is ``cfg.mock_structure`` ("smooth" or "realistic").
     """
     out = np.empty((len(ids), cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
     for k, i in enumerate(np.asarray(ids, dtype=np.int64)):
         rng = np.random.default_rng([int(seed), int(i)])
-        params = sample_params(rng, 1)[0]
+        params = sample_params(rng, 1, cfg.mock_structure)[0]
         offset = tuple(rng.uniform(-0.5, 0.5, size=2))
         img = draw_galaxy(params, cfg.kpc_per_pixel, cfg.image_size, cfg.bands, offset)
         out[k] = to_model_space(img, cfg.stretch.a)

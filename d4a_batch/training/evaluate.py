@@ -129,3 +129,41 @@ def sample_grid_rgb(
         r, c = divmod(j, ncol)
         grid[r * n : (r + 1) * n, c * n : (c + 1) * n] = img.transpose(1, 2, 0)
     return grid
+
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def feature_quantiles(
+    features: np.ndarray, quantiles: tuple[float, ...] = QUANTILES
+) -> dict[str, dict[str, float]]:
+    """``{feature: {"q10": .., "q25": .., "q50": .., ...}}`` of ``features[K, D]``."""
+    if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES):
+        raise ValueError(f"expected features[K, {len(FEATURE_NAMES)}], got {features.shape}")
+    qs = np.quantile(features, quantiles, axis=0)  # [Q, D]
+    return {
+        name: {f"q{round(100 * q):02d}": float(qs[k, j]) for k, q in enumerate(quantiles)}
+        for j, name in enumerate(FEATURE_NAMES)
+    }
+
+
+def image_on_prior_grid(
+    img: np.ndarray, pixel_arcsec: float, model_pixel_arcsec: float, n: int
+) -> np.ndarray:
+    """A real image ``img[H, W]`` (one band) moved onto an ``n x n`` prior grid: ``[n, n]``.
+
+    The image is cropped to a square centred on its light-weighted centroid (integer
+    pixels) and rebinned flux-conservingly (area overlap, ``training.data.rebin``) from
+    ``pixel_arcsec`` to ``model_pixel_arcsec`` (the prior's kpc/pixel at an assumed z).
+    Light outside the n-pixel field is lost.
+    """
+    from d4a_batch.training.data import rebin
+
+    if img.ndim != 2:
+        raise ValueError(f"expected img[H, W], got {img.shape}")
+    yy, xx = np.indices(img.shape)
+    w = np.clip(img, 0.0, None)
+    cy, cx = (round(float((w * c).sum() / w.sum())) for c in (yy, xx))
+    half = min(cy, cx, img.shape[0] - 1 - cy, img.shape[1] - 1 - cx)
+    crop = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
+    return rebin(crop[None], pixel_arcsec, model_pixel_arcsec, n)[0]

@@ -28,9 +28,14 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from d4a_batch.physics.operator import ForwardOperator, ObservationBatch
+from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.physics.stretch import DEFAULT_A, stretch
-from d4a_batch.sampling.summaries import aperture_mask, reconvolved_chi2
+from d4a_batch.sampling.summaries import (
+    aperture_mask,
+    flux_operator,
+    reconvolved_chi2,
+)
+from d4a_batch.sampling.summaries import reconvolved_flux as reconvolve  # noqa: F401
 
 COVERAGE_LEVELS = (0.68, 0.95)
 
@@ -160,33 +165,13 @@ def aperture_snr(
     return float(np.nanmean(per_band)), per_band
 
 
-def flux_operator(
-    obs: ObservationBatch, scale: np.ndarray | torch.Tensor, stretch_a: float = DEFAULT_A
-) -> ForwardOperator:
-    """The forward operator of ``obs`` (its PSFs, offsets, stamp) at model pixel ``scale[B]``."""
-    return ForwardOperator.for_observations(
-        obs, torch.as_tensor(np.array(scale, dtype=np.float64), dtype=obs.image.dtype), stretch_a
-    )
-
-
 def reduced_chi2(flux: np.ndarray, obs: ObservationBatch, scale: np.ndarray) -> np.ndarray:
     """Reduced chi² [B] of flux[B,C,N,N] (counts per model pixel) re-convolved against ``obs``.
 
     y ≈ PSF ⊛ R(flux) + beta_c with beta_c profiled per band (as the posterior summaries
-    score the posterior mean), dof = valid pixels − 1 per band.
+    score the posterior mean), dof = valid pixels − 2 per band
+    (``physics.operator.degrees_of_freedom``).
     """
     f = torch.as_tensor(np.asarray(flux), dtype=obs.image.dtype)
     with torch.no_grad():
         return reconvolved_chi2(f, obs, flux_operator(obs, scale)).double().numpy()
-
-
-def reconvolve(flux: np.ndarray, obs: ObservationBatch, scale: np.ndarray) -> np.ndarray:
-    """PSF ⊛ R(flux) + beta_c [B,C,H,W]: flux[B,C,N,N] seen through each object's operator,
-    with the background beta_c profiled (weighted mean of the residual per band)."""
-    f = torch.as_tensor(np.asarray(flux), dtype=obs.image.dtype)
-    with torch.no_grad():
-        m = flux_operator(obs, scale).linear(f)
-        w = obs.weight()
-        w_sum = w.sum((-2, -1))
-        beta = (w * (obs.masked_image() - m)).sum((-2, -1)) / torch.where(w_sum > 0, w_sum, 1.0)
-        return (m + beta[..., None, None]).double().numpy()

@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from d4a_batch import __version__
-from d4a_batch.config import ColumnMap, PhysicsConfig, PriorConfig, RunConfig, config_hash, to_dict
+from d4a_batch.config import ColumnMap, PhysicsConfig, PriorConfig, RunConfig, to_dict
 from d4a_batch.mock.survey import TRUTH_FILE
 from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, model_pixel_scale
 from d4a_batch.pipeline.actors import DeconvolveActor
@@ -172,18 +169,7 @@ def make_actor(
     spec = OutputSpec(
         bands=tuple(cfg.bands), image_size=cfg.image_size, keep_samples=config.sampler.samples
     )
-    created = datetime.now(UTC)
-    provenance = Provenance(
-        run_id=f"{created:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
-        prior_id=str(meta.get("prior_id", cfg.name)),
-        prior_hash=str(meta.get("weights_sha256", "")),
-        config_hash=config_hash(config),
-        code_version=__version__,
-        seed=config.sampler.seed,
-        steps=config.sampler.steps,
-        samples=config.sampler.samples,
-        created_utc=created,
-    )
+    provenance = Provenance.new_run(cfg, meta, config)
     actor = DeconvolveActor(str(prior_path), to_dict(config), spec, provenance, torch_threads)
     return actor, spec
 

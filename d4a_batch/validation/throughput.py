@@ -5,17 +5,23 @@
   leaves out FFTs and elementwise ops, so achieved FLOP/s are a slight undercount.
 - The machine's peak is measured in the same process: a large square matmul and a
   3×3 convolution of UNet-like size, each timed after a warm-up, FLOPs counted the same way.
-- Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's resident set
-  (RSS) polled every few milliseconds by a thread (``psutil``), reported as the peak
-  above the RSS at entry (torch's CPU allocator is invisible to tracemalloc). glibc keeps
-  freed blocks resident once its dynamic mmap threshold has grown, which hides a call's
-  memory behind the previous call's; ``return_freed_memory`` pins the thresholds so that
-  large tensors go back to the system when freed and each call's peak shows.
+- Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's anonymous
+  resident memory (RSS less file-backed and shared pages, which the kernel maps in and
+  evicts on its own) polled every few milliseconds by a thread (``psutil``), reported as
+  the peak above its value at entry, after a ``gc.collect()`` so that garbage left by
+  earlier code is not freed inside the block (torch's CPU allocator is invisible to
+  tracemalloc). glibc keeps freed blocks resident once its dynamic mmap threshold has
+  grown, which hides a call's memory behind the previous call's; ``return_freed_memory``
+  pins the thresholds so that large tensors go back to the system when freed and each
+  call's peak shows. The value is process-wide: other threads of the process (a Ray
+  driver's, a test session's) allocate and free within the block too, so a precise
+  measurement runs in a process of its own (``jobs/benchmark_throughput.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -95,14 +101,26 @@ def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> t
     return tick() - t0, out
 
 
+def anonymous_rss(proc: psutil.Process) -> int:
+    """Resident anonymous memory of ``proc`` (bytes): RSS less file-backed and shared pages
+    on Linux (``RssAnon``), RSS elsewhere."""
+    info = proc.memory_info()
+    return int(info.rss - getattr(info, "shared", 0))
+
+
 class PeakMemory:
-    """Context manager: peak memory of the block (bytes) in ``peak`` (see module docstring)."""
+    """Context manager: peak memory of the block (bytes) in ``peak`` (see module docstring).
+
+    On CPU ``samples`` counts the poller's readings; ``wait_for_samples(n)`` blocks until it
+    has taken ``n`` more (to hold an allocation until it has been seen, whatever the load).
+    """
 
     def __init__(self, device: torch.device, interval_s: float = 0.005):
         self.device = device
         self.interval = interval_s
         self.peak = 0
-        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "rss_above_entry"
+        self.samples = 0
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "anon_rss_above_entry"
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -110,13 +128,15 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._proc = psutil.Process()
-        self._base = self._proc.memory_info().rss
+        gc.collect()
+        self._base = anonymous_rss(self._proc)
         self._max = self._base
         self._stop = threading.Event()
 
         def poll() -> None:
             while not self._stop.is_set():
-                self._max = max(self._max, self._proc.memory_info().rss)
+                self._max = max(self._max, anonymous_rss(self._proc))
+                self.samples += 1
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=poll, daemon=True)
@@ -130,8 +150,19 @@ class PeakMemory:
             return
         self._stop.set()
         self._thread.join()
-        self._max = max(self._max, self._proc.memory_info().rss)
+        self._max = max(self._max, anonymous_rss(self._proc))
         self.peak = int(self._max - self._base)
+
+    def wait_for_samples(self, n: int = 2, timeout_s: float = 60.0) -> None:
+        """Block until the CPU poller has taken ``n`` more readings (TimeoutError after
+        ``timeout_s``); on CUDA the peak is exact and this returns at once."""
+        if self.device.type == "cuda":
+            return
+        target, deadline = self.samples + n, time.monotonic() + timeout_s
+        while self.samples < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the memory poller took no reading in {timeout_s} s")
+            time.sleep(self.interval / 2)
 
 
 def synthetic_batch(

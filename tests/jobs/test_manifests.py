@@ -7,7 +7,6 @@ through the KubeRay ray.io/v1 API (RayJobSpec, RayClusterSpec, head and worker g
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import re
 import shlex
@@ -117,14 +116,15 @@ def _one(docs: list[dict], kind: str) -> dict:
 
 @pytest.fixture(scope="module")
 def job():
-    """jobs/deconvolve_survey.py as a module, imported from the file (jobs/ is not a package)."""
-    tree = ast.parse(JOB.read_text())
-    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert "parse_args" in names, f"{JOB} defines no parse_args()"
+    """jobs/deconvolve_survey.py as a module, imported from the file (jobs/ is not a package);
+    it runs ``d4a_batch.cli.deconvolve`` (the ``d4a-deconvolve`` command)."""
+    from d4a_batch.cli import deconvolve
+
     spec = importlib.util.spec_from_file_location("deconvolve_survey_cli", JOB)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    assert module.main is deconvolve.main and module.parse_args is deconvolve.parse_args
+    return deconvolve
 
 
 @pytest.fixture(scope="module")

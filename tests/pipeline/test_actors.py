@@ -21,7 +21,7 @@ from d4a_batch.survey.hats_io import ORDER, PIXEL, open_input_catalog, read_part
 from d4a_batch.survey.output import OutputSpec, Provenance
 from d4a_batch.survey.staging import KIND_ERRORS, Stager, make_packs, pack_from_bytes, pack_to_bytes
 from d4a_batch.survey.tensors import tensor_numpy
-from tests.survey.fixtures import TINY_PRIOR
+from d4a_batch.testing import TINY_PRIOR
 
 CONFIG = RunConfig(sampler=SamplerConfig(steps=2, samples=2))
 

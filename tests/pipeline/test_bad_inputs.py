@@ -23,7 +23,7 @@ from d4a_batch.mock.survey import build_mock_survey
 from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
 from d4a_batch.schema import Col, Flag, Status, flag_names
 from d4a_batch.survey.hats_io import ORDER, PIXEL, open_input_catalog, read_partition
-from tests.survey.fixtures import TINY_PRIOR, tiny_survey_config
+from d4a_batch.testing import TINY_PRIOR, tiny_survey_config
 from tests.survey.test_staging import BAD_INPUTS, break_object
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]

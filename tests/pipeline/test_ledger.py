@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
+from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import ColumnMap
 from d4a_batch.pipeline.ledger import (
@@ -25,6 +26,7 @@ from d4a_batch.pipeline.ledger import (
     describe_runs,
     parse_pixel,
     partition_fingerprint,
+    pixel_name,
     plan,
 )
 from d4a_batch.survey.hats_io import open_input_catalog
@@ -38,21 +40,21 @@ def _record(order=5, pixel=1, status=OK, fp="fp", prior="P", config="C", run="20
 
 def test_plan_gives_each_partition_its_reason():
     state = {
-        (5, 1): _record(5, 1),
-        (5, 2): _record(5, 2, fp="old"),
-        (5, 3): _record(5, 3, prior="Q"),
-        (5, 4): _record(5, 4, config="D"),
-        (5, 5): _record(5, 5, status=FAILED),
+        HealpixPixel(5, 1): _record(5, 1),
+        HealpixPixel(5, 2): _record(5, 2, fp="old"),
+        HealpixPixel(5, 3): _record(5, 3, prior="Q"),
+        HealpixPixel(5, 4): _record(5, 4, config="D"),
+        HealpixPixel(5, 5): _record(5, 5, status=FAILED),
     }
-    fps = {(5, k): "fp" for k in range(1, 7)}
+    fps = {HealpixPixel(5, k): "fp" for k in range(1, 7)}
     todo, done = plan(state, fps, "P", "C")
-    assert done == [(5, 1)]
+    assert done == [HealpixPixel(5, 1)]
     assert todo == {
-        (5, 2): INPUT_CHANGED,
-        (5, 3): PRIOR_CHANGED,
-        (5, 4): CONFIG_CHANGED,
-        (5, 5): RETRY,
-        (5, 6): NEW,
+        HealpixPixel(5, 2): INPUT_CHANGED,
+        HealpixPixel(5, 3): PRIOR_CHANGED,
+        HealpixPixel(5, 4): CONFIG_CHANGED,
+        HealpixPixel(5, 5): RETRY,
+        HealpixPixel(5, 6): NEW,
     }
     todo, done = plan(state, fps, "P", "C", force=True)
     assert done == [] and set(todo.values()) == {FORCED}
@@ -65,8 +67,11 @@ def test_newest_record_of_a_partition_wins(tmp_path):
     ledger.write_partition(_record(run="20260102T000000Z-b", fp="two", status=FAILED))
     ledger.write_partition(_record(pixel=2, run="20260101T000000Z-a"))
     state = ledger.state()
-    assert ledger.exists() and set(state) == {(5, 1), (5, 2)}
-    assert state[(5, 1)].fingerprint == "two" and state[(5, 1)].status == FAILED
+    assert ledger.exists() and set(state) == {HealpixPixel(5, 1), HealpixPixel(5, 2)}
+    assert (
+        state[HealpixPixel(5, 1)].fingerprint == "two"
+        and state[HealpixPixel(5, 1)].status == FAILED
+    )
     # no temporary files are left beside the records
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
@@ -147,6 +152,24 @@ def test_run_listing_says_what_changed(tmp_path):
 
 
 def test_partition_names_parse():
-    assert parse_pixel(" 7/123 ") == (7, 123)
+    assert parse_pixel(" 7/123 ") == HealpixPixel(7, 123)
     with pytest.raises(ValueError, match="ORDER/PIXEL"):
         parse_pixel("7-123")
+
+
+def test_a_ledger_written_before_healpixpixel_keys_still_plans(tmp_path):
+    """Records on disk keep their JSON form (order, pixel ints; "k/p" names in runs)."""
+    import json
+
+    old = {"order": 5, "pixel": 1, "run_id": "20250101T000000Z-old", "status": "ok",
+           "fingerprint": "fp", "prior_hash": "P", "config_hash": "C", "rows": 3, "n_ok": 3,
+           "n_error": 0, "n_flagged": 0, "reason": "new partition", "message": "",
+           "seconds": 1.0, "committed_utc": "2025-01-01T00:00:00+00:00"}  # fmt: skip
+    folder = tmp_path / "out" / "_d4a_ledger" / "partitions" / old["run_id"]
+    folder.mkdir(parents=True)
+    (folder / "5-1.json").write_text(json.dumps(old))
+    state = Ledger(str(tmp_path / "out")).state()
+    assert list(state) == [HealpixPixel(5, 1)]
+    todo, done = plan(state, {HealpixPixel(5, 1): "fp", HealpixPixel(5, 2): "x"}, "P", "C")
+    assert done == [HealpixPixel(5, 1)] and todo == {HealpixPixel(5, 2): NEW}
+    assert pixel_name(HealpixPixel(5, 1)) == "5/1" and parse_pixel("5/1") == HealpixPixel(5, 1)

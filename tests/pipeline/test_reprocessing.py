@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
+from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import RunConfig, SamplerConfig, config_hash
 from d4a_batch.pipeline.engine import ExecutionOptions, JobError, run_survey
@@ -90,13 +91,15 @@ def sequence(ray_local, tiny_survey, tiny_prior, tmp_path_factory):
     seq["changed"] = run_survey(*args, CONFIG, OPTS)
     new_cfg = dataclasses.replace(CONFIG, sampler=dataclasses.replace(CONFIG.sampler, seed=4))
     seq["new_config"] = run_survey(
-        *args, new_cfg, dataclasses.replace(OPTS, partitions=(pixel_name(*b[:2]),))
+        *args, new_cfg, dataclasses.replace(OPTS, partitions=(pixel_name(HealpixPixel(*b[:2])),))
     )
     seq["forced"] = run_survey(
-        *args, CONFIG, dataclasses.replace(OPTS, force=True, partitions=(pixel_name(*c[:2]),))
+        *args,
+        CONFIG,
+        dataclasses.replace(OPTS, force=True, partitions=(pixel_name(HealpixPixel(*c[:2])),)),
     )
-    seq["names"] = [pixel_name(o, p) for o, p, _ in parts]
-    seq["a"], seq["b"], seq["c"] = (pixel_name(*x[:2]) for x in (a, b, c))
+    seq["names"] = [HealpixPixel(o, p) for o, p, _ in parts]
+    seq["a"], seq["b"], seq["c"] = (HealpixPixel(*x[:2]) for x in (a, b, c))
     seq["new_cfg"] = new_cfg
     return seq
 
@@ -106,7 +109,7 @@ def test_first_run_processes_everything_and_records_it(sequence):
     assert sorted(s.committed) == sorted(sequence["names"]) and not s.skipped
     assert not s.failed_partitions
     state = sequence["state_first"]
-    assert {pixel_name(*k) for k in state} == set(sequence["names"])
+    assert set(state) == set(sequence["names"])
     assert all(r.status == OK and r.reason == NEW and r.run_id == s.run_id for r in state.values())
     assert sum(r.rows for r in state.values()) == len(_input_ids(sequence["root"]))
 
@@ -122,15 +125,14 @@ def test_a_changed_input_partition_is_processed_alone(sequence):
     assert s.committed == [sequence["a"]]
     assert len(s.skipped) == len(sequence["names"]) - 1
     run = next(r for r in Ledger(str(sequence["out"])).runs() if r.run_id == s.run_id)
-    assert run.processed == {sequence["a"]: INPUT_CHANGED} and run.status == OK
+    assert run.processed == {pixel_name(sequence["a"]): INPUT_CHANGED} and run.status == OK
 
 
 def test_a_new_config_reprocesses_what_partitions_names_and_force_redoes(sequence):
     assert sequence["new_config"].committed == [sequence["b"]]
     assert sequence["forced"].committed == [sequence["c"]]
     state = Ledger(str(sequence["out"])).state()
-    b = tuple(int(x) for x in sequence["b"].split("/"))
-    c = tuple(int(x) for x in sequence["c"].split("/"))
+    b, c = sequence["b"], sequence["c"]
     assert state[b].reason == CONFIG_CHANGED
     assert state[b].config_hash == config_hash(sequence["new_cfg"])
     assert state[c].reason == FORCED and state[c].config_hash == config_hash(CONFIG)
@@ -209,9 +211,9 @@ def test_failed_partition_exits_3_the_rest_is_kept_and_a_rerun_retries_it(
     argv += ["--steps", "2", "--samples", "2", "--no-maps"]
     assert job.main(argv) == job.EXIT_PARTITIONS_FAILED == 3
     err = capsys.readouterr().err
-    name = pixel_name(broken.order, broken.pixel)
+    name = pixel_name(broken.healpix)
     assert f"{name}: cannot read partition" in err
-    assert f"{pixel_name(evil.order, evil.pixel)}: cannot read partition" in err
+    assert f"{pixel_name(evil.healpix)}: cannot read partition" in err
     assert not list(tmp_path.rglob("escape*")) and not (tmp_path.parent / "escape").exists()
     df = _rows(out)
     # every object of the readable partitions, the repeated one twice (one row per input row)
@@ -222,16 +224,16 @@ def test_failed_partition_exits_3_the_rest_is_kept_and_a_rerun_retries_it(
     assert list(rep[Col.STATUS]) == [Status.ERROR, Status.OK]
     assert "duplicate object_id" in rep[Col.MESSAGE].iloc[0]
     state = Ledger(str(out)).state()
-    assert state[(broken.order, broken.pixel)].status == FAILED
-    assert state[(broken.order, broken.pixel)].reason == NEW  # first attempt: not a retry
+    assert state[broken.healpix].status == FAILED
+    assert state[broken.healpix].reason == NEW  # first attempt: not a retry
     # the partition is repaired: the next run processes it alone
     shutil.copyfile(tmp_path / "saved.parquet", broken.uri)
     shutil.copyfile(tmp_path / "saved_evil.parquet", evil.uri)
     assert job.main(argv) == 0
     state = Ledger(str(out)).state()
-    assert state[(broken.order, broken.pixel)].status == OK
-    assert state[(broken.order, broken.pixel)].reason == RETRY
+    assert state[broken.healpix].status == OK
+    assert state[broken.healpix].reason == RETRY
     runs = Ledger(str(out)).runs()
-    assert runs[-1].processed == {name: RETRY, pixel_name(evil.order, evil.pixel): RETRY}
+    assert runs[-1].processed == {name: RETRY, pixel_name(evil.healpix): RETRY}
     repaired = sum(pq.read_metadata(p.uri).num_rows for p in (broken, evil))
     assert len(_rows(out)) == len(want) + repaired

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from d4a_batch.config import PhysicsConfig, SamplerConfig
-from d4a_batch.physics.operator import ForwardOperator, ObservationBatch
+from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, degrees_of_freedom
 from d4a_batch.physics.stretch import inverse_stretch
-from d4a_batch.sampling.summaries import PosteriorSummaries, aperture_mask, reconvolved_chi2
+from d4a_batch.sampling.summaries import (
+    PosteriorSummaries,
+    aperture_mask,
+    reconvolve,
+    reconvolved_chi2,
+)
 from d4a_batch.schema import Col, band_col
 from tests.sampling.conftest import gaussian_psf
 
@@ -89,30 +93,34 @@ def test_reductions_match_numpy(rng):
 def test_reconvolved_chi2_is_one_for_the_truth_and_large_for_a_wrong_image(rng):
     _, _, _, obs, op, _, mean_flux = _setup(rng, flux_scale=3000.0)
     chi2 = reconvolved_chi2(mean_flux, obs, op).numpy()
-    dof = np.array([C * H * H - 3 * H - C, C * H * H - C])
-    # chi² / dof of pure noise: mean 1, std sqrt(2 / dof); the fitted beta takes C dof
+    # alpha and beta are fitted per band: 2 dof per band (physics.operator.degrees_of_freedom)
+    dof = np.array([C * H * H - 3 * H - 2 * C, C * H * H - 2 * C])
+    np.testing.assert_array_equal(degrees_of_freedom(obs.valid).numpy(), dof)
+    res = obs.masked_image() - reconvolve(mean_flux, obs, op)
+    total = (obs.weight() * res * res).sum((1, 2, 3)).double().numpy()
+    np.testing.assert_allclose(chi2 * dof, total, rtol=1e-5)
+    # chi² / dof of pure noise: mean 1, std sqrt(2 / dof)
     assert np.all(np.abs(chi2 - 1) < 5 * np.sqrt(2 / dof)), chi2
     wrong = reconvolved_chi2(0.8 * mean_flux, obs, op).numpy()
     assert np.all(wrong > 3), wrong
 
 
-def test_rows_are_keyed_by_schema_columns(rng):
+def test_columns_are_keyed_by_schema_columns(rng):
     x, alpha, beta, obs, op, scale, _ = _setup(rng)
     s = PosteriorSummaries.from_samples(
         x, alpha, beta, obs, op, torch.full((C, N, N), 0.1),
         object_ids=[11, 22], redshift=np.array([0.3, 0.5]), scale=scale,
         bands=BANDS, config=SamplerConfig(samples=S), physics=PhysicsConfig(),
     )  # fmt: skip
-    rows = s.rows()
-    assert len(rows) == 2 and rows[1][Col.OBJECT_ID] == 22
-    r = rows[0]
+    cols = s.columns()
+    assert cols[Col.OBJECT_ID].tolist() == [11, 22]
     for name in (Col.FLUX, Col.FLUX_ERR, Col.MAG, Col.MAG_ERR, Col.ALPHA, Col.BETA):
         for c, band in enumerate(BANDS):
-            assert r[band_col(name, band)] == pytest.approx(float(getattr(s, name)[0, c]))
-    assert r[Col.HALLUCINATION] == pytest.approx(float(s.hallucination[0]))
-    assert r[Col.CHI2] == pytest.approx(float(s.chi2[0]))
-    assert r[Col.MEAN_FLUX].shape == (C, N, N) and r[Col.VARIANCE_RATIO].shape == (N, N)
-    assert Col.SAMPLES_X not in r  # keep_samples = 0
-    scalar_only = s.rows(maps=False)[0]
-    assert Col.MEAN_X not in scalar_only and Col.UPSAMPLING in scalar_only
-    assert all(isinstance(v, int | float) for v in scalar_only.values())
+            np.testing.assert_array_equal(cols[band_col(name, band)], getattr(s, name)[:, c])
+    np.testing.assert_array_equal(cols[Col.HALLUCINATION], s.hallucination)
+    np.testing.assert_array_equal(cols[Col.CHI2], s.chi2)
+    assert cols[Col.MEAN_FLUX].shape == (2, C, N, N) and cols[Col.VARIANCE_RATIO].shape == (2, N, N)
+    assert Col.SAMPLES_X not in cols  # keep_samples = 0
+    scalar_only = s.columns(maps=False)
+    assert Col.MEAN_X not in scalar_only
+    assert all(v.shape == (2,) for v in scalar_only.values())

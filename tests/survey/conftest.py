@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.survey.fixtures import make_tiny_prior, make_tiny_survey
+from d4a_batch.testing import make_tiny_prior, make_tiny_survey
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, SamplerConfig, StagingConfig
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import load_prior
 from d4a_batch.sampling.dps import deconvolve
-from d4a_batch.sampling.flags import evaluate_flags
+from d4a_batch.sampling.flags import evaluate_flags, flag_objects
 from d4a_batch.schema import Col, Flag, Status, band_col, flag_names
 from d4a_batch.survey.hats_io import (
     INPUT_PHOTOZ_HI,
@@ -46,7 +47,7 @@ from d4a_batch.survey.staging import (
     pack_from_bytes,
 )
 from d4a_batch.survey.tensors import tensor_numpy
-from tests.survey.fixtures import TINY_PRIOR
+from d4a_batch.testing import TINY_PRIOR
 
 SAMPLER = SamplerConfig(steps=2, samples=2, seed=3)
 PROV = Provenance(
@@ -79,7 +80,26 @@ def sampled(packs, tiny_prior):
     )
     err = np.stack([a[INPUT_PHOTOZ_LO], a[INPUT_PHOTOZ_HI]], 1)
     summ = deconvolve(obs, a[Col.PHOTOZ], prior, SAMPLER, a[Col.OBJECT_ID].tolist(), photoz_err=err)
-    return pack, summ.rows()
+    return pack, summ
+
+
+def _flags(pack, summ=None, messages=None):
+    """The pack's flags as the actor decides them (sampling.flags)."""
+    messages = pack[Col.MESSAGE].to_pylist() if messages is None else messages
+    fit = None
+    if summ is not None:
+        fit = {"masked_fraction": pack[Col.MASKED_FRACTION].to_numpy(),
+               "upsampling": 1 / pack["model_scale"].to_numpy(),
+               "hallucination": summ.hallucination, "chi2_reduced": summ.chi2}  # fmt: skip
+    return flag_objects(
+        FlagThresholds(), z_range=Z_RANGE, bands=TINY_PRIOR.bands,
+        photoz=pack[Col.PHOTOZ].to_numpy(), psf_sum=tensor_numpy(pack["psf_sum"]),
+        psf_centroid_offset=tensor_numpy(pack["psf_centroid_offset"]), errors=messages, fit=fit,
+    )  # fmt: skip
+
+
+def _table(pack, summ=None, messages=None):
+    return output_table(pack, summ, _flags(pack, summ, messages), SPEC, PROV, messages)
 
 
 def test_schema_follows_bands_maps_and_kept_samples():
@@ -103,7 +123,7 @@ def test_schema_follows_bands_maps_and_kept_samples():
 
 def test_error_records_become_error_rows_with_input_flags(packs):
     pack = packs[KIND_ERRORS][0]
-    t = output_table(pack, None, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    t = _table(pack)
     assert t.num_rows == 1 and t.drop_columns([ORDER, PIXEL]).schema == SPEC.schema()
     row = t.drop_columns(
         [Col.MEAN_X, Col.STD_X, Col.MEAN_FLUX, Col.STD_FLUX, Col.VARIANCE_RATIO]
@@ -119,15 +139,17 @@ def test_error_records_become_error_rows_with_input_flags(packs):
 
 
 def test_sampled_rows_carry_summaries_maps_and_flags(sampled):
-    pack, results = sampled
-    t = output_table(pack, results, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    pack, summ = sampled
+    t = _table(pack, summ)
     assert t[Col.OBJECT_ID].to_pylist() == pack[Col.OBJECT_ID].to_pylist()
     assert set(t[Col.STATUS].to_pylist()) == {Status.OK}
     mean_flux = tensor_numpy(t[Col.MEAN_FLUX])
     psf_sum, psf_cen = tensor_numpy(pack["psf_sum"]), tensor_numpy(pack["psf_centroid_offset"])
-    for i, res in enumerate(results):
+    for i in range(len(summ)):
         row = {k: t[k][i].as_py() for k in t.column_names if k not in SPEC.map_shapes()}
-        np.testing.assert_array_equal(mean_flux[i], res[Col.MEAN_FLUX])
+        np.testing.assert_array_equal(mean_flux[i], summ.mean_flux[i])
+        assert row[Col.CHI2] == summ.chi2[i] and row[Col.HALLUCINATION] == summ.hallucination[i]
+        assert row[Col.MASKED_FRACTION] == pack[Col.MASKED_FRACTION][i].as_py()
         for c, b in enumerate(TINY_PRIOR.bands):
             # flux = mean over samples of the summed flux image = sum of the mean flux map
             assert row[band_col(Col.FLUX, b)] == pytest.approx(
@@ -136,8 +158,8 @@ def test_sampled_rows_carry_summaries_maps_and_flags(sampled):
         bits, reasons = evaluate_flags(
             FlagThresholds(), photoz=row[Col.PHOTOZ], z_range=Z_RANGE, psf_sum=psf_sum[i],
             psf_centroid_offset=psf_cen[i], bands=TINY_PRIOR.bands,
-            masked_fraction=res[Col.MASKED_FRACTION], upsampling=res[Col.UPSAMPLING],
-            hallucination=res[Col.HALLUCINATION], chi2_reduced=res[Col.CHI2],
+            masked_fraction=summ.masked_fraction[i], upsampling=summ.upsampling[i],
+            hallucination=summ.hallucination[i], chi2_reduced=summ.chi2[i],
         )  # fmt: skip
         assert row[Col.FLAGS] == bits and row[Col.FLAG_NAMES] == "|".join(flag_names(bits))
         assert row[Col.FLAG_REASONS] == "; ".join(reasons)
@@ -145,16 +167,16 @@ def test_sampled_rows_carry_summaries_maps_and_flags(sampled):
         assert row[Col.UPSAMPLING] == pytest.approx(1.0 / pack["model_scale"][i].as_py())
         assert row[Col.SEED] == 3 and row[Col.STEPS] == 2 and row[Col.SAMPLES] == 2
     # a pack whose sampling failed: error rows for all, with the reason
-    failed = output_table(
-        pack, None, SPEC, PROV, FlagThresholds(), Z_RANGE, error="sampling failed: X"
-    )
+    failed = _table(pack, None, ["sampling failed: X"] * pack.num_rows)
     assert set(failed[Col.STATUS].to_pylist()) == {Status.ERROR}
+    assert np.isnan(failed[Col.CHI2].to_numpy()).all()
+    assert set(failed[Col.FLAG_NAMES].to_pylist()) >= {"INPUT_ERROR"}
     assert set(failed[Col.MESSAGE].to_pylist()) == {"sampling failed: X"}
 
 
 def test_fits_maps_carry_a_wcs_at_the_model_pixel_scale(sampled):
-    pack, results = sampled
-    t = output_table(pack, results, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    pack, summ = sampled
+    t = _table(pack, summ)
     row = t.drop_columns(list(SPEC.map_shapes())).to_pylist()[0]
     row |= {name: tensor_numpy(t[name])[0] for name in SPEC.map_shapes()}
     hdul = fits.open(io.BytesIO(fits_maps_bytes(row, TINY_PRIOR.bands, 27.0)))
@@ -175,15 +197,15 @@ def test_fits_maps_carry_a_wcs_at_the_model_pixel_scale(sampled):
 
 
 def test_chunks_merge_into_one_partition_file_without_duplicates(sampled, tmp_path):
-    pack, results = sampled
-    t = output_table(pack, results, SPEC, PROV, FlagThresholds(), Z_RANGE)
+    pack, summ = sampled
+    t = _table(pack, summ)
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
     summaries = write_chunks(t, work)
     assert sum(s["n"] for s in summaries) == t.num_rows
     assert all(s["n_ok"] == s["n"] and s["n_error"] == 0 for s in summaries)
     write_chunks(t.slice(0, 1), work)  # as a retried task under another chunk name would
     o, p = summaries[0][ORDER], summaries[0][PIXEL]
-    n = merge_partition(work, out, o, p)
+    n = merge_partition(work, out, HealpixPixel(o, p))
     merged = pq.read_table(partition_uri(out, o, p))
     assert n == merged.num_rows == summaries[0]["n"]
     assert sorted(merged[Col.OBJECT_ID].to_pylist()) == sorted(

@@ -42,7 +42,7 @@ from d4a_batch.survey.staging import (
     pack_id,
     stamp_size,
 )
-from tests.survey.fixtures import TINY_PRIOR
+from d4a_batch.testing import TINY_PRIOR
 
 BANDS = TINY_PRIOR.bands
 

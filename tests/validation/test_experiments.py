@@ -6,12 +6,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig
 from d4a_batch.mock.survey import INV_GAIN, SKY_VARIANCE, MockSurveyConfig, build_mock_survey
-from d4a_batch.prior.artifact import Prior, PriorStats, load_prior, save_prior
-from d4a_batch.prior.unet import build_unet
+from d4a_batch.prior.artifact import Prior, load_prior
+from d4a_batch.testing import random_prior, write_prior
 from d4a_batch.validation.magnitude import (
     MagnitudeConfig,
     make_observations,
@@ -40,13 +39,7 @@ TINY = PriorConfig(
 
 def tiny_prior() -> Prior:
     """A real UNet prior with small random weights and unit prior variance."""
-    model = build_unet(TINY)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    ones = torch.ones(3, 16, 16)
-    return Prior(model, TINY, "tiny-random", "0" * 64, PriorStats(0 * ones, ones, 256, 2))
+    return random_prior(TINY, seed=0)
 
 
 def test_magnitude_observations_follow_the_noise_model():
@@ -87,7 +80,7 @@ def test_magnitude_experiment_runs_and_reports_every_magnitude():
 
 def test_science_scoring_on_a_tiny_mock_survey(tmp_path):
     prior = tiny_prior()
-    folder = save_prior(tmp_path / "prior", prior.model.state_dict(), TINY, prior.stats)
+    folder = write_prior(tmp_path / "prior", prior)
     assert load_prior(folder).config == TINY
     survey = build_mock_survey(
         tmp_path / "survey",

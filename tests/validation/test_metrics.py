@@ -132,7 +132,7 @@ def test_reduced_chi2_of_the_truth_is_one_and_reconvolve_restores_the_data(rng):
     truth = blob()
     obs, clean = _obs(truth, 0.6, 0.05, rng)
     chi = reduced_chi2(truth[None], obs, np.array([0.6]))
-    dof = 3 * (24 * 24 - 1)
+    dof = 3 * (24 * 24 - 2)  # alpha and beta per band
     assert chi[0] == pytest.approx(1.0, abs=4 * math.sqrt(2 / dof))
     assert reduced_chi2(0.5 * truth[None], obs, np.array([0.6]))[0] > 10
     noiseless = ObservationBatch.from_arrays(

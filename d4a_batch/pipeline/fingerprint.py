@@ -1,0 +1,269 @@
+"""Partition fingerprints at survey scale: one read per partition file, one listing per prefix.
+
+A partition's fingerprint (what the run ledger compares, see ``pipeline/ledger.py``) is
+the SHA-256 of its Parquet bytes, ``rows=<n>`` and, for every distinct cutout / PSF URI
+its first n rows name (sorted), ``<uri>:<size>:<ETag or mtime>``. It is the same digest
+as :func:`d4a_batch.pipeline.ledger.partition_fingerprint`, so ledgers written before
+keep planning correctly (no partition is redone because of the change), but it is
+computed without one HEAD / stat per file:
+
+1. **scan** (one task per partition): the partition file is read once (one GET); its
+   bytes are hashed, its URI columns listed, its rows checked the way the read stage
+   reads them (``read_partition`` on the same bytes). The task hands back only small
+   things (rows, the folders its files live in); the bytes and URIs stay in Ray's
+   object store for step 3.
+2. **list** (one task per folder): ``ls(folder, detail=True)`` gives size and ETag /
+   mtime of every file in it (S3 answers 1,000 keys a request).
+3. **finish** (one task per partition): its URIs joined with the listings -> digest.
+
+Storage requests: partitions (+ files of multi-file partitions) + listing pages, instead
+of partitions x 3 + rows x 6. The driver holds per-partition digests and the set of
+folders, nothing per row. A file absent from its folder's listing counts as missing
+(as before). Folders hold the files of many objects (HSC: per band, tract or patch);
+a survey with one folder per object gets one listing per object, which is still
+correct but no cheaper than stat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hats.pixel_math import HealpixPixel
+
+from d4a_batch.config import ColumnMap
+from d4a_batch.survey.hats_io import (
+    Partition,
+    cutout_column,
+    input_column_names,
+    psf_column,
+    read_partition,
+)
+from d4a_batch.survey.storage import S3_PROTOCOLS, filesystem, resolve_uri
+
+Key = HealpixPixel
+LISTING_SCHEMA = pa.schema([("name", pa.string()), ("stamp", pa.string())])
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What the driver keeps of a scanned partition (no per-row data)."""
+
+    key: Key
+    rows: int = 0  # rows the fingerprint stands for (all, or the first ``limit``)
+    folders: tuple[str, ...] = ()  # folders (URIs) of the files its rows name
+    files_read: int = 0  # partition files read (storage GETs)
+    error: str | None = None  # the partition is unusable: why
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Per-partition data that step 3 needs: its bytes and its URIs (in the object store)."""
+
+    blobs: tuple[bytes, ...]  # the Parquet file(s), in path order
+    rows: int
+    uris: tuple[str, ...]  # distinct URIs as the catalog writes them, sorted
+    folders: tuple[str, ...]  # per URI: its folder (resolved)
+    names: tuple[str, ...]  # per URI: its file name
+
+
+@dataclass
+class FingerprintResult:
+    """The fingerprints of a set of partitions and what computing them cost."""
+
+    fingerprints: dict[Key, str] = field(default_factory=dict)
+    rows: dict[Key, int] = field(default_factory=dict)
+    failed: dict[Key, str] = field(default_factory=dict)  # unusable partitions: why
+    files_read: int = 0
+    listings: int = 0  # folder listings (each is ceil(files / 1000) requests on S3)
+
+
+# --------------------------------------------------------------------------- pure steps
+def _read_blobs(part: Partition, storage_options) -> list[bytes]:
+    """The partition's Parquet bytes: one GET for a file; a listing + GETs for a folder."""
+    fs, path = filesystem(part.uri, storage_options)
+    # s3fs asks for the size (a HEAD) before a whole-file GET unless it reads in one stream
+    kw = {"max_concurrency": 1} if str(part.uri).startswith(S3_PROTOCOLS) else {}
+    try:
+        return [fs.cat_file(path, **kw)]
+    except (IsADirectoryError, FileNotFoundError, PermissionError):
+        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+        if not files:
+            raise
+        return [fs.cat_file(f, **kw) for f in files]
+
+
+def scan_partition(
+    part: Partition,
+    columns: ColumnMap,
+    bands: tuple[str, ...],
+    catalog_root: str,
+    healpix_column: str = "",
+    limit: int = -1,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[Scan, Payload | None]:
+    """Read partition ``part`` once: (its Scan, its Payload); (Scan with error, None) if unusable.
+
+    The rows are also read the way the read stage reads them (``read_partition``), so a
+    partition that passes here does not fail later on column types.
+    """
+    key = part.healpix
+    try:
+        blobs = _read_blobs(part, storage_options)
+        # the read stage's own reader, on these bytes (an in-memory copy of the partition)
+        mem = fsspec.filesystem("memory")
+        local = f"/d4a_fingerprint/{uuid.uuid4().hex}"
+        try:
+            for i, blob in enumerate(blobs):
+                mem.pipe_file(f"{local}/part{i:05d}.parquet", blob)
+            read_partition(
+                Partition(part.order, part.pixel, f"memory://{local}"),
+                columns,
+                bands,
+                healpix_column,
+            )
+            names = input_column_names(columns, bands)
+            uri_cols = [names[k(b)] for b in bands for k in (cutout_column, psf_column)]
+            table = pq.ParquetDataset(local, filesystem=mem).read(columns=uri_cols)
+        finally:
+            mem.rm(local, recursive=True)
+    except Exception as e:  # an unreadable partition fails alone
+        return Scan(key, error=f"cannot read partition {part.uri}: {e}"), None
+    n = table.num_rows if limit < 0 else min(limit, table.num_rows)
+    uris = sorted(
+        {str(u) for c in uri_cols for u in table[c].slice(0, n).to_pylist() if u is not None}
+    )
+    folders, files = [], []
+    for u in uris:
+        folder, _, name = resolve_uri(u, catalog_root).rpartition("/")
+        folders.append(folder)
+        files.append(name)
+    payload = Payload(tuple(blobs), n, tuple(uris), tuple(folders), tuple(files))
+    return Scan(key, n, tuple(sorted(set(folders))), len(blobs)), payload
+
+
+def list_folder(folder: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """``name``, ``stamp`` (``<size>:<ETag or mtime>``) of every entry of ``folder``; empty if absent.
+
+    One listing (S3: one request per 1,000 keys); the stamp is what ``info`` reports.
+    """
+    try:
+        fs, path = filesystem(folder, storage_options)
+        entries = fs.ls(path, detail=True, refresh=True)
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        entries = []
+    names, stamps = [], []
+    for e in entries:
+        version = e.get("ETag") or e.get("mtime") or e.get("LastModified") or ""
+        names.append(str(e["name"]).rstrip("/").rpartition("/")[2])
+        stamps.append(f"{e.get('size')}:{version}")
+    return pa.table({"name": names, "stamp": stamps}, schema=LISTING_SCHEMA)
+
+
+def finish_fingerprint(payload: Payload, listings: dict[str, pa.Table]) -> str:
+    """The partition's fingerprint from its bytes, rows and the listings of its folders."""
+    h = hashlib.sha256()
+    for blob in payload.blobs:
+        h.update(blob)
+    h.update(f"rows={payload.rows}".encode())
+    lookup: dict[str, dict[str, str]] = {}
+    for folder in set(payload.folders):
+        t = listings.get(folder)
+        lookup[folder] = (
+            {} if t is None else dict(zip(t["name"].to_pylist(), t["stamp"].to_pylist()))
+        )
+    for u, folder, name in zip(payload.uris, payload.folders, payload.names):
+        stamp = lookup[folder].get(name)
+        h.update((f"{u}:missing" if stamp is None else f"{u}:{stamp}").encode())
+    return h.hexdigest()
+
+
+def fingerprint_partitions_local(
+    parts: Iterable[Partition],
+    columns: ColumnMap,
+    bands: tuple[str, ...],
+    catalog_root: str,
+    healpix_column: str = "",
+    storage_options: dict[str, Any] | None = None,
+) -> FingerprintResult:
+    """The three steps in this process (no Ray): for tests and small catalogs."""
+    out = FingerprintResult()
+    payloads: dict[Key, Payload] = {}
+    for part in parts:
+        scan, payload = scan_partition(
+            part, columns, bands, catalog_root, healpix_column, -1, storage_options
+        )
+        out.files_read += scan.files_read
+        if scan.error:
+            out.failed[scan.key] = scan.error
+        else:
+            payloads[scan.key], out.rows[scan.key] = payload, scan.rows
+    folders = sorted({f for p in payloads.values() for f in p.folders})
+    listings = {f: list_folder(f, storage_options) for f in folders}
+    out.listings = len(listings)
+    for key, payload in payloads.items():
+        out.fingerprints[key] = finish_fingerprint(payload, listings)
+    return out
+
+
+# --------------------------------------------------------------------------- on Ray
+def _finish_with_refs(payload: Payload, listing_refs: dict[str, Any]) -> str:
+    """``finish_fingerprint`` in a task: Ray does not resolve refs nested in a dict argument."""
+    import ray
+
+    names = list(listing_refs)
+    listings = dict(zip(names, ray.get([listing_refs[n] for n in names])))
+    return finish_fingerprint(payload, listings)
+
+
+def fingerprint_partitions(
+    parts: Sequence[Partition],
+    columns: ColumnMap,
+    bands: tuple[str, ...],
+    catalog_root: str,
+    healpix_column: str = "",
+    storage_options: dict[str, Any] | None = None,
+    task_cpus: float = 0.25,
+) -> FingerprintResult:
+    """The three steps as Ray tasks (connected Ray cluster); per-row data never reaches the driver."""
+    import ray  # the pure steps above stay importable without Ray
+
+    scan_task = ray.remote(num_returns=2)(scan_partition).options(num_cpus=task_cpus)
+    list_task = ray.remote(list_folder).options(num_cpus=task_cpus)
+    finish_task = ray.remote(_finish_with_refs).options(num_cpus=task_cpus)
+
+    out = FingerprintResult()
+    scan_refs, payload_refs = [], {}
+    for part in parts:
+        s, p = scan_task.remote(
+            part, columns, bands, catalog_root, healpix_column, -1, storage_options
+        )
+        scan_refs.append(s)
+        payload_refs[part.healpix] = p
+    scans: list[Scan] = ray.get(scan_refs)
+    folders: set[str] = set()
+    for scan in scans:
+        out.files_read += scan.files_read
+        if scan.error:
+            out.failed[scan.key] = scan.error
+            payload_refs.pop(scan.key, None)
+        else:
+            out.rows[scan.key] = scan.rows
+            folders.update(scan.folders)
+    listing_refs = {f: list_task.remote(f, storage_options) for f in sorted(folders)}
+    out.listings = len(listing_refs)
+    by_key = {s.key: s for s in scans}
+    finish_refs = {
+        key: finish_task.remote(ref, {f: listing_refs[f] for f in by_key[key].folders})
+        for key, ref in payload_refs.items()
+    }
+    for key, ref in finish_refs.items():
+        out.fingerprints[key] = ray.get(ref)
+    del payload_refs, listing_refs, finish_refs
+    return out

@@ -1,0 +1,194 @@
+"""A prior's interval calibration: ``calibration.json`` in the artifact folder.
+
+The conformal layer (DESIGN.md §2b; Angelopoulos et al. 2022, arXiv 2202.05265, with the
+risk-controlling prediction sets of Bates et al. 2021): the catalog's calibrated interval of
+level p for a pixel is
+
+    mean_flux ± λ_p(bin) · z_p · std_flux,          z_p = Φ⁻¹((1 + p)/2)  (1.0 at 68 %, 1.96 at 95 %)
+
+with λ_p fitted per S/N bin on calibration mocks (``validation.calibration.fit_lambda``;
+``jobs/calibrate_prior.py``). The S/N of an object is the observed aperture S/N per pixel
+(``sampling.calibrate.observed_snr``), computable from the observation at run time.
+
+The file records how λ was fitted (mock recipe, seed, sampler config and its fingerprint,
+bin edges, α, δ, bound, n per bin). A calibration applies only to the sampler config it was
+fitted for: ``sampler_fingerprint`` hashes every ``SamplerConfig`` field that changes the
+posterior samples (not the seed, kept samples, flag thresholds or score aperture), and the
+engine writes NaN calibrated columns (with a warning) when it differs. An artifact without
+``calibration.json`` loads with ``Prior.calibration = None``: the catalog's calibrated
+columns are then NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d4a_batch.config import config_hash, to_dict
+from d4a_batch.schema import PRIOR_CALIBRATION
+
+CALIBRATION_FORMAT = "d4a-calibration/1"
+# SamplerConfig fields that do not change the samples' distribution
+_NOT_FINGERPRINTED = ("seed", "keep_samples", "flags", "aperture_radius_frac")
+
+
+class CalibrationError(ValueError):
+    """calibration.json cannot be used (format, missing keys, inconsistent bins)."""
+
+
+def sampler_fingerprint(sampler: Any) -> str:
+    """Hash of the sampler config's distribution-changing fields (a SamplerConfig or its dict)."""
+    d = dict(sampler) if isinstance(sampler, Mapping) else to_dict(sampler)
+    return config_hash({k: v for k, v in sorted(d.items()) if k not in _NOT_FINGERPRINTED})
+
+
+def z_score(level: float) -> float:
+    """Φ⁻¹((1 + level)/2): the Gaussian half-width in std of a central ``level`` interval."""
+    from scipy.stats import norm
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    return float(norm.ppf((1 + level) / 2))
+
+
+def level_key(level: float) -> str:
+    """ "68" for 0.68, "95" for 0.95 (the column suffix of a level)."""
+    return f"{round(100 * level):d}"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Interval scales λ per S/N bin and level, and how they were fitted.
+
+    ``snr_edges`` (K+1 increasing, may end in inf) define K bins [e_k, e_{k+1});
+    ``lambdas[level_key]`` holds K values (None: no valid λ for that bin, e.g. too few
+    calibration objects for the bound at that α). ``levels`` are the nominal coverages
+    (1 − α).
+    """
+
+    snr_edges: tuple[float, ...]
+    levels: tuple[float, ...]
+    lambdas: Mapping[str, tuple[float | None, ...]]
+    sampler_fingerprint: str
+    delta: float
+    bound: str  # "hb" (Hoeffding-Bentkus), "hoeffding", or "none" (plug-in, no guarantee)
+    n_per_bin: tuple[int, ...]
+    sampler: Mapping[str, Any] = field(default_factory=dict)  # to_dict(SamplerConfig)
+    mocks: Mapping[str, Any] = field(default_factory=dict)  # recipe, seed, noise, n
+    details: Mapping[str, Any] = field(default_factory=dict)  # lambda_hat, risks, ...
+
+    def __post_init__(self) -> None:
+        e = np.asarray(self.snr_edges, dtype=np.float64)
+        if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0) or np.isnan(e).any():
+            raise CalibrationError(f"snr_edges must increase, got {self.snr_edges}")
+        k = e.size - 1
+        if len(self.n_per_bin) != k:
+            raise CalibrationError(f"n_per_bin has {len(self.n_per_bin)} entries for {k} bins")
+        for p in self.levels:
+            lam = self.lambdas.get(level_key(p))
+            if lam is None or len(lam) != k:
+                raise CalibrationError(f"lambdas[{level_key(p)!r}] must have {k} entries")
+            if any(v is not None and not (math.isfinite(v) and v > 0) for v in lam):
+                raise CalibrationError(f"lambdas[{level_key(p)!r}] must be > 0 or null: {lam}")
+
+    def bin_of(self, snr: np.ndarray | float) -> np.ndarray:
+        """Bin index per S/N value (-1 outside the edges or not finite)."""
+        s = np.atleast_1d(np.asarray(snr, dtype=np.float64))
+        idx = np.searchsorted(np.asarray(self.snr_edges), s, side="right") - 1
+        ok = np.isfinite(s) & (idx >= 0) & (idx < len(self.snr_edges) - 1)
+        return np.where(ok, idx, -1)
+
+    def lambda_for(self, level: float, snr: np.ndarray | float) -> np.ndarray:
+        """λ per object at ``level`` (NaN where the bin is -1 or has no λ)."""
+        lam = np.array(
+            [np.nan if v is None else v for v in self.lambdas[level_key(level)]], np.float64
+        )
+        b = self.bin_of(snr)
+        return np.where(b >= 0, lam[np.clip(b, 0, None)], np.nan)
+
+    def matches(self, sampler: Any) -> bool:
+        return sampler_fingerprint(sampler) == self.sampler_fingerprint
+
+    def to_json(self) -> dict[str, Any]:
+        edges = [None if math.isinf(v) else float(v) for v in self.snr_edges]
+        return {
+            "format": CALIBRATION_FORMAT,
+            "interval": "mean_flux ± lambda · z_p · std_flux (flux space, per pixel)",
+            "snr_definition": "sampling.calibrate.observed_snr: aperture S/N per pixel, "
+            "mean over bands",
+            "snr_edges": edges,  # null = +inf
+            "levels": list(self.levels),
+            "alpha": [round(1 - p, 10) for p in self.levels],
+            "lambdas": {k: list(v) for k, v in self.lambdas.items()},
+            "n_per_bin": list(self.n_per_bin),
+            "delta": self.delta,
+            "bound": self.bound,
+            "sampler_fingerprint": self.sampler_fingerprint,
+            "sampler": dict(self.sampler),
+            "mocks": dict(self.mocks),
+            "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Calibration:
+        if doc.get("format") != CALIBRATION_FORMAT:
+            raise CalibrationError(f"format {doc.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
+        try:
+            edges = tuple(math.inf if v is None else float(v) for v in doc["snr_edges"])
+            return cls(
+                snr_edges=edges,
+                levels=tuple(float(p) for p in doc["levels"]),
+                lambdas={
+                    str(k): tuple(None if v is None else float(v) for v in vals)
+                    for k, vals in doc["lambdas"].items()
+                },
+                sampler_fingerprint=str(doc["sampler_fingerprint"]),
+                delta=float(doc["delta"]),
+                bound=str(doc["bound"]),
+                n_per_bin=tuple(int(n) for n in doc["n_per_bin"]),
+                sampler=dict(doc.get("sampler", {})),
+                mocks=dict(doc.get("mocks", {})),
+                details=dict(doc.get("details", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, CalibrationError):
+                raise
+            raise CalibrationError(f"calibration.json: {type(e).__name__}: {e}") from e
+
+
+def write_calibration(folder: str | Path, cal: Calibration) -> Path:
+    """Write ``<folder>/calibration.json``; returns its path."""
+    path = Path(folder) / PRIOR_CALIBRATION
+    path.write_text(json.dumps(cal.to_json(), indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def read_calibration(folder: str | Path) -> Calibration | None:
+    """The artifact's calibration, or None when the folder has no calibration.json."""
+    path = Path(folder) / PRIOR_CALIBRATION
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{path}: not JSON ({e})") from e
+    try:
+        return Calibration.from_json(doc)
+    except CalibrationError as e:
+        raise CalibrationError(f"{path}: {e}") from e
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, Sequence):
+        return list(v)
+    raise TypeError(f"not JSON-serialisable: {type(v).__name__}")

@@ -1,0 +1,326 @@
+"""Sources in a stamp: detection with deblending (``sep``), the target, neighbours to mask,
+and the blend and truncation measurements of the BLENDED and TRUNCATED flags.
+
+Per object (C bands, a detection stamp of H×W HSC pixels around the object, larger than
+the sampler's stamp so that a large target's segment is not cut at the stamp edge):
+
+1. detection image: per band, the sky level (``sep.Background`` over the whole stamp:
+   one sigma-clipped mode, the global background) is subtracted; the bands are summed
+   with inverse-variance weights w_c = 1 / median(VARIANCE_c): D = Σ w_c (I_c − b_c) / Σ w_c,
+   its variance Σ w_c² V_c / (Σ w_c)² (only bands valid at a pixel count there);
+2. ``sep.extract`` on D at ``detection_threshold`` σ with deblending
+   (``deblend_nthresh``, ``deblend_cont``) -> a segmentation map (0: background);
+3. the target: the segment at the catalog position, else the nearest segment pixel
+   within ``target_radius`` pixels (else none: every segment is a neighbour);
+4. neighbours: every other segment; dilated by ``neighbour_dilation`` × the PSF FWHM
+   (pixels, the widest band) and made invalid, except on the target's own segment.
+   Pixels so masked are invalid exactly like bad MASK bits: the likelihood, the χ² and
+   every score skip them;
+5. ``blend_fraction``: neighbour light left on the *used* pixels of the target's model
+   footprint, relative to the target segment's flux there. Each neighbour's light outside
+   its segment is estimated with a symmetric template (the SDSS deblender's idea): at
+   pixel p, min(D(p), D(p')) with p' = p reflected through the neighbour's centroid, where
+   p' lies in that neighbour's segment (a galaxy is about point-symmetric; the minimum
+   removes the target's own light at p). How the BLENDED threshold was chosen from it:
+   ``FlagThresholds.blend_fraction_max``;
+6. ``truncated_fraction``: the target segment's flux (positive D) outside the model
+   footprint (the n_out × n_out square centred on the object) over its total flux.
+
+All positions follow ``staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in
+pixel-edge coordinates of the stamp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import sep
+from scipy import ndimage
+
+from d4a_batch.schema import Col
+
+# what staging measures here, as (pack/output column, StagedObject attribute); float64 in
+# packs (NaN: not measured), n_neighbours_masked int32 in the output catalog
+DETECTION_COLUMNS = (
+    (Col.N_NEIGHBOURS_MASKED, "n_neighbours_masked"),
+    (Col.NEIGHBOUR_MASKED_FRACTION, "neighbour_masked_fraction"),
+    (Col.BLEND_FRACTION, "blend_fraction"),
+    (Col.ASYMMETRY, "asymmetry"),
+    (Col.TRUNCATED_FRACTION, "truncated_fraction"),
+)
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """Detection settings (see ``config.StagingConfig``, which carries them)."""
+
+    threshold: float = 1.5  # detection threshold, sigma of the detection image per pixel
+    minarea: int = 5  # pixels
+    deblend_nthresh: int = 32
+    deblend_cont: float = 0.005
+    dilation_fwhm: float = 1.0  # neighbour segments are dilated by this × the PSF FWHM
+    target_radius: float = 3.0  # pixels: the nearest segment within this is the target
+
+
+@dataclass
+class StampSources:
+    """What detection found in one stamp (arrays on the stamp grid they were computed on).
+
+    segmap [H,W] int32: 0 background, k >= 1 segment k; target: the target's segment
+    (0: not detected); neighbour_mask [H,W] bool: pixels made invalid because of neighbours.
+    """
+
+    segmap: np.ndarray
+    target: int
+    neighbour_mask: np.ndarray
+    n_neighbours: int  # neighbour segments with at least one masked pixel
+    neighbour_masked_fraction: float  # masked pixels / stamp pixels
+    blend_fraction: float  # NaN when the target was not detected
+    truncated_fraction: float  # NaN when the target was not detected
+    psf_fwhm: float  # pixels, the widest band
+    asymmetry: float = math.nan  # asymmetric_excess of the target's segment (NaN: no target)
+
+    def crop(self, pad: int) -> StampSources:
+        """The same sources on the central (H − 2·pad)×(W − 2·pad) stamp (fractions kept)."""
+        if pad == 0:
+            return self
+        s = (slice(pad, -pad), slice(pad, -pad))
+        mask = self.neighbour_mask[s]
+        seg = self.segmap[s]
+        return StampSources(
+            segmap=seg,
+            target=self.target,
+            neighbour_mask=mask,
+            n_neighbours=int(np.unique(seg[mask & (seg > 0)]).size) if mask.any() else 0,
+            neighbour_masked_fraction=float(mask.mean()),
+            blend_fraction=self.blend_fraction,
+            truncated_fraction=self.truncated_fraction,
+            psf_fwhm=self.psf_fwhm,
+            asymmetry=self.asymmetry,
+        )
+
+
+def psf_fwhm_pixels(psf: np.ndarray) -> float:
+    """FWHM (pixels) of a PSF [P,P] from the area above half its peak: 2·sqrt(A/π)."""
+    psf = np.asarray(psf, dtype=np.float64)
+    peak = float(psf.max())
+    if not math.isfinite(peak) or peak <= 0:
+        return math.nan
+    return 2.0 * math.sqrt(float((psf >= 0.5 * peak).sum()) / math.pi)
+
+
+def detection_image(
+    image: np.ndarray, variance: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(D, sigma, usable)`` [H,W] from image, variance, valid [C,H,W] (see module docstring).
+
+    usable: valid in at least one band; D and sigma are 0 and inf elsewhere.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    variance = np.asarray(variance, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool) & np.isfinite(image) & np.isfinite(variance)
+    valid &= variance > 0
+    if image.ndim != 3 or image.shape != variance.shape or image.shape != valid.shape:
+        raise ValueError(f"detection_image: expected [C,H,W] planes, got {image.shape}")
+    num = np.zeros(image.shape[1:])
+    den = np.zeros(image.shape[1:])
+    var = np.zeros(image.shape[1:])
+    for c in range(image.shape[0]):
+        ok = valid[c]
+        if ok.sum() < 16:
+            continue
+        w = 1.0 / float(np.median(variance[c][ok]))
+        band = np.ascontiguousarray(np.where(ok, image[c], 0.0), dtype=np.float64)
+        h, wd = band.shape
+        level = sep.Background(band, mask=~ok, bw=wd, bh=h, fw=1, fh=1).globalback
+        num += np.where(ok, w * (image[c] - level), 0.0)
+        den += np.where(ok, w, 0.0)
+        var += np.where(ok, w * w * variance[c], 0.0)
+    usable = den > 0
+    d = np.where(usable, num / np.where(usable, den, 1.0), 0.0)
+    sigma = np.where(usable, np.sqrt(var) / np.where(usable, den, 1.0), np.inf)
+    return d, sigma, usable
+
+
+def _disc(radius: float) -> np.ndarray:
+    r = max(0, math.ceil(radius))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy**2 + xx**2) <= radius**2 + 1e-9
+
+
+def footprint_box(shape: tuple[int, int], offset: tuple[float, float], footprint: float):
+    """Boolean [H,W]: pixel centres inside the n_out × n_out model footprint around the object."""
+    h, w = shape
+    cy, cx = h / 2 + offset[0], w / 2 + offset[1]
+    yc, xc = np.arange(h) + 0.5, np.arange(w) + 0.5
+    iny = np.abs(yc - cy) <= footprint / 2
+    inx = np.abs(xc - cx) <= footprint / 2
+    return iny[:, None] & inx[None, :]
+
+
+def find_target(segmap: np.ndarray, offset: tuple[float, float], radius: float) -> int:
+    """Segment id at the object's position, else of the nearest segment pixel within
+    ``radius`` pixels (0: none)."""
+    h, w = segmap.shape
+    cy, cx = h / 2 + offset[0], w / 2 + offset[1]
+    iy, ix = math.floor(cy), math.floor(cx)
+    if 0 <= iy < h and 0 <= ix < w and segmap[iy, ix] > 0:
+        return int(segmap[iy, ix])
+    ys, xs = np.nonzero(segmap)
+    if ys.size == 0:
+        return 0
+    d2 = (ys + 0.5 - cy) ** 2 + (xs + 0.5 - cx) ** 2
+    k = int(np.argmin(d2))
+    return int(segmap[ys[k], xs[k]]) if d2[k] <= radius**2 else 0
+
+
+def neighbour_light(d: np.ndarray, segmap: np.ndarray, objects: np.ndarray, target: int):
+    """Estimated light [H,W] of all neighbours at every pixel (symmetric templates).
+
+    For neighbour n with centroid c_n: T_n(p) = max(0, min(D(p), D(2c_n − p))) where the
+    reflected pixel lies in segment n; the neighbours' templates add up.
+    """
+    h, w = d.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    total = np.zeros_like(d)
+    for k, obj in enumerate(objects, start=1):
+        if k == target:
+            continue
+        ry = np.rint(2 * obj["y"] - yy).astype(int)
+        rx = np.rint(2 * obj["x"] - xx).astype(int)
+        inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+        ryc, rxc = np.clip(ry, 0, h - 1), np.clip(rx, 0, w - 1)
+        own = inside & (segmap[ryc, rxc] == k)
+        total += np.where(own, np.clip(np.minimum(d, d[ryc, rxc]), 0.0, None), 0.0)
+    return total
+
+
+def asymmetric_excess(
+    d: np.ndarray, sigma: np.ndarray, segment: np.ndarray, offset: tuple[float, float]
+) -> float:
+    """Light of ``segment`` not matched by its point reflection through the object, over the
+    segment's flux: Σ (max(0, D(p) − D(p')) − noise term).
+
+    p' = p reflected through the object's position. A neighbour merged into the target's
+    segment (too close to deblend) has no mirror image, so its light shows up here; the
+    noise part, E[max(0, n − n')] = sqrt((σ_p² + σ_p'²) / (2π)), is subtracted per pixel.
+    """
+    h, w = d.shape
+    cy, cx = h / 2 + offset[0] - 0.5, w / 2 + offset[1] - 0.5  # pixel-centre coordinates
+    ys, xs = np.nonzero(segment)
+    if ys.size == 0:
+        return math.nan
+    ry, rx = np.rint(2 * cy - ys).astype(int), np.rint(2 * cx - xs).astype(int)
+    inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+    ys, xs, ry, rx = ys[inside], xs[inside], ry[inside], rx[inside]
+    s1, s2 = sigma[ys, xs], sigma[ry, rx]
+    ok = np.isfinite(s1) & np.isfinite(s2)
+    diff = np.clip(d[ys, xs] - d[ry, rx], 0.0, None)
+    noise = np.sqrt((s1**2 + s2**2) / (2 * math.pi))
+    total = float(np.clip(d[segment], 0.0, None).sum())
+    excess = float((diff - noise)[ok].sum())
+    return max(0.0, excess) / total if total > 0 else math.nan
+
+
+def find_sources(
+    image: np.ndarray,
+    variance: np.ndarray,
+    valid: np.ndarray,
+    psf: np.ndarray,
+    offset: tuple[float, float],
+    footprint: float,
+    params: DetectionParams | None = None,
+) -> StampSources:
+    """Detect, deblend and measure the sources of one stamp (see the module docstring).
+
+    image, variance [C,H,W] counts; valid [C,H,W] bool; psf [C,P,P]; offset (dy, dx) of
+    the object from the stamp centre; footprint: n_out, the model footprint side in pixels.
+    """
+    p = params or DetectionParams()
+    image = np.asarray(image)
+    c, h, w = image.shape
+    if np.asarray(psf).ndim != 3 or np.asarray(psf).shape[0] != c:
+        raise ValueError(f"find_sources: psf must be [C,P,P] with C={c}")
+    fwhm = max(psf_fwhm_pixels(b) for b in psf)
+    d, sigma, usable = detection_image(image, variance, valid)
+    empty = np.zeros((h, w), bool)
+    if not usable.any():
+        return StampSources(np.zeros((h, w), np.int32), 0, empty, 0, 0.0, math.nan, math.nan, fwhm)
+    err = np.where(usable, sigma, 1e30)
+    sep.set_sub_object_limit(4096)
+    objects, segmap = sep.extract(
+        np.ascontiguousarray(d, dtype=np.float64),
+        p.threshold,
+        err=np.ascontiguousarray(err, dtype=np.float64),
+        mask=np.ascontiguousarray(~usable),
+        minarea=p.minarea,
+        deblend_nthresh=p.deblend_nthresh,
+        deblend_cont=p.deblend_cont,
+        segmentation_map=True,
+    )
+    segmap = segmap.astype(np.int32)
+    target = find_target(segmap, offset, p.target_radius)
+    others = (segmap > 0) & (segmap != target)
+    radius = p.dilation_fwhm * fwhm if math.isfinite(fwhm) else 0.0
+    mask = empty.copy()
+    masked_ids: set[int] = set()
+    if others.any():
+        for k in np.unique(segmap[others]):
+            grown = ndimage.binary_dilation(segmap == k, structure=_disc(radius))
+            if target:
+                grown &= segmap != target
+            if grown.any():
+                masked_ids.add(int(k))
+                mask |= grown
+    box = footprint_box((h, w), offset, footprint)
+    blend = truncated = asym = math.nan
+    if target:
+        tseg = segmap == target
+        flux = np.clip(d, 0.0, None)
+        total = float(flux[tseg].sum())
+        truncated = float(flux[tseg & ~box].sum()) / total if total > 0 else math.nan
+        used = box & usable & ~mask
+        target_light = float(d[tseg & used].sum())
+        contamination = float(neighbour_light(d, segmap, objects, target)[used].sum())
+        blend = contamination / target_light if target_light > 0 else math.nan
+        asym = asymmetric_excess(d, np.where(usable, sigma, np.nan), tseg & ~mask, offset)
+    return StampSources(
+        segmap=segmap,
+        target=target,
+        neighbour_mask=mask,
+        n_neighbours=len(masked_ids),
+        neighbour_masked_fraction=float(mask.mean()),
+        blend_fraction=blend,
+        truncated_fraction=truncated,
+        psf_fwhm=fwhm,
+        asymmetry=asym,
+    )
+
+
+def detection_flag_inputs(pack: pa.Table, prior_config=None) -> dict[str, np.ndarray]:
+    """The BLENDED / TRUNCATED inputs of ``sampling.flags.flag_objects`` from a pack's columns.
+
+    Arrays [B]; NaN when the pack has no such column (staged without detection).
+    ``prior_config`` (a ``PriorConfig``) gives the model field's width in kpc for the reason.
+    """
+    n = pack.num_rows
+
+    def col(name: str) -> np.ndarray:
+        if name not in pack.column_names:
+            return np.full(n, np.nan)
+        return np.asarray(pack[name].to_numpy(zero_copy_only=False), np.float64)
+
+    field = math.nan
+    if prior_config is not None:
+        field = float(prior_config.image_size * prior_config.kpc_per_pixel)
+    return {
+        "blend_fraction": col(Col.BLEND_FRACTION),
+        "asymmetry": col(Col.ASYMMETRY),
+        "n_neighbours": col(Col.N_NEIGHBOURS_MASKED),
+        "truncated_fraction": col(Col.TRUNCATED_FRACTION),
+        "footprint": col(Col.N_OUT),
+        "field_kpc": np.full(n, field),
+    }

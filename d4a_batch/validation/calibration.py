@@ -1,0 +1,476 @@
+"""Calibration of posterior samples: measured (coverage, PIT, TARP) and fitted (λ per S/N bin).
+
+Inputs for G galaxies: samples[G,S,C,N,N] (flux space, counts per model pixel, or x-space:
+every function is agnostic), truth[G,C,N,N], and an S/N per galaxy (the catalog's
+``Col.SNR``, ``sampling.calibrate.observed_snr``, or the truth's S/N in a benchmark).
+
+Two interval families are measured:
+- ``"quantile"``: the equal-tailed interval between the samples' empirical (1 − p)/2 and
+  (1 + p)/2 quantiles (``metrics.interval_coverage``), the raw sampler's own interval;
+- ``"gauss"``: mean ± λ·z_p·std (std with ddof = 1, z_p = Φ⁻¹((1 + p)/2)). **The catalog
+  uses this family** (it stores mean and std, and the calibrated half-width
+  λ·z_p·std_flux), so λ is fitted for it; λ = 1 is the raw sampler's Gaussian interval.
+
+Coverage is reported per galaxy (the fraction of selected pixels, all bands, inside the
+interval), as the mean over galaxies, and pooled over all pixels of the bin; for the
+``core`` (the hallucination score's aperture) and the whole ``stamp``.
+
+PIT (rank) histogram: the rank of the truth among the S samples per pixel (0..S; S + 1
+values, flat for a calibrated posterior; U-shaped when the samples are too narrow, hump-shaped
+when too wide, tilted under bias). TARP (Lemos et al. 2023): ``tarp.get_tarp_coverage`` on
+patches (patch × patch pixels × C bands as one vector per patch, every patch of every galaxy
+one simulation; normalised per dimension as the package does with ``norm=True``); the
+expected coverage probability (ECP) lies on the diagonal for a calibrated posterior.
+
+Conformal layer (``fit_lambda``, risk-controlling prediction sets of Bates et al. 2021 as
+used for image-to-image regression by Angelopoulos et al. 2022, arXiv 2202.05265): the loss
+of galaxy g is L_g(λ) = fraction of its selected pixels outside mean ± λ·z_p·std, bounded in
+[0, 1] and non-increasing in λ; galaxies are the exchangeable units (pixels of one galaxy are
+not independent). λ̂ = the smallest λ on a grid such that the upper confidence bound
+R⁺(λ') of the mean loss is ≤ α for every λ' ≥ λ, with the Hoeffding bound
+R̂ + sqrt(log(1/δ)/(2n)) or the Hoeffding-Bentkus bound (tighter for small risks); then
+P(E[L(λ̂)] ≤ α) ≥ 1 − δ for new galaxies exchangeable with the calibration set. With few
+galaxies the bound may never reach α: then λ̂ is None (e.g. n = 16, δ = 0.1 cannot certify
+α = 0.05 even at zero empirical risk, since 1 − 0.1^(1/16) = 0.134). ``bound="none"`` gives
+the plug-in λ (empirical risk ≤ α; no guarantee).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import binom
+
+from d4a_batch.prior.calibration import level_key, z_score
+from d4a_batch.validation.metrics import COVERAGE_LEVELS
+
+BOUNDS = ("hb", "hoeffding", "none")
+LAMBDA_GRID = np.exp(np.linspace(np.log(0.2), np.log(50.0), 801))
+
+
+# --------------------------------------------------------------------------- inputs
+def _check(samples: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """samples[G,S,...] (S ≥ 2) and truth[G,...] as float64."""
+    s = np.asarray(samples, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    if s.ndim < 3 or s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[1:] or s.shape[1] < 2:
+        raise ValueError(f"expected samples [G, S>=2, *{t.shape[1:]}], got {s.shape}")
+    return s, t
+
+
+def _selection(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """bool selection of one galaxy's pixels [C,N,N] from a mask [N,N] / [C,N,N] / None."""
+    sel = np.ones(shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), shape)
+    if not sel.any():
+        raise ValueError("the mask selects no pixel")
+    return sel
+
+
+# --------------------------------------------------------------------------- measurement
+def outside(
+    samples: np.ndarray,
+    truth: np.ndarray,
+    level: float,
+    kind: str = "gauss",
+    lam: float | np.ndarray = 1.0,
+) -> np.ndarray:
+    """bool [G,C,N,N]: truth outside the per-pixel interval of ``level``.
+
+    ``kind="gauss"``: |t − mean| > λ·z_p·std (λ scalar or [G]); ``"quantile"``: outside the
+    equal-tailed empirical interval (λ unused).
+    """
+    s, t = _check(samples, truth)
+    if kind == "quantile":
+        lo, hi = np.quantile(s, [(1 - level) / 2, (1 + level) / 2], axis=1)
+        return (t < lo) | (t > hi)
+    if kind != "gauss":
+        raise ValueError(f"kind must be 'gauss' or 'quantile', got {kind!r}")
+    lam = np.asarray(lam, dtype=np.float64).reshape((-1,) + (1,) * (t.ndim - 1))
+    half = lam * z_score(level) * s.std(axis=1, ddof=1)
+    return np.abs(t - s.mean(axis=1)) > half
+
+
+def coverage_per_galaxy(
+    samples: np.ndarray,
+    truth: np.ndarray,
+    level: float,
+    mask: np.ndarray | None = None,
+    kind: str = "gauss",
+    lam: float | np.ndarray = 1.0,
+) -> np.ndarray:
+    """[G] fraction of each galaxy's selected pixels inside the interval (see ``outside``)."""
+    out = outside(samples, truth, level, kind, lam)
+    sel = _selection(mask, out.shape[1:])
+    return 1.0 - out[:, sel].mean(axis=1)
+
+
+def pit_ranks(samples: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Ranks 0..S of the truth among the samples at every selected pixel (flattened, int).
+
+    Ties (e.g. clipped samples equal to the truth) get a rank drawn uniformly among the tied
+    positions from a fixed-seed generator, so a degenerate pixel does not pile up in one bin.
+    """
+    s, t = _check(samples, truth)
+    sel = _selection(mask, t.shape[1:])
+    sv, tv = s[:, :, sel], t[:, sel]  # [G,S,P], [G,P]
+    below = (sv < tv[:, None]).sum(1)
+    ties = (sv == tv[:, None]).sum(1)
+    rng = np.random.default_rng(0)
+    return (below + np.floor(rng.random(below.shape) * (ties + 1))).astype(np.int64).ravel()
+
+
+def pit_histogram(ranks: np.ndarray, n_samples: int, bins: int | None = None) -> np.ndarray:
+    """Density of the ranks in ``bins`` equal groups of the S + 1 rank values (1 = flat).
+
+    ``bins`` must divide S + 1 (default S + 1: one bin per rank).
+    """
+    n_ranks = int(n_samples) + 1
+    bins = n_ranks if bins is None else int(bins)
+    if n_ranks % bins:
+        raise ValueError(f"bins={bins} must divide S + 1 = {n_ranks}")
+    counts = np.bincount(np.asarray(ranks, np.int64), minlength=n_ranks)[:n_ranks]
+    grouped = counts.reshape(bins, -1).sum(1).astype(np.float64)
+    return grouped / max(grouped.mean(), 1e-300)
+
+
+def patches(images: np.ndarray, patch: int, region: str = "core", core_radius: float = 0.0):
+    """Vectors of patch × patch pixels × all bands: images[..., C, N, N] -> [..., P, C·patch²].
+
+    ``region="stamp"``: every patch of the N×N tiling; ``"core"``: the patches of the
+    central square of side ≥ 2·core_radius (model pixels), rounded up to whole patches.
+    """
+    a = np.asarray(images)
+    c, n = a.shape[-3], a.shape[-1]
+    if region == "core":
+        side = min(n, patch * math.ceil(2 * core_radius / patch))
+        side = max(side, patch)
+        lo = (n - side) // 2
+        a = a[..., lo : lo + side, lo : lo + side]
+    elif region != "stamp":
+        raise ValueError(f"region must be 'core' or 'stamp', got {region!r}")
+    m = a.shape[-1] // patch
+    a = a[..., : m * patch, : m * patch]
+    lead = a.shape[:-3]
+    a = a.reshape(*lead, c, m, patch, m, patch)
+    k = len(lead)
+    a = a.transpose(*range(k), k + 1, k + 3, k, k + 2, k + 4)  # [..., m, m, C, patch, patch]
+    return a.reshape(*lead, m * m, c * patch * patch)
+
+
+def tarp_curve(
+    samples: np.ndarray,
+    truth: np.ndarray,
+    patch: int = 4,
+    region: str = "core",
+    core_radius: float = 8.0,
+    bins: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """TARP expected coverage on patches: {"alpha", "ecp", "max_deviation", "n_sims", "dims"}.
+
+    samples[G,S,C,N,N], truth[G,C,N,N]. ``bins`` credibility bins (default n_sims // 10,
+    at most 50). ``max_deviation`` = max |ECP − α| (0 for perfect calibration; the
+    Kolmogorov-like distance of the curve from the diagonal). numpy's global random state
+    (which tarp seeds) is restored afterwards.
+    """
+    from tarp import get_tarp_coverage
+
+    s, t = _check(samples, truth)
+    ps = patches(s, patch, region, core_radius)  # [G,S,P,D]
+    pt = patches(t, patch, region, core_radius)  # [G,P,D]
+    g, n_s, p, d = ps.shape
+    sims = np.moveaxis(ps, 1, 0).reshape(n_s, g * p, d)
+    theta = pt.reshape(g * p, d)
+    n_bins = bins or max(2, min(50, (g * p) // 10))
+    refs = np.random.default_rng(seed).uniform(size=(g * p, d))  # in tarp's normalised cube
+    state = np.random.get_state()  # noqa: NPY002  (tarp reseeds numpy's global generator)
+    try:
+        ecp, alpha = get_tarp_coverage(
+            sims, theta, references=refs, metric="euclidean", num_alpha_bins=n_bins,
+            norm=True, bootstrap=False, seed=seed,
+        )  # fmt: skip
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    ecp, alpha = np.asarray(ecp, np.float64), np.asarray(alpha, np.float64)
+    return {
+        "alpha": alpha.tolist(),
+        "ecp": ecp.tolist(),
+        "max_deviation": float(np.max(np.abs(ecp - alpha))),
+        "n_sims": int(g * p),
+        "dims": int(d),
+    }
+
+
+def snr_bins(snr: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Bin index per galaxy for ``edges`` (bins [e_k, e_k+1)); -1 outside."""
+    e = np.asarray(edges, dtype=np.float64)
+    s = np.asarray(snr, dtype=np.float64)
+    idx = np.searchsorted(e, s, side="right") - 1
+    return np.where(np.isfinite(s) & (idx >= 0) & (idx < e.size - 1), idx, -1)
+
+
+def bin_label(edges: Sequence[float], k: int) -> str:
+    return f"{edges[k]:g}–{edges[k + 1]:g}"
+
+
+def calibration_report(
+    samples: np.ndarray,
+    truth: np.ndarray,
+    snr: np.ndarray,
+    edges: Sequence[float],
+    core: np.ndarray,
+    levels: Sequence[float] = COVERAGE_LEVELS,
+    lambdas: dict[str, np.ndarray] | None = None,
+    tarp_patch: int = 4,
+    core_radius: float = 8.0,
+    pit_bins: int | None = None,
+) -> dict[str, Any]:
+    """Coverage per S/N bin and pooled: {"bins": [...], "pooled": {...}, "per_galaxy": [...]}.
+
+    For each group (every bin with galaxies, and all galaxies pooled): n; per level p the
+    quantile-interval and Gaussian-interval (λ = 1) coverage of the core and the stamp (mean
+    over galaxies and pooled over pixels); with ``lambdas`` ({level_key: λ per galaxy [G]},
+    NaN where uncalibrated) the calibrated Gaussian coverage over the galaxies that have a λ;
+    the PIT histogram of the core; the TARP curve of core patches. ``per_galaxy``: the same
+    coverages per galaxy.
+    """
+    s, t = _check(samples, truth)
+    g, n_s = s.shape[:2]
+    snr = np.asarray(snr, dtype=np.float64).reshape(g)
+    bins = snr_bins(snr, edges)
+    stamp = np.ones(t.shape[-2:], bool)
+    per: dict[str, np.ndarray] = {}
+    for p in levels:
+        k = level_key(p)
+        for region, m in (("core", core), ("stamp", stamp)):
+            per[f"cov{k}_{region}_quantile"] = coverage_per_galaxy(s, t, p, m, "quantile")
+            per[f"cov{k}_{region}_gauss"] = coverage_per_galaxy(s, t, p, m, "gauss")
+            if lambdas is not None and k in lambdas:
+                lam = np.asarray(lambdas[k], np.float64).reshape(g)
+                cal = np.full(g, np.nan)
+                ok = np.isfinite(lam)
+                if ok.any():
+                    cal[ok] = coverage_per_galaxy(s[ok], t[ok], p, m, "gauss", lam[ok])
+                per[f"cov{k}_{region}_calibrated"] = cal
+
+    def group(idx: np.ndarray, label: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"snr_bin": label, "n": int(idx.size)}
+        if idx.size == 0:
+            return out
+        out["snr_median"] = float(np.median(snr[idx]))
+        for name, v in per.items():
+            vals = v[idx]
+            out[name] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
+            out[f"{name}_min"] = float(np.nanmin(vals)) if np.isfinite(vals).any() else None
+            out[f"{name}_max"] = float(np.nanmax(vals)) if np.isfinite(vals).any() else None
+        ranks = pit_ranks(s[idx], t[idx], core)
+        out["pit_core"] = pit_histogram(ranks, n_s, pit_bins).tolist()
+        out["tarp_core"] = tarp_curve(s[idx], t[idx], tarp_patch, "core", core_radius)
+        return out
+
+    report = {
+        "levels": list(levels),
+        "snr_edges": [None if math.isinf(e) else float(e) for e in edges],
+        "samples": int(n_s),
+        "bins": [
+            group(np.flatnonzero(bins == k), bin_label(edges, k)) for k in range(len(edges) - 1)
+        ],
+        "pooled": group(np.arange(g), "all"),
+        "per_galaxy": [
+            {"snr": float(snr[i]), "bin": int(bins[i]), **{k: float(v[i]) for k, v in per.items()}}
+            for i in range(g)
+        ],
+    }
+    return report
+
+
+# --------------------------------------------------------------------------- fitting
+def normalised_residuals(
+    samples: np.ndarray, truth: np.ndarray, level: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """[G,P] |t − mean| / (z_p · std) at the selected pixels: a pixel is outside the interval
+    of scale λ iff this exceeds λ (inf where std = 0 and t ≠ mean)."""
+    s, t = _check(samples, truth)
+    sel = _selection(mask, t.shape[1:])
+    dev = np.abs(t - s.mean(1))[:, sel]
+    half = z_score(level) * s.std(1, ddof=1)[:, sel]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(half > 0, dev / np.where(half > 0, half, 1.0), np.where(dev > 0, np.inf, 0.0))
+    return q
+
+
+def losses(q: np.ndarray, grid: np.ndarray = LAMBDA_GRID) -> np.ndarray:
+    """[G,L]: each galaxy's miscovered fraction L_g(λ) = mean(q_g > λ) on the λ grid."""
+    q = np.sort(np.asarray(q, np.float64), axis=1)
+    n = q.shape[1]
+    below = np.stack([np.searchsorted(row, grid, side="right") for row in q])
+    return 1.0 - below / n
+
+
+def hoeffding_ucb(rhat: np.ndarray, n: int, delta: float) -> np.ndarray:
+    """Hoeffding upper confidence bound of a mean of n losses in [0, 1]."""
+    return np.minimum(1.0, np.asarray(rhat, np.float64) + math.sqrt(math.log(1 / delta) / (2 * n)))
+
+
+def _h1(a: float, b: float) -> float:
+    """Bernoulli KL divergence a·log(a/b) + (1−a)·log((1−a)/(1−b))."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = a * math.log(a / b) if a > 0 else 0.0
+        t2 = (1 - a) * math.log((1 - a) / (1 - b)) if a < 1 else 0.0
+    return t1 + t2
+
+
+def hb_pvalue(rhat: float, n: int, risk: float) -> float:
+    """Hoeffding-Bentkus p-value of H0: E[L] > risk given the empirical mean ``rhat`` of n losses
+    in [0, 1] (Bates et al. 2021, eq. for p^HB)."""
+    if risk >= 1:
+        return 1.0
+    if risk <= 0:
+        return 0.0 if rhat > 0 else 1.0
+    hoeff = math.exp(-n * _h1(min(rhat, risk), risk))
+    bentkus = math.e * float(binom.cdf(math.ceil(n * rhat), n, risk))
+    return min(hoeff, bentkus, 1.0)
+
+
+def hb_ucb(rhat: float, n: int, delta: float, tol: float = 1e-6) -> float:
+    """Hoeffding-Bentkus upper confidence bound: sup{R : p^HB(R) ≥ δ} (bisection)."""
+    lo, hi = float(rhat), 1.0
+    if hb_pvalue(rhat, n, hi - 1e-12) >= delta:
+        return 1.0
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if hb_pvalue(rhat, n, mid) >= delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def upper_bound(rhat: np.ndarray, n: int, delta: float, bound: str) -> np.ndarray:
+    """UCB of each empirical risk in ``rhat`` [L] (``bound="none"``: the risk itself)."""
+    rhat = np.asarray(rhat, np.float64)
+    if bound == "none":
+        return rhat
+    if bound == "hoeffding":
+        return hoeffding_ucb(rhat, n, delta)
+    if bound == "hb":
+        return np.array([hb_ucb(float(r), n, delta) for r in rhat])
+    raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
+
+
+@dataclass(frozen=True)
+class LambdaFit:
+    """One λ fit: the chosen λ (None: the bound never reaches α on the grid), the plug-in λ
+    (empirical risk ≤ α), n galaxies, and the empirical risk / UCB at the chosen λ."""
+
+    lam: float | None
+    lam_hat: float | None
+    n: int
+    alpha: float
+    delta: float
+    bound: str
+    risk: float | None
+    ucb: float | None
+
+
+def fit_lambda(
+    q: np.ndarray,
+    alpha: float,
+    delta: float = 0.1,
+    bound: str = "hb",
+    grid: np.ndarray = LAMBDA_GRID,
+) -> LambdaFit:
+    """Risk-controlling λ from the normalised residuals q[G,P] of n = G calibration galaxies.
+
+    λ̂ = the smallest grid λ such that UCB(R̂(λ')) ≤ α for all grid λ' ≥ λ (scanning down
+    from the largest λ, as in Bates et al. 2021).
+    """
+    if not 0 < alpha < 1 or not 0 < delta < 1:
+        raise ValueError(f"alpha, delta must be in (0, 1), got {alpha}, {delta}")
+    q = np.asarray(q, np.float64)
+    n = q.shape[0]
+    if n < 1:
+        raise ValueError("fit_lambda needs at least one calibration galaxy")
+    rhat = losses(q, grid).mean(0)  # [L], non-increasing in λ
+    ok_hat = np.flatnonzero(rhat <= alpha)
+    lam_hat = float(grid[ok_hat[0]]) if ok_hat.size else None
+
+    def ucb(i: int) -> float:
+        return float(upper_bound(rhat[i : i + 1], n, delta, bound)[0])
+
+    # the UCB is non-decreasing in R̂, R̂ non-increasing in λ: "UCB ≤ α for all λ' ≥ λ" is
+    # "UCB(λ) ≤ α", found by bisection over the grid
+    top = grid.size - 1
+    if ucb(top) > alpha:
+        return LambdaFit(None, lam_hat, n, alpha, delta, bound, None, None)
+    lo, hi = -1, top  # ucb(hi) <= alpha; lo: unknown or > alpha
+    if ucb(0) <= alpha:
+        hi = 0
+    else:
+        lo = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ucb(mid) <= alpha:
+                hi = mid
+            else:
+                lo = mid
+    i = hi
+    u = ucb(i)
+    return LambdaFit(float(grid[i]), lam_hat, n, alpha, delta, bound, float(rhat[i]), u)
+
+
+def fit_calibration(
+    samples: np.ndarray,
+    truth: np.ndarray,
+    snr: np.ndarray,
+    edges: Sequence[float],
+    mask: np.ndarray | None,
+    levels: Sequence[float] = COVERAGE_LEVELS,
+    delta: float = 0.1,
+    bound: str = "hb",
+    min_per_bin: int = 1,
+) -> tuple[dict[str, list[float | None]], list[int], dict[str, Any]]:
+    """λ per S/N bin and level: ({level_key: [λ per bin]}, n per bin, details).
+
+    A bin with fewer than ``min_per_bin`` galaxies, or whose bound does not reach α, takes
+    the λ fitted on all galaxies pooled (recorded in details as ``source``: "bin" / "pooled"
+    / "none"). ``mask`` selects the pixels of the loss (the catalog's calibration uses the
+    core).
+    """
+    s, t = _check(samples, truth)
+    bins = snr_bins(snr, edges)
+    n_bins = len(edges) - 1
+    counts = [int((bins == k).sum()) for k in range(n_bins)]
+    lambdas: dict[str, list[float | None]] = {}
+    details: dict[str, Any] = {}
+    for p in levels:
+        key = level_key(p)
+        q = normalised_residuals(s, t, p, mask)
+        pooled = fit_lambda(q, 1 - p, delta, bound)
+        lams, info = [], []
+        for k in range(n_bins):
+            sel = bins == k
+            fit = (
+                fit_lambda(q[sel], 1 - p, delta, bound)
+                if sel.sum() >= max(1, min_per_bin)
+                else None
+            )
+            if fit is not None and fit.lam is not None:
+                lams.append(fit.lam)
+                info.append({"source": "bin", **_fit_doc(fit)})
+            else:
+                lams.append(pooled.lam)
+                info.append({"source": "pooled" if pooled.lam is not None else "none",
+                             "bin_fit": None if fit is None else _fit_doc(fit)})  # fmt: skip
+        lambdas[key] = lams
+        details[key] = {"pooled": _fit_doc(pooled), "bins": info}
+    return lambdas, counts, details
+
+
+def _fit_doc(fit: LambdaFit) -> dict[str, Any]:
+    return {"lambda": fit.lam, "lambda_hat": fit.lam_hat, "n": fit.n, "alpha": fit.alpha,
+            "risk": fit.risk, "ucb": fit.ucb}  # fmt: skip

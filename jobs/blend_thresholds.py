@@ -1,0 +1,106 @@
+"""Measure where neighbour masking stops working: the BLENDED and TRUNCATED thresholds.
+
+    python jobs/blend_thresholds.py [--objects 40] [--out docs/results/blend_thresholds.json]
+
+Per mock target (``mock.survey`` galaxies, i = 20-23.5, z = 0.25-1, PSF FWHM 0.62-0.8'',
+HSC COSMOS noise) one neighbour at 4-30 HSC pixels, 1 mag brighter to 1.5 mag fainter:
+staging's detection (``survey.detection.find_sources``, default ``StagingConfig``) masks
+it; then, knowing the truth, we measure
+
+- ``true_fraction``: the neighbour's true light on the used footprint pixels / the target's;
+- ``chi2_truth``: reduced chi2 of the *true* target model on the used pixels: what the
+  best possible fit of the target alone achieves once the neighbour is masked;
+
+next to the estimates ``blend_fraction`` and ``asymmetry`` (and ``truncated_fraction`` of
+these targets, which all fit the model field). A table is printed and written as JSON;
+the thresholds in ``FlagThresholds`` come from it (docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d4a_batch.config import FlagThresholds, StagingConfig
+from d4a_batch.mock.survey import (
+    INV_GAIN,
+    SKY_VARIANCE,
+    MockSurveyConfig,
+    _galaxy,
+    _render,
+    _z_scale,
+    draw_psf,
+)
+from d4a_batch.survey.detection import DetectionParams, find_sources, footprint_box
+
+
+def measure(k: int, cfg: MockSurveyConfig, params: DetectionParams) -> dict:
+    rng = np.random.default_rng([7, k])
+    fwhm = rng.uniform(0.62, 0.8)
+    psf = np.stack([draw_psf(fwhm * f, 0.01, 0.0) for f in (1.1, 1.05, 1.0)])
+    z, mag = float(rng.uniform(0.25, 1.0)), float(rng.uniform(20, 23.5))
+    scale = _z_scale(z, cfg)
+    n_out = cfg.n_model * scale
+    size = (64 if n_out + 16 <= 64 else 96) + 32
+    off = (float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5)))
+    target = _render(_galaxy(rng, cfg, mag), psf, scale, off, size)
+    sep_px, phi = float(rng.uniform(4, 30)), rng.uniform(0, 2 * math.pi)
+    noff = (off[0] + sep_px * math.sin(phi), off[1] + sep_px * math.cos(phi))
+    dm = float(rng.uniform(-1.0, 1.5))
+    zn = float(rng.uniform(0.25, 1.0))
+    nb = _render(_galaxy(rng, cfg, mag + dm), psf, _z_scale(zn, cfg), noff, size)
+    var = np.stack([SKY_VARIANCE[b] + np.clip(target[c] + nb[c], 0, None) * INV_GAIN[b]
+                    for c, b in enumerate(cfg.bands)])  # fmt: skip
+    img = target + nb + rng.standard_normal(target.shape) * np.sqrt(var)
+    s = find_sources(img, var, np.ones(img.shape, bool), psf, off, n_out, params)
+    used = np.broadcast_to(footprint_box((size, size), off, n_out) & ~s.neighbour_mask, img.shape)
+    w = np.array([1 / np.median(v) for v in var])[:, None, None]
+    keep = np.broadcast_to(~s.neighbour_mask, img.shape)
+    return {
+        "object": k, "i_mag": mag, "dm_neighbour": dm, "separation_px": sep_px,
+        "n_neighbours_masked": s.n_neighbours, "blend_fraction": s.blend_fraction,
+        "asymmetry": s.asymmetry, "truncated_fraction": s.truncated_fraction,
+        "true_fraction": float((w * nb)[used].sum() / (w * target)[used].sum()),
+        "chi2_truth": float(((img - target) ** 2 / var)[keep].mean()),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--objects", type=int, default=40)
+    p.add_argument("--out", type=Path, default=Path("docs/results/blend_thresholds.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    st = StagingConfig()
+    params = DetectionParams(st.detection_threshold, st.detection_minarea, st.deblend_nthresh,
+                             st.deblend_cont, st.neighbour_dilation, st.target_radius)  # fmt: skip
+    rows = [measure(k, MockSurveyConfig(), params) for k in range(args.objects)]
+    keys = list(rows[0])
+    print(" ".join(f"{k[:12]:>12}" for k in keys))
+    for r in rows:
+        print(" ".join(f"{r[k]:12.3f}" if isinstance(r[k], float) else f"{r[k]:12d}" for k in keys))
+    t = FlagThresholds()
+    deblended = [r for r in rows if r["n_neighbours_masked"] > 0]
+    merged = [r for r in rows if r["n_neighbours_masked"] == 0]
+    over = [r["blend_fraction"] for r in deblended if r["chi2_truth"] > 1.5]
+    summary = {
+        "smallest blend_fraction with chi2_truth > 1.5 (deblended)": min(over, default=None),
+        "largest asymmetry, deblended": max((r["asymmetry"] for r in deblended), default=None),
+        "smallest asymmetry, merged": min((r["asymmetry"] for r in merged), default=None),
+        "largest truncated_fraction": max(r["truncated_fraction"] for r in rows),
+        "thresholds": {"blend_fraction_max": t.blend_fraction_max,
+                       "asymmetry_max": t.asymmetry_max,
+                       "truncated_fraction_max": t.truncated_fraction_max},  # fmt: skip
+    }
+    print(json.dumps(summary, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

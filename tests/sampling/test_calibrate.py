@@ -1,0 +1,73 @@
+"""The observed S/N that picks an object's calibration bin, and the calibrated columns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from d4a_batch.config import SamplerConfig, to_dict
+from d4a_batch.physics.operator import ObservationBatch
+from d4a_batch.prior.calibration import Calibration, sampler_fingerprint
+from d4a_batch.sampling.calibrate import calibrated_columns, observed_snr, usable_calibration
+from d4a_batch.schema import Col
+
+
+def _obs(image, variance, valid, offset):
+    b, c = image.shape[:2]
+    psf = np.zeros((b, c, 5, 5))
+    psf[..., 2, 2] = 1.0
+    return ObservationBatch.from_arrays(image, variance, valid, psf, offset, dtype=torch.float64)
+
+
+def test_observed_snr_is_the_mean_signal_over_the_rms_noise_in_the_aperture():
+    h = 32
+    yy, xx = np.mgrid[:h, :h] + 0.5 - h / 2
+    offset = np.array([[1.0, -2.0], [0.0, 0.0]])
+    beta = np.array([[10.0, 20.0], [0.0, 0.0]])
+    image = np.zeros((2, 2, h, h))
+    variance = np.full((2, 2, h, h), 4.0)
+    # object 0: signal 6 above the background inside a disc of radius 5 around the offset
+    # (radius = 0.25 * 8 model pixels * scale 2.5 = 5 HSC pixels), 100 outside
+    disc0 = (yy - 1.0) ** 2 + (xx + 2.0) ** 2 <= 25
+    for c in range(2):
+        image[0, c] = np.where(disc0, beta[0, c] + 6.0, 100.0)
+    variance[0, 1] = 9.0
+    valid = np.ones((2, 2, h, h), bool)
+    valid[1] = False  # object 1: nothing valid
+    snr = observed_snr(_obs(image, variance, valid, offset), beta, [2.5, 1.0], 0.25, 8)
+    assert snr[0] == pytest.approx(np.mean([6 / 2, 6 / 3]))
+    assert np.isnan(snr[1])
+
+
+def _cal(sampler):
+    return Calibration(
+        snr_edges=(0.0, 10.0, math.inf), levels=(0.68,), lambdas={"68": (1.2, None)},
+        sampler_fingerprint=sampler_fingerprint(sampler), delta=0.1, bound="hb",
+        n_per_bin=(5, 1), sampler=to_dict(sampler),
+    )  # fmt: skip
+
+
+def test_calibrated_columns_scale_the_std_by_lambda_and_z():
+    std = np.ones((3, 1, 2, 2), np.float32)
+    cols = calibrated_columns(np.array([5.0, 50.0, np.nan]), std, _cal(SamplerConfig()))
+    np.testing.assert_array_equal(cols[Col.CALIB_BIN], [0.0, 1.0, np.nan])
+    np.testing.assert_array_equal(cols[Col.CALIB_LAMBDA68], [1.2, np.nan, np.nan])
+    assert np.isnan(cols[Col.CALIB_LAMBDA95]).all()  # level not fitted
+    np.testing.assert_allclose(cols[Col.HALFWIDTH68_FLUX][0], 1.2 * 0.9944579, rtol=1e-6)
+    assert np.isnan(cols[Col.HALFWIDTH68_FLUX][1:]).all()
+    assert cols[Col.HALFWIDTH95_FLUX].dtype == np.float32
+    bare = calibrated_columns(np.array([5.0]), std[:1], None)
+    assert bare[Col.SNR][0] == 5.0 and np.isnan(bare[Col.CALIB_LAMBDA68]).all()
+    with pytest.raises(ValueError):
+        calibrated_columns(np.array([5.0, 1.0]), std[:1], None)
+
+
+def test_only_a_calibration_fitted_for_the_sampler_config_is_used():
+    cal = _cal(SamplerConfig(steps=50))
+    assert usable_calibration(cal, SamplerConfig(steps=50, seed=4)) is cal
+    assert usable_calibration(None, SamplerConfig()) is None
+    with pytest.warns(UserWarning, match="fitted for sampler config"):
+        assert usable_calibration(cal, SamplerConfig(steps=25)) is None

@@ -1,0 +1,142 @@
+"""Neighbours and truncation (survey/detection.py) on GalSim stamps with known sources."""
+
+from __future__ import annotations
+
+import galsim
+import numpy as np
+import pytest
+
+from d4a_batch.config import FlagThresholds
+from d4a_batch.sampling.flags import check_blended, check_truncated, evaluate_flags
+from d4a_batch.schema import Flag
+from d4a_batch.survey.detection import (
+    detection_image,
+    find_sources,
+    footprint_box,
+    psf_fwhm_pixels,
+)
+
+PIX = 0.168
+SIZE = 80
+SKY_VAR = 4e-4  # HSC i-band sky variance per pixel (counts^2)
+FOOTPRINT = 40.0  # model footprint side, HSC pixels
+
+
+def _psf() -> np.ndarray:
+    img = galsim.Moffat(beta=3.5, fwhm=0.7).drawImage(nx=43, ny=43, scale=PIX).array
+    return np.stack([img / img.sum()] * 3)
+
+
+def _draw(hlr: float, flux: float, dy: float = 0.0, dx: float = 0.0) -> np.ndarray:
+    gal = galsim.Convolve(galsim.Exponential(half_light_radius=hlr, flux=flux),
+                          galsim.Moffat(beta=3.5, fwhm=0.7))  # fmt: skip
+    img = gal.drawImage(nx=SIZE, ny=SIZE, scale=PIX, offset=(dx, dy)).array
+    return np.stack([img * f for f in (0.6, 0.8, 1.0)])
+
+
+def _observe(model: np.ndarray, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    var = np.full(model.shape, SKY_VAR) + np.clip(model, 0, None) * 3e-5
+    img = model + rng.standard_normal(model.shape) * np.sqrt(var)
+    return img, var, np.ones(model.shape, bool)
+
+
+# galsim centres an even image at SIZE/2 (pixel-edge coordinates): offset (0, 0) in staging's
+# convention, so positions below are offsets from the stamp centre
+TARGET = dict(hlr=0.6, flux=200.0)
+
+
+def test_psf_fwhm_from_half_maximum_area():
+    assert psf_fwhm_pixels(_psf()[0]) == pytest.approx(0.7 / PIX, rel=0.1)
+
+
+def test_detection_image_removes_the_sky_and_weights_bands():
+    model = _draw(**TARGET)
+    img, var, valid = _observe(model + 0.05)  # a sky pedestal
+    d, sigma, usable = detection_image(img, var, valid)
+    assert usable.all() and d.shape == (SIZE, SIZE)
+    corner = d[:15, :15]
+    assert abs(np.median(corner)) < 0.2 * np.median(sigma)  # pedestal removed
+    assert np.median(sigma[:15, :15]) == pytest.approx(np.sqrt(SKY_VAR / 3), rel=0.05)
+
+
+def test_isolated_target_has_no_neighbour_and_no_flag():
+    img, var, valid = _observe(_draw(**TARGET))
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    assert s.target > 0 and s.n_neighbours == 0 and not s.neighbour_mask.any()
+    assert s.blend_fraction == pytest.approx(0.0, abs=0.01)
+    assert s.asymmetry < FlagThresholds().asymmetry_max
+    assert s.truncated_fraction < FlagThresholds().truncated_fraction_max
+
+
+def test_separate_neighbour_is_masked_dilated_and_not_blended():
+    model = _draw(**TARGET) + _draw(0.5, 150.0, dy=22.0, dx=-5.0)
+    img, var, valid = _observe(model, 1)
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    assert s.n_neighbours == 1
+    cy, cx = SIZE // 2 + 22, SIZE // 2 - 5
+    assert s.neighbour_mask[cy, cx] and not s.neighbour_mask[SIZE // 2, SIZE // 2]
+    seg = s.segmap == s.segmap[cy, cx]
+    assert s.neighbour_mask.sum() > seg.sum()  # dilated beyond its segment
+    assert not (s.neighbour_mask & (s.segmap == s.target)).any()  # target pixels kept
+    assert s.neighbour_masked_fraction == pytest.approx(s.neighbour_mask.mean())
+    assert s.blend_fraction < FlagThresholds().blend_fraction_max
+    assert s.asymmetry < FlagThresholds().asymmetry_max
+
+
+def test_overlapping_neighbour_is_flagged_blended():
+    """A bright neighbour 9 px away: deblended, but its wings cover the target's footprint."""
+    model = _draw(**TARGET) + _draw(0.8, 400.0, dy=0.0, dx=9.0)
+    img, var, valid = _observe(model, 2)
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    bit, why = check_blended(s.blend_fraction, s.asymmetry, FlagThresholds(), s.n_neighbours)
+    assert bit == Flag.BLENDED and why is not None, (s.blend_fraction, s.asymmetry)
+
+
+def test_merged_neighbour_shows_as_asymmetry():
+    """A neighbour 4 px away cannot be deblended: its light has no mirror image."""
+    model = _draw(**TARGET) + _draw(0.4, 150.0, dy=3.0, dx=3.0)
+    img, var, valid = _observe(model, 3)
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    assert s.asymmetry > FlagThresholds().asymmetry_max
+    bits, reasons = evaluate_flags(
+        FlagThresholds(), photoz=0.3, z_range=(0.02, 1.5), psf_sum=[1.0] * 3,
+        psf_centroid_offset=[0.0] * 3, blend_fraction=s.blend_fraction, asymmetry=s.asymmetry,
+    )  # fmt: skip
+    assert bits & Flag.BLENDED and "no mirror image" in " ".join(reasons)
+
+
+def test_galaxy_larger_than_the_footprint_is_truncated_with_its_fraction():
+    img, var, valid = _observe(_draw(3.0, 2000.0), 4)
+    small = find_sources(img, var, valid, _psf(), (0.0, 0.0), 16.0)
+    large = find_sources(img, var, valid, _psf(), (0.0, 0.0), 70.0)
+    # the truth: an exponential's flux outside a 16-px (2.7'') square with hlr 3''
+    model = _draw(3.0, 2000.0).sum(0)
+    box = footprint_box((SIZE, SIZE), (0.0, 0.0), 16.0)
+    seg = small.segmap == small.target
+    truth = model[seg & ~box].sum() / model[seg].sum()
+    assert small.truncated_fraction == pytest.approx(truth, abs=0.05)
+    assert small.truncated_fraction > 0.5 > large.truncated_fraction
+    bit, why = check_truncated(small.truncated_fraction, FlagThresholds(), 32.0, 16.0)
+    assert bit == Flag.TRUNCATED
+    assert why.startswith(f"{100 * small.truncated_fraction:.0f} % of the segment's flux")
+    assert "32 kpc model field (16 HSC px)" in why
+    assert check_truncated(large.truncated_fraction, FlagThresholds())[1] is None
+
+
+def test_crop_keeps_the_measurements_on_the_inner_stamp():
+    model = _draw(**TARGET) + _draw(0.5, 150.0, dy=22.0, dx=-5.0)
+    img, var, valid = _observe(model, 1)
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    c = s.crop(8)
+    assert c.segmap.shape == (SIZE - 16, SIZE - 16)
+    assert np.array_equal(c.neighbour_mask, s.neighbour_mask[8:-8, 8:-8])
+    assert c.blend_fraction == s.blend_fraction and c.n_neighbours == 1
+
+
+def test_nothing_detected_measures_nothing():
+    img, var, valid = _observe(np.zeros((3, SIZE, SIZE)), 5)
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    assert s.target == 0 and np.isnan(s.truncated_fraction) and np.isnan(s.blend_fraction)
+    assert check_blended(s.blend_fraction, s.asymmetry, FlagThresholds())[1] is None
+    assert check_truncated(s.truncated_fraction, FlagThresholds())[1] is None
