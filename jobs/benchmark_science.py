@@ -39,7 +39,8 @@ from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, SHARED_DATA_DIR, Col
 from d4a_batch.survey.staging import IMAGE, SCALE, VALID, VARIANCE
-from d4a_batch.validation.metrics import reconvolve
+from d4a_batch.validation.calibration import engine_report, pack_inputs
+from d4a_batch.validation.metrics import core_mask, reconvolve
 from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import (
@@ -136,6 +137,18 @@ def summarise(df: pd.DataFrame) -> dict:
     return summary
 
 
+def calibration_section(results, truth, prior_cfg, config: RunConfig) -> dict | None:
+    """Coverage per observed-S/N bin (core and stamp, raw and with the catalog's calibrated λ),
+    PIT and TARP of the scored objects (``validation.calibration``)."""
+    if not results:
+        return None
+    packs = [pack_inputs(a, df, m, truth, prior_cfg.stretch.a, config.physics.profile_ridge)
+             for a, df, m in results]  # fmt: skip
+    radius = config.sampler.aperture_radius_frac
+    core = core_mask(prior_cfg.image_size, radius)
+    return engine_report(packs, SNR_BINS, core, core_radius=radius * prior_cfg.image_size)
+
+
 def real_hsc(args, out: Path, config: RunConfig, prior_cfg, actor, spec) -> dict:
     """Deconvolve the sources of the real HSC cutout; χ²/dof and figures."""
     rows = hsc_npz_rows(REAL_NPZ, out / "real" / "fits", prior_cfg.bands, args.real_z)
@@ -199,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = pd.concat([df for _, df, _ in results], ignore_index=True)
     catalog.to_parquet(out / "catalog.parquet")
     summary = summarise(table)
+    calibration = calibration_section(results, truth, prior_cfg, config)
     science_figure(out / "science.png", table)
     run_report(out / "report.png", catalog, prior_cfg.bands, config.sampler.flags)
     if results and args.figures > 0:
@@ -229,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling_seconds": sample_seconds,
         "objects_per_s": len(table) / sample_seconds if sample_seconds > 0 else None,
         "summary": summary,
+        "calibration": calibration,
         "objects": records,
         "real_hsc": real,
         "seconds": time.perf_counter() - t_start,
@@ -272,6 +287,17 @@ def markdown(doc: dict, table: pd.DataFrame) -> str:
                        "snr", "psnr_mean", "psnr_rl", "psnr_obs", "ssim_mean", "chi2",
                        "coverage68", "coverage95", "hallucination", "flag_names"]),
     ]  # fmt: skip
+    cal = doc.get("calibration")
+    if cal:
+        cols = ["snr_bin", "n", "cov68_core_quantile", "cov68_core_gauss", "cov68_core_calibrated",
+                "cov95_core_quantile", "cov95_core_gauss", "cov95_core_calibrated",
+                "cov68_stamp_gauss", "cov95_stamp_gauss"]  # fmt: skip
+        groups = [g | {"tarp_dev": g["tarp_core"]["max_deviation"]}
+                  for g in [*cal["bins"], cal["pooled"]] if g["n"]]  # fmt: skip
+        lines += ["", "Coverage by observed S/N (`validation.calibration`; core pixels, flux "
+                  "space; quantile = equal-tailed sample interval, gauss = mean ± z·std, "
+                  "calibrated = mean ± λ·z·std with the catalog's λ):", "",
+                  markdown_table(groups, [*cols, "tarp_dev"])]  # fmt: skip
     real = doc.get("real_hsc")
     if real:
         lines += ["", f"Real HSC ({Path(real['file']).name}, bands g, r, i, z = "

@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         "largest asymmetry, deblended": max((r["asymmetry"] for r in deblended), default=None),
         "smallest asymmetry, merged": min((r["asymmetry"] for r in merged), default=None),
         "largest truncated_fraction": max(r["truncated_fraction"] for r in rows),
-        "thresholds": {"blend_fraction_max": t.blend_fraction_max,
-                       "asymmetry_max": t.asymmetry_max,
-                       "truncated_fraction_max": t.truncated_fraction_max},  # fmt: skip
+        "thresholds": {
+            "blend_fraction_max": t.blend_fraction_max,
+            "asymmetry_max": t.asymmetry_max,
+            "truncated_fraction_max": t.truncated_fraction_max,
+        },
     }
     print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from d4a_batch.config import RunConfig, to_dict
+from d4a_batch.config import RunConfig, from_dict, to_dict
 from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.prior.calibration import (
@@ -155,13 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     prior_cfg, _ = read_prior_config(args.prior)
-    config = RunConfig()
-    (args.work / "run_config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    config = sampled_config(args.work)
     if args.stage in ("sample", "all"):
         sample_sets(args, prior_cfg, config)
+    if config != RunConfig():
+        log(f"the cached samples were drawn with sampler {to_dict(config.sampler)}; the engine's "
+            f"default is now {to_dict(RunConfig().sampler)}: calibration.json is fitted for the "
+            "former (the engine will not apply it to the latter)")  # fmt: skip
     if args.stage in ("fit", "all"):
         fit_and_score(args, prior_cfg, config)
     return 0
+
+
+def sampled_config(work: Path) -> RunConfig:
+    """The run config the cached samples under ``work`` were drawn with (recorded on the first
+    sampling); a fresh folder records the engine's default ``RunConfig()``.
+
+    A record written before ``SamplerConfig.sampler`` existed was sampled by DPS.
+    """
+    path = work / "run_config.json"
+    if not path.exists():
+        config = RunConfig()
+        path.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        return config
+    doc = json.loads(path.read_text())
+    doc["sampler"].setdefault("sampler", "dps")
+    return from_dict(RunConfig, doc)
 
 
 def load_set(args, name: str, prior_cfg, config: RunConfig) -> dict[str, np.ndarray]:

@@ -166,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     results, projections, last = [], [], None
     mean, comps = pca_fit(standardise(f_held)[0], 2)
     for label, path, model, cfg, info in priors:
-        if cfg.image_size != cfg0.image_size or cfg.bands != cfg0.bands:
-            raise ValueError(f"{path}: priors to compare must share image size and bands")
+        if (cfg.image_size, cfg.bands, cfg.kpc_per_pixel) != (
+            cfg0.image_size,
+            cfg0.bands,
+            cfg0.kpc_per_pixel,
+        ):
+            raise ValueError(f"{path}: priors to compare must share image size, bands, kpc/pixel")
         t0 = time.perf_counter()
         x = draw_samples(model, cfg, args.n_samples, args.steps, args.seed, args.batch_size)
         f = morphology_features(x, cfg.stretch.a, cfg.bands)

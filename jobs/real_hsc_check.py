@@ -138,12 +138,10 @@ def summary(out: pd.DataFrame) -> dict:
     specific = ("BLENDED", "TRUNCATED", "NOISE_ESTIMATED")
     high = out[out[Col.CHI2] > 3]
     return {
-        "sources": int(len(out)),
+        "sources": len(out),
         "ok": int(ok.sum()),
         "median_chi2": float(np.nanmedian(out[Col.CHI2])),
-        "chi2_above_3": {
-            str(r[Col.OBJECT_ID]): r[Col.FLAG_NAMES] for _, r in high.iterrows()
-        },
+        "chi2_above_3": {str(r[Col.OBJECT_ID]): r[Col.FLAG_NAMES] for _, r in high.iterrows()},
         "chi2_above_3_with_specific_flag": bool(
             all(any(f in (r[Col.FLAG_NAMES] or "") for f in specific) for _, r in high.iterrows())
         ),

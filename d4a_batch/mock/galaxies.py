@@ -465,7 +465,7 @@ def sample_realistic_params(rng: np.random.Generator, n_objects: int) -> list[Mo
       face-on dust tau_V ~ U(0.2, 1.0) (x 1.5 above log M = 10.3);
     - early types: B/T ~ U(0.7, 1), bulge n ~ U(3, 5) holding R_eff, bulge q from the
       population (N(0.72, 0.15)); a faint disk (1.5-2.5 R_eff), 10 % with a bar (S0s);
-      few knots; tau_V ~ U(0, 0.2);
+      0-3 knots (<= 2 % of the disk light); tau_V ~ U(0, 0.2);
     - colours: bulge g-r N(0.75, 0.06) (late: 0.1 bluer), disk 0.15-0.45 bluer, arms
       0.05-0.2 bluer than the disk, knots 0.1-0.4 bluer than the disk; bar between the
       bulge and disk; r-i in the same order.
@@ -517,8 +517,8 @@ def sample_realistic_params(rng: np.random.Generator, n_objects: int) -> list[Mo
                 bulge_q=q_pop,
                 disk_hlr_kpc=float(disk_hlr),
                 inclination_deg=inc,
-                knot_fraction=float(rng.uniform(0.0, 0.05)),
-                n_knots=int(rng.integers(0, 10)),
+                knot_fraction=float(rng.uniform(0.0, 0.02)),
+                n_knots=int(rng.integers(0, 4)),
                 knot_sigma_kpc=float(rng.uniform(0.1, 0.3)),
                 dust_tau_v=float(rng.uniform(0.0, 0.2)),
             )

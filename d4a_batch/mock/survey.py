@@ -56,6 +56,8 @@ SKY_VARIANCE = {"g": 1.60e-4, "r": 1.99e-4, "i": 4.11e-4}
 INV_GAIN = {"g": 4.3e-5, "r": 3.3e-5, "i": 2.6e-5}
 MEDIAN_SEEING = {"g": 0.80, "r": 0.72, "i": 0.62}  # arcsec FWHM
 SATURATION = 1500.0  # counts per pixel above which a coadd pixel is SAT (and interpolated)
+# the demo survey's share of what real cutouts have (MockSurveyConfig fields)
+DEMO_REAL_DATA_MIX = {"overlap_fraction": 0.06, "large_fraction": 0.06, "image_only_fraction": 0.1}
 TRUTH_FILE = "truth.parquet"
 CONFIG_FILE = "mock_survey.json"
 
@@ -73,12 +75,14 @@ class MockSurveyConfig:
     z_range: tuple[float, float] = (0.25, 1.0)
     i_mag_range: tuple[float, float] = (20.0, 23.5)
     cutout_size: int = 112
-    neighbour_fraction: float = 0.2  # stamps with one or two separate neighbours (10-30 px)
-    # what real cutouts have (issue 11); roles drawn per object from their own random stream
-    overlap_fraction: float = 0.06  # a neighbour 6-9 px away whose light overlaps the target
-    large_fraction: float = 0.06  # galaxies large_factor x larger: they overflow the field
+    neighbour_fraction: float = 0.3  # stamps with one or two neighbouring galaxies (10-30 px)
+    # what real cutouts also have (issue 11), off by default (calibration and benchmark
+    # mocks stay as they were); the demo turns them on (``DEMO_REAL_DATA_MIX``). Roles are
+    # drawn per object from their own random stream, so the other objects do not change
+    overlap_fraction: float = 0.0  # a neighbour 6-9 px away whose light overlaps the target
+    large_fraction: float = 0.0  # galaxies large_factor x larger: they overflow the field
     large_factor: float = 5.0
-    image_only_fraction: float = 0.1  # cutouts written "image only" (MASK, VARIANCE empty)
+    image_only_fraction: float = 0.0  # cutouts written "image only" (MASK, VARIANCE empty)
     star_fraction: float = 0.1  # stamps with a bright (saturated) star nearby
     cr_fraction: float = 0.3  # stamps with an interpolated cosmic ray (INTRP|CR)
     bad_column_fraction: float = 0.1  # stamps with a BAD column

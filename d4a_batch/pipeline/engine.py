@@ -39,9 +39,10 @@ from ray.data import ActorPoolStrategy
 from d4a_batch.config import RunConfig, to_dict
 from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
 from d4a_batch.pipeline.commit import Commits, finish_run, start_run
+from d4a_batch.pipeline.lease import Lease, hold_lease
 from d4a_batch.pipeline.ledger import Ledger
 from d4a_batch.pipeline.options import ExecutionOptions, JobError, RunSummary
-from d4a_batch.pipeline.plan import RunPlan, check_job, plan_run, prepare_output
+from d4a_batch.pipeline.plan import Job, RunPlan, check_job, plan_run, prepare_output
 from d4a_batch.pipeline.stages import read_packs, read_partitions, stage_rows, write_results
 from d4a_batch.ray_setup import node_local_path
 from d4a_batch.survey.hats_io import ORDER, PIXEL
@@ -69,10 +70,18 @@ def run_survey(
     artifact folder readable by every actor. Local paths are made absolute (Ray jobs run
     in a temporary working copy); URLs pass through fsspec with ``options.storage_options``.
     Uses the Ray cluster this process is connected to (Ray Data starts a local one
-    otherwise). Raises JobError for bad inputs found before any work starts.
+    otherwise). Raises JobError for bad inputs found before any work starts, LeaseHeld
+    (touching nothing) when another run holds the output's lease (pipeline/lease.py).
     """
     config, opts = config or RunConfig(), options or ExecutionOptions()
     job = check_job(catalog, output, prior, config, opts)
+    # one writer per output: this process's lease if the job took it already, else taken here
+    with hold_lease(job.output, opts.storage_options, opts.lease_ttl_s, job.run_id) as lease:
+        return _run(job, opts, lease)
+
+
+def _run(job: Job, opts: ExecutionOptions, lease: Lease) -> RunSummary:
+    """``run_survey`` once the output's lease is held."""
     ledger = Ledger(job.output, opts.storage_options)
     prepare_output(job.output, opts.overwrite, ledger, opts.storage_options)
     plan = plan_run(job, ledger)
@@ -88,6 +97,7 @@ def run_survey(
         _process(plan, Commits(plan, ledger, summary))
     else:
         log.info("nothing to do: every selected partition is up to date (no sampling)")
+    lease.check()  # LeaseLost: another run took the output over; this one ends unfinished
     finish_run(plan, ledger, summary)
     log.info("done: %s -> %s", summary.line(), job.output)
     return summary

@@ -213,13 +213,22 @@ def fingerprint_partitions_local(
 
 
 # --------------------------------------------------------------------------- on Ray
-def _finish_with_refs(payload: Payload, listing_refs: dict[str, Any]) -> str:
-    """``finish_fingerprint`` in a task: Ray does not resolve refs nested in a dict argument."""
+def _scan_group(parts, columns, bands, catalog_root, healpix_column, storage_options):
+    """``scan_partition`` over a group of partitions: (their Scans, their Payloads)."""
+    done = [
+        scan_partition(p, columns, bands, catalog_root, healpix_column, -1, storage_options)
+        for p in parts
+    ]
+    return [scan for scan, _ in done], {scan.key: pay for scan, pay in done if pay is not None}
+
+
+def _finish_group(payloads: dict[Key, Payload], listing_refs: dict[str, Any]) -> dict[Key, str]:
+    """``finish_fingerprint`` over a group (Ray does not resolve refs nested in a dict)."""
     import ray
 
     names = list(listing_refs)
     listings = dict(zip(names, ray.get([listing_refs[n] for n in names])))
-    return finish_fingerprint(payload, listings)
+    return {key: finish_fingerprint(p, listings) for key, p in payloads.items()}
 
 
 def fingerprint_partitions(
@@ -230,40 +239,42 @@ def fingerprint_partitions(
     healpix_column: str = "",
     storage_options: dict[str, Any] | None = None,
     task_cpus: float = 0.25,
+    group_size: int = 16,
 ) -> FingerprintResult:
-    """The three steps as Ray tasks (connected Ray cluster); per-row data never reaches the driver."""
+    """The three steps as Ray tasks (``group_size`` partitions per scan / finish task).
+
+    Per-row data (partition bytes, URIs) stays in the object store between the steps;
+    the driver holds per-partition digests and the set of folders.
+    """
     import ray  # the pure steps above stay importable without Ray
 
-    scan_task = ray.remote(num_returns=2)(scan_partition).options(num_cpus=task_cpus)
+    scan_task = ray.remote(num_returns=2)(_scan_group).options(num_cpus=task_cpus)
     list_task = ray.remote(list_folder).options(num_cpus=task_cpus)
-    finish_task = ray.remote(_finish_with_refs).options(num_cpus=task_cpus)
+    finish_task = ray.remote(_finish_group).options(num_cpus=task_cpus)
 
     out = FingerprintResult()
-    scan_refs, payload_refs = [], {}
-    for part in parts:
-        s, p = scan_task.remote(
-            part, columns, bands, catalog_root, healpix_column, -1, storage_options
-        )
-        scan_refs.append(s)
-        payload_refs[part.healpix] = p
-    scans: list[Scan] = ray.get(scan_refs)
+    groups = [list(parts[i : i + group_size]) for i in range(0, len(parts), group_size)]
+    refs = [
+        scan_task.remote(g, columns, bands, catalog_root, healpix_column, storage_options)
+        for g in groups
+    ]
+    group_scans: list[list[Scan]] = ray.get([scans for scans, _ in refs])
     folders: set[str] = set()
-    for scan in scans:
-        out.files_read += scan.files_read
-        if scan.error:
-            out.failed[scan.key] = scan.error
-            payload_refs.pop(scan.key, None)
-        else:
-            out.rows[scan.key] = scan.rows
-            folders.update(scan.folders)
+    for scans in group_scans:
+        for scan in scans:
+            out.files_read += scan.files_read
+            if scan.error:
+                out.failed[scan.key] = scan.error
+            else:
+                out.rows[scan.key] = scan.rows
+                folders.update(scan.folders)
     listing_refs = {f: list_task.remote(f, storage_options) for f in sorted(folders)}
     out.listings = len(listing_refs)
-    by_key = {s.key: s for s in scans}
-    finish_refs = {
-        key: finish_task.remote(ref, {f: listing_refs[f] for f in by_key[key].folders})
-        for key, ref in payload_refs.items()
-    }
-    for key, ref in finish_refs.items():
-        out.fingerprints[key] = ray.get(ref)
-    del payload_refs, listing_refs, finish_refs
+    finish_refs = []
+    for scans, (_, payloads) in zip(group_scans, refs):
+        wanted = sorted({f for scan in scans if not scan.error for f in scan.folders})
+        if wanted:
+            finish_refs.append(finish_task.remote(payloads, {f: listing_refs[f] for f in wanted}))
+    for part in ray.get(finish_refs):
+        out.fingerprints.update(part)
     return out

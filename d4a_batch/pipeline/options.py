@@ -31,6 +31,8 @@ class ExecutionOptions:
     force: bool = False  # reprocess partitions the ledger says are up to date
     # only these partitions ("order/pixel" as --partitions takes them, or HealpixPixel)
     partitions: tuple[str | HealpixPixel, ...] | None = None
+    # the output's lease (pipeline/lease.py): stale this long after its last heartbeat
+    lease_ttl_s: float = 600.0
 
 
 @dataclass

@@ -31,7 +31,7 @@ from d4a_batch.pipeline.ledger import (
 )
 from d4a_batch.pipeline.options import ExecutionOptions, JobError
 from d4a_batch.prior.artifact import load_prior, read_prior_config
-from d4a_batch.schema import LEDGER_DIR, WORK_DIR
+from d4a_batch.schema import LEASE_FILE, LEDGER_DIR, WORK_DIR
 from d4a_batch.survey.hats_io import (
     INPUT_PHOTOZ_HI,
     INPUT_PHOTOZ_LO,
@@ -182,11 +182,18 @@ def select_partitions(
 
 
 def prepare_output(output: str, overwrite: bool, ledger: Ledger, storage_options) -> None:
-    """Make the output root; remove what a killed run left in the work folder."""
+    """Make the output root; remove what a killed run left in the work folder. The run's
+    lease (``LEASE_FILE``, pipeline/lease.py) stays, even with ``overwrite``."""
     fs, path = filesystem(output, storage_options)
-    if fs.exists(path) and fs.ls(path):
+    fs.invalidate_cache(path)
+    entries = [
+        e for e in (fs.ls(path, detail=False) if fs.exists(path) else [])
+        if e.rstrip("/").rsplit("/", 1)[-1] != LEASE_FILE
+    ]  # fmt: skip
+    if entries:
         if overwrite:
-            fs.rm(path, recursive=True)
+            for entry in entries:
+                fs.rm(entry, recursive=True)
         elif not ledger.exists():
             raise JobError(
                 f"output {output} exists, is not empty and has no run ledger "

@@ -109,18 +109,28 @@ def check_psf(
     return Flag.PSF_BAD, ("; ".join(problems) if problems else None)
 
 
+def photoz_problem(z: float | None, z_range: tuple[float, float] | None = None) -> str | None:
+    """The one photo-z rule: why ``z`` is not a usable redshift (missing: None or NaN; not
+    finite; not positive) or, given ``z_range``, lies outside the prior's range; None: fine.
+
+    Staging refuses an object whose photo-z is not usable (``survey.staging.photoz_error``);
+    the PHOTOZ_BAD flag also fires outside the prior's range (``check_photoz``).
+    """
+    if z is None or (isinstance(z, float) and math.isnan(z)):
+        return "photo-z: missing (null or NaN)"
+    if not math.isfinite(z):
+        return f"photo-z: {z} is not finite"
+    if z <= 0:
+        return f"photo-z: {z:g} is not positive"
+    if z_range is not None and not z_range[0] <= z <= z_range[1]:
+        return f"photo-z: {z:.3g} outside the prior's range [{z_range[0]:g}, {z_range[1]:g}]"
+    return None
+
+
 def check_photoz(photoz: float | None, z_min: float, z_max: float) -> FlagResult:
     """Photo-z missing, NaN, not positive, or outside the prior's ``[z_min, z_max]``."""
-    if photoz is None:
-        return Flag.PHOTOZ_BAD, "photo-z missing"
-    z = float(photoz)
-    if not math.isfinite(z):
-        return Flag.PHOTOZ_BAD, f"photo-z is not finite ({z})"
-    if z <= 0:
-        return Flag.PHOTOZ_BAD, f"photo-z {z:.3g} <= 0"
-    if not z_min <= z <= z_max:
-        return Flag.PHOTOZ_BAD, f"photo-z {z:.3g} outside the prior's range [{z_min:g}, {z_max:g}]"
-    return Flag.PHOTOZ_BAD, None
+    z = None if photoz is None else float(photoz)
+    return Flag.PHOTOZ_BAD, photoz_problem(z, (z_min, z_max))
 
 
 def check_noise_estimated(note: str | None) -> FlagResult:

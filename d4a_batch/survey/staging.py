@@ -49,6 +49,7 @@ import numpy as np
 
 from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
 from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
+from d4a_batch.sampling.flags import photoz_problem
 from d4a_batch.schema import Col
 from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources
 from d4a_batch.survey.fits_io import (
@@ -117,14 +118,9 @@ class StagedObject:
 
 
 def photoz_error(z: float | None) -> str | None:
-    """Why ``z`` cannot be used as the object's redshift (None when it can)."""
-    if z is None or (isinstance(z, float) and math.isnan(z)):
-        return "photo-z: missing (null or NaN)"
-    if not math.isfinite(z):
-        return f"photo-z: {z} is not finite"
-    if z <= 0:
-        return f"photo-z: {z:g} is not positive"
-    return None
+    """Why ``z`` cannot be used as the object's redshift (None when it can): the one
+    photo-z rule, ``sampling.flags.photoz_problem``, without the prior's range."""
+    return photoz_problem(z)
 
 
 def stamp_size(footprint: float, staging: StagingConfig) -> int:

@@ -474,3 +474,52 @@ def fit_calibration(
 def _fit_doc(fit: LambdaFit) -> dict[str, Any]:
     return {"lambda": fit.lam, "lambda_hat": fit.lam_hat, "n": fit.n, "alpha": fit.alpha,
             "risk": fit.risk, "ucb": fit.ucb}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- engine output
+def pack_inputs(
+    arrays: dict[str, np.ndarray],
+    rows: Any,
+    maps: dict[str, np.ndarray],
+    truth: dict[int, dict[str, Any]],
+    stretch_a: float,
+    ridge: float,
+) -> dict[str, np.ndarray]:
+    """Calibration inputs of one sampled pack (``validation.science.run_packs`` output).
+
+    Returns flux samples [B,S,C,N,N] (``validation.samples.flux_samples`` of the kept
+    samples), truth [B,C,N,N], the catalog's observed S/N ``Col.SNR`` [B] and the λ it
+    applied (``Col.CALIB_LAMBDA68``/``95``; NaN without a matching calibration).
+    """
+    from d4a_batch.schema import Col
+    from d4a_batch.survey.packs import SCALE
+    from d4a_batch.validation.samples import flux_samples
+    from d4a_batch.validation.science import observations
+
+    ids = [int(v) for v in arrays[Col.OBJECT_ID]]
+    flux, _ = flux_samples(
+        maps[Col.SAMPLES_X], observations(arrays), arrays[SCALE], stretch_a, ridge
+    )
+    nan = np.full(len(ids), np.nan)
+    return {
+        "object_id": np.asarray(ids, np.int64),
+        "flux": flux,
+        "truth": np.stack([truth[i]["truth"] for i in ids]),
+        "snr": np.asarray(rows[Col.SNR], np.float64) if Col.SNR in rows else nan,
+        "68": np.asarray(rows[Col.CALIB_LAMBDA68], np.float64)
+        if Col.CALIB_LAMBDA68 in rows
+        else nan,
+        "95": np.asarray(rows[Col.CALIB_LAMBDA95], np.float64)
+        if Col.CALIB_LAMBDA95 in rows
+        else nan,
+    }
+
+
+def engine_report(
+    packs: Sequence[dict[str, np.ndarray]], edges: Sequence[float], core: np.ndarray, **kw: Any
+) -> dict[str, Any]:
+    """``calibration_report`` of the concatenated ``pack_inputs``, with the λ the catalog
+    applied as the calibrated columns (raw and calibrated coverage side by side)."""
+    cat = {k: np.concatenate([p[k] for p in packs]) for k in packs[0]}
+    lam = {k: cat[k] for k in ("68", "95")}
+    return calibration_report(cat["flux"], cat["truth"], cat["snr"], edges, core, lambdas=lam, **kw)

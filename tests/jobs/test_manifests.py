@@ -367,6 +367,8 @@ def test_documented_exit_codes_match_the_job(path, job):
         "EXIT_PARTITIONS_FAILED": r"(\d) some partitions failed",
         "EXIT_JOB_ERROR": r"(\d) job-level error",
         "EXIT_CRASH": r"(\d) unexpected crash",
+        "EXIT_LEASE_HELD": r"(\d) output busy",
+        "EXIT_TOO_MANY_ERRORS": r"(\d) too many error rows",
     }
     for name, pattern in documented.items():
         m = re.search(pattern, text)

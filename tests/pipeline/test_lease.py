@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -92,12 +93,21 @@ def test_heartbeats_renew_the_lease(where):
         lease.check()
 
 
+def _silence(lease: Lease, age_s: float) -> None:
+    """Make ``lease`` look like a killed run's: no more heartbeats, the last ``age_s`` ago."""
+    lease._stop.set()
+    old = dataclasses.replace(lease._record, heartbeat=time.time() - age_s)
+    lease._tag = lease._store.replace(old.to_bytes(), lease._tag)
+    lease._record = old
+
+
 def test_a_stale_lease_is_taken_over_and_its_holder_learns_it_lost(where):
     output, so = where
-    dead = Lease(output, so, ttl_s=0.5, renew_s=3600, run_id="dead").acquire()  # no beats
+    dead = Lease(output, so, ttl_s=60, run_id="dead").acquire()
+    _silence(dead, age_s=59)
     with pytest.raises(LeaseHeld):
         Lease(output, so, ttl_s=60, run_id="early").acquire()  # still fresh
-    time.sleep(0.6)
+    _silence(dead, age_s=61)
     with Lease(output, so, ttl_s=60, run_id="next") as nxt:
         assert nxt.took_over is not None and nxt.took_over.run_id == "dead"
         assert read_lease(output, so).run_id == "next"

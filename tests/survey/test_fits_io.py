@@ -202,6 +202,15 @@ def _cutout_case(case: str) -> bytes:
     hdus = _good_cutout_hdus()
     if case == "no_mask":
         del hdus[2]
+    elif case == "no_variance":
+        del hdus[3]
+    elif case == "empty_mask":
+        hdus[2] = fits.ImageHDU(None, header=hdus[2].header, name="MASK")
+    elif case == "empty_variance":
+        hdus[3] = fits.ImageHDU(None, name="VARIANCE")
+    elif case == "image_only":
+        hdus[2] = fits.ImageHDU(None, header=hdus[2].header, name="MASK")
+        hdus[3] = fits.ImageHDU(None, name="VARIANCE")
     elif case == "only_primary":
         hdus = hdus[:1]
     elif case == "variance_shape":
@@ -239,7 +248,6 @@ _GOOD = _hdul_bytes(_good_cutout_hdus())
 CUTOUT_CASES = {
     "not_fits": (b"this is not a FITS file\n" * 200, "not a readable FITS"),
     "empty": (b"", "empty file"),
-    "no_mask": (None, "missing HDU MASK"),
     "only_primary": (None, "missing HDU IMAGE"),
     "variance_shape": (None, "VARIANCE has shape (20, 19)"),
     "image_1d": (None, "IMAGE has shape (400,) (expected 2-D)"),
@@ -269,6 +277,41 @@ def test_malformed_cutout_raises_input_error(case, tmp_path):
     assert isinstance(err.value, ValueError)
     assert err.value.uri == str(path) and str(err.value).startswith(f"{path}: ")
     assert what in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("case", "missing"),
+    [
+        ("no_mask", ("MASK",)),
+        ("empty_mask", ("MASK",)),
+        ("no_variance", ("VARIANCE",)),
+        ("empty_variance", ("VARIANCE",)),
+        ("image_only", ("MASK", "VARIANCE")),
+    ],
+)
+def test_empty_or_absent_mask_and_variance_are_read_as_missing(case, missing, tmp_path):
+    """Image-only cutouts (issue 11): an empty or absent MASK / VARIANCE is not an error; the
+    reader says which plane is missing (MASK: zeros, VARIANCE: NaN until estimated)."""
+    path = tmp_path / f"{case}.fits"
+    path.write_bytes(_cutout_case(case))
+    good = read_hsc_cutout(_good_path(tmp_path))
+    cut = read_hsc_cutout(str(path))
+    assert cut.missing == missing and good.missing == ()
+    np.testing.assert_array_equal(cut.image, good.image)
+    if "MASK" in missing:
+        assert cut.mask.dtype == np.int32 and not cut.mask.any()
+    else:
+        np.testing.assert_array_equal(cut.mask, good.mask)
+    if "VARIANCE" in missing:
+        assert np.isnan(cut.variance).all() and not cut.valid([]).any()
+    else:
+        np.testing.assert_array_equal(cut.variance, good.variance)
+
+
+def _good_path(tmp_path) -> str:
+    path = tmp_path / "good.fits"
+    path.write_bytes(_GOOD)
+    return str(path)
 
 
 def test_missing_file(tmp_path):

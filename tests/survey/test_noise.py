@@ -90,7 +90,8 @@ def test_source_term_from_a_header_gain_is_exact_on_the_galaxy():
     assert footprint.sum() > 300 and source_dominated.sum() > 20
     for region in (footprint, source_dominated):
         assert np.median(np.abs(est.variance[region] / var[region] - 1)) < 0.10
-    assert abs(_chi2(image[footprint], truth[footprint], est.variance[footprint]) - 1) < 0.1
+    # ~500 pixels: ±0.06 is one standard deviation of chi2/dof
+    assert abs(_chi2(image[footprint], truth[footprint], est.variance[footprint]) - 1) < 0.15
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -214,19 +215,22 @@ def test_image_only_cutouts_are_staged_and_flagged(tiny_survey, tmp_path):
     ratio = objs[2].arrays[VARIANCE][both] / clean.arrays[VARIANCE][both]
     assert np.median(np.abs(ratio - 1)) < 0.10
     # through a pack to the flags: the reason reaches flag_reasons
-    pack = pack_table(objs)
+    same = [o for o in objs if o.stamp_size == objs[2].stamp_size]  # one pack: one stamp size
+    pack = pack_table(same)
     notes = pack[NOISE_NOTE].to_pylist()
-    assert notes[2] == note and notes[0] is None
+    k = same.index(objs[2])
+    assert notes[k] == note and sum(n is not None for n in notes) == 1
+    b = len(same)
     flags = flag_objects(
         FlagThresholds(),
         z_range=(0.0, 10.0),
         bands=TINY_PRIOR.bands,
         photoz=pack[Col.PHOTOZ].to_numpy(),
-        psf_sum=np.ones((4, 3)),
-        psf_centroid_offset=np.zeros((4, 3)),
-        errors=[None] * 4,
+        psf_sum=np.ones((b, 3)),
+        psf_centroid_offset=np.zeros((b, 3)),
+        errors=[None] * b,
         noise_notes=notes,
     )
-    assert [bool(b & Flag.NOISE_ESTIMATED) for b in flags.bits] == [False, False, True, False]
-    assert f"NOISE_ESTIMATED: {note}" in flags.reasons[2]
-    assert "NOISE_ESTIMATED" in flags.names[2]
+    assert [bool(f & Flag.NOISE_ESTIMATED) for f in flags.bits] == [i == k for i in range(b)]
+    assert f"NOISE_ESTIMATED: {note}" in flags.reasons[k]
+    assert "NOISE_ESTIMATED" in flags.names[k].split("|")

@@ -171,3 +171,44 @@ def test_a_bin_without_enough_galaxies_takes_the_pooled_lambda():
     assert counts == [198, 2]
     assert details["68"]["bins"][1]["source"] == "pooled"
     assert lambdas["68"][1] == details["68"]["pooled"]["lambda"]
+
+
+def test_engine_output_is_scored_raw_and_with_the_catalogs_lambda(tmp_path):
+    """Tiny prior + calibration.json -> the engine's actor -> pack_inputs -> engine_report."""
+    from d4a_batch.config import RunConfig, SamplerConfig, to_dict
+    from d4a_batch.prior.calibration import Calibration, sampler_fingerprint, write_calibration
+    from d4a_batch.testing import TINY_PRIOR, make_tiny_prior, make_tiny_survey
+    from d4a_batch.validation.calibration import engine_report, pack_inputs
+    from d4a_batch.validation.metrics import core_mask
+    from d4a_batch.validation.science import (
+        make_actor,
+        read_rows,
+        read_truth,
+        run_packs,
+        stage_objects,
+    )
+
+    config = RunConfig(sampler=SamplerConfig(steps=2, samples=4))
+    prior = make_tiny_prior(tmp_path / "prior")
+    write_calibration(prior, Calibration(
+        snr_edges=(0.0, math.inf), levels=(0.68, 0.95), lambdas={"68": (2.0,), "95": (3.0,)},
+        sampler_fingerprint=sampler_fingerprint(config.sampler), delta=0.1, bound="none",
+        n_per_bin=(1,), sampler=to_dict(config.sampler),
+    ))  # fmt: skip
+    survey = make_tiny_survey(tmp_path / "survey", n_objects=3)
+    truth = read_truth(survey)
+    objs = stage_objects(read_rows(str(survey), TINY_PRIOR.bands), str(survey), TINY_PRIOR, config)
+    actor, spec = make_actor(str(prior), config)
+    results = run_packs(actor, spec, [o for o in objs if o.error is None][:2], batch_size=2)
+    packs = [pack_inputs(a, df, m, truth, TINY_PRIOR.stretch.a, 1e-6) for a, df, m in results]
+    assert packs[0]["flux"].shape[1:] == (4, 3, 16, 16)
+    np.testing.assert_array_equal(np.concatenate([p["68"] for p in packs]), 2.0)
+    core = core_mask(16, 30 / 256)
+    rep = engine_report(packs, (0.0, 30.0, math.inf), core, core_radius=2.0, tarp_patch=2)
+    pooled = rep["pooled"]
+    assert pooled["n"] == sum(len(p["snr"]) for p in packs)
+    for k in ("68", "95"):
+        # a wider interval never covers less
+        assert pooled[f"cov{k}_core_calibrated"] >= pooled[f"cov{k}_core_gauss"]
+        assert 0 <= pooled[f"cov{k}_stamp_quantile"] <= 1
+    assert len(pooled["pit_core"]) == 5 and len(pooled["tarp_core"]["ecp"]) >= 3
