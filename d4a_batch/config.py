@@ -172,6 +172,9 @@ class FlagThresholds:
     masked_fraction_max: float = 0.3
     psf_sum_tolerance: float = 0.02  # |sum - 1| above this: renormalised and flagged
     psf_centroid_tolerance: float = 0.5  # pixels
+    # a PSF larger than StagingConfig.psf_size is cropped (and renormalised): PSF_BAD when
+    # the crop loses more than this fraction of its flux (issue 11)
+    psf_crop_loss_max: float = 0.01
     # BLENDED (survey/detection.py; measured on 60 mock targets with one neighbour at
     # 4-30 px, i 20-23.5, by jobs/blend_thresholds.py -> docs/results/blend_thresholds.json):
     # blend_fraction = neighbour light left on the used footprint pixels / the target's;
@@ -243,7 +246,10 @@ class StagingConfig:
     detection_threshold: float = 2.0  # sigma per pixel (1.5 found noise peaks as neighbours)
     detection_minarea: int = 10  # pixels
     deblend_nthresh: int = 32
-    deblend_cont: float = 0.005
+    # sep's default 0.005 merged 6 of the 7 sources of scarlet's hsc_cosmos_35 into one
+    # segment; 0.0002 separates all but two; on 40 mocks 0.001 and 0.0001 split no target
+    # (jobs/blend_thresholds.py --deblend-cont)
+    deblend_cont: float = 0.0002
     neighbour_dilation: float = 1.0  # neighbour segments grow by this x the PSF FWHM
     target_radius: float = 3.0  # pixels: nearest segment to the position within this
     detection_pad: int = 16  # pixels
@@ -439,6 +445,7 @@ FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "masked_fraction_max": (between(0, 1),),
         "psf_sum_tolerance": (non_negative,),
         "psf_centroid_tolerance": (non_negative,),
+        "psf_crop_loss_max": (between(0, 1),),
         "blend_fraction_max": (non_negative,),
         "asymmetry_max": (non_negative,),
         "truncated_fraction_max": (between(0, 1),),

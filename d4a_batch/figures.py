@@ -145,6 +145,7 @@ def object_figure(
             seg = np.where(segmap == target, -1, segmap).astype(float)
             seg[segmap == 0] = np.nan
             n_seg = int(segmap.max())
+            ax.set_facecolor("black")  # background: black; target: white; others: colours
             _show(ax, seg, f"segmentation ({n_seg} sources; target white)", cmap="tab20",
                   vmin=0, vmax=max(n_seg, 1))  # fmt: skip
             ax.imshow(np.where(segmap == target, 1.0, np.nan), origin="lower", cmap="gray",
@@ -181,7 +182,7 @@ def object_figure(
         draw(fig.add_subplot(grid[i // cols, i % cols]), name)
     text_ax = fig.add_subplot(grid[rows, :])
     text_ax.axis("off")
-    width = max(40, int(figsize[0] * dpi / 7.5))  # characters per line at 8 pt
+    width = max(40, int(figsize[0] * 12))  # characters per line: 8 pt monospace, 80 % wide
     lines = [*notes]
     for reason in [r.strip() for r in flag_reasons.split(";") if r.strip()]:
         lines += textwrap.wrap(reason, width, subsequent_indent="    ")

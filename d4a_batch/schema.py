@@ -103,6 +103,7 @@ class Col:
     ASYMMETRY = "asymmetry"  # target segment light with no point-mirror image / its flux
     TRUNCATED_FRACTION = "truncated_fraction"  # target segment flux outside the footprint
     # summaries (per band columns are f"{name}_{band}")
+    # raw sampler variance / prior variance (not the calibrated one; sampling/summaries.py)
     HALLUCINATION = "hallucination_score"
     VARIANCE_RATIO_MEAN = "variance_ratio_mean"
     # calibrated intervals (prior/calibration.py; NaN without a matching calibration.json):

@@ -38,8 +38,9 @@ from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, SHARED_DATA_DIR, Col
-from d4a_batch.survey.staging import IMAGE, SCALE, VALID, VARIANCE
+from d4a_batch.survey.packs import IMAGE, SCALE, VALID, VARIANCE
 from d4a_batch.validation.calibration import engine_report, pack_inputs
+from d4a_batch.validation.frontier import frontier_figure, run_frontier
 from d4a_batch.validation.metrics import core_mask, reconvolve
 from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
 from d4a_batch.validation.samples import flux_samples
@@ -81,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--figures", type=int, default=4, help="per-object figures to draw")
     p.add_argument("--no-real", action="store_true", help="skip the real HSC cutout")
     p.add_argument("--real-z", type=float, default=0.5, help="redshift assumed for real sources")
+    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | daps (main run)")
+    p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps)
+    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations)
+    p.add_argument("--i-mag-range", default=None, help="mock i magnitudes lo,hi (e.g. 18,24)")
+    p.add_argument("--compare", nargs="*", default=[],
+                   help="sampler frontier specs, the first is the time reference, e.g. "
+                        "dps:50 dps:25 daps:30:4:20 (validation/frontier.py)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -181,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     survey_cfg = MockSurveyConfig(
         n_objects=args.n_objects, seed=args.survey_seed, bands=tuple(prior_cfg.bands),
         kpc_per_pixel=prior_cfg.kpc_per_pixel, n_model=prior_cfg.image_size,
+        **({"i_mag_range": tuple(float(v) for v in args.i_mag_range.split(","))}
+           if args.i_mag_range else {}),
     )  # fmt: skip
     survey = ensure_mock_survey(args.survey or out / "survey", survey_cfg)
     truth = read_truth(survey)
@@ -188,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.true_z:
         rows = [{**r, Col.PHOTOZ: truth[int(r[Col.OBJECT_ID])]["z_true"]} for r in rows]
     sampler = SamplerConfig(steps=args.steps, samples=args.samples, guidance=args.guidance,
-                            seed=args.seed)  # fmt: skip
+                            seed=args.seed, sampler=args.sampler, inner_steps=args.inner_steps,
+                            cg_iterations=args.cg)  # fmt: skip
     config = RunConfig(sampler=sampler)
     objs = stage_objects(rows, str(survey), prior_cfg, config)
     errors = {int(o.ident[Col.OBJECT_ID]): o.error for o in objs if o.error}
@@ -248,11 +259,31 @@ def main(argv: list[str] | None = None) -> int:
         "real_hsc": real,
         "seconds": time.perf_counter() - t_start,
     }
+    if args.compare:
+        doc["frontier"] = frontier(args, out, config, scored, truth, prior_cfg, rl_best)
     write_json(out / "science.json", doc)
     (out / "science.md").write_text(markdown(doc, table) + "\n")
     log(f"wrote {out} in {doc['seconds']:.0f} s")
     print(markdown(doc, table))
     return 0
+
+
+def frontier(args, out: Path, config, scored, truth, prior_cfg, rl_best) -> list[dict]:
+    """DPS vs DAPS at the ``--compare`` budgets on the scored objects (validation.frontier)."""
+
+    def run_spec(cfg) -> list[dict]:
+        actor, spec = make_actor(args.prior, cfg, args.threads)
+        res = run_packs(actor, spec, scored, args.batch_size, log)
+        return [r for arrays, df, maps in res
+                for r in score_pack(arrays, df, maps, truth, prior_cfg, cfg, rl_best)]  # fmt: skip
+
+    table = run_frontier(args.compare, config, run_spec)
+    frontier_figure(out / "frontier.png", table)
+    cols = ["spec", "mag_i", "objects", "net_evals", "op_grads", "time_ratio", "psnr_mean",
+            "psnr_rl", "ssim_mean", "ssim_rl", "chi2", "coverage68", "coverage95"]  # fmt: skip
+    (out / "frontier.md").write_text(markdown_table(table.to_dict("records"), cols) + "\n")
+    log("frontier:\n" + markdown_table(table.to_dict("records"), cols))
+    return table.to_dict("records")
 
 
 def markdown(doc: dict, table: pd.DataFrame) -> str:

@@ -19,6 +19,7 @@ the thresholds in ``FlagThresholds`` come from it (docs/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -74,11 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--objects", type=int, default=40)
     p.add_argument("--out", type=Path, default=Path("docs/results/blend_thresholds.json"))
+    p.add_argument("--deblend-cont", type=float, help="override StagingConfig.deblend_cont")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     st = StagingConfig()
-    params = DetectionParams(st.detection_threshold, st.detection_minarea, st.deblend_nthresh,
-                             st.deblend_cont, st.neighbour_dilation, st.target_radius)  # fmt: skip
+    if args.deblend_cont is not None:
+        st = dataclasses.replace(st, deblend_cont=args.deblend_cont)
+    params = DetectionParams.from_staging(st)
     rows = [measure(k, MockSurveyConfig(), params) for k in range(args.objects)]
     keys = list(rows[0])
     print(" ".join(f"{k[:12]:>12}" for k in keys))
@@ -89,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     merged = [r for r in rows if r["n_neighbours_masked"] == 0]
     over = [r["blend_fraction"] for r in deblended if r["chi2_truth"] > 1.5]
     summary = {
+        "deblend_cont": st.deblend_cont,
+        "targets split (target segment not at the position or > 1 neighbour)": sum(
+            r["n_neighbours_masked"] > 1 for r in rows
+        ),
         "smallest blend_fraction with chi2_truth > 1.5 (deblended)": min(over, default=None),
         "largest asymmetry, deblended": max((r["asymmetry"] for r in deblended), default=None),
         "smallest asymmetry, merged": min((r["asymmetry"] for r in merged), default=None),

@@ -78,22 +78,7 @@ def write_inputs(work: Path, data_dir: Path, photoz: float = PHOTOZ) -> Path:
 
 
 def build_catalog(table: Path, catalog: Path) -> None:
-    """``jobs/make_catalog.py TABLE --output DIR`` (the user's way to a HATS catalog).
-
-    Until that job exists, the same table is written with ``lsdb.from_dataframe`` (the mock
-    survey's way), cutout/PSF paths made relative to the catalog root.
-    """
-    script = REPO_ROOT / "jobs" / "make_catalog.py"
-    if not script.exists():
-        import lsdb
-
-        df = pd.read_csv(table)
-        for col in [c for c in df.columns if c.endswith(("_cutout", "_psf"))]:
-            df[f"{col}_uri"] = [str((table.parent / v).resolve()) for v in df[col]]
-        lsdb.from_dataframe(df, ra_column="ra", dec_column="dec", catalog_name="real_hsc",
-                            margin_threshold=None).write_catalog(
-            catalog, as_collection=False, progress_bar=False)  # fmt: skip
-        return
+    """``jobs/make_catalog.py TABLE --output DIR`` (the user's way to a HATS catalog)."""
     cmd = [sys.executable, str(REPO_ROOT / "jobs" / "make_catalog.py"), str(table),
            "--output", str(catalog)]  # fmt: skip
     subprocess.run(cmd, check=True)
@@ -117,7 +102,7 @@ def run(
 
     code = main(
         ["--catalog", str(catalog), "--output", str(output), "--prior", str(DEMO_PRIOR_DIR),
-         "--columns", "photoz=photoz", "--figures", ids, "--report", *sampler_args]
+         "--figures", ids, "--report", *sampler_args]
     )  # fmt: skip
     if code != 0:
         raise SystemExit(f"the job exited with {code}")

@@ -114,7 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-staged", help="also write the staged packs here (Parquet)")
     p.add_argument("--read-staged", help="read staged packs from here instead of staging")
     p.add_argument(
-        "--figures", help="object ids to draw, e.g. '1001,1002' (into OUTPUT/_d4a_figures)"
+        "--figures",
+        type=_object_ids,
+        help="object ids to draw, e.g. '1001,1002' (into OUTPUT/_d4a_figures)",
     )
     p.add_argument("--report", action="store_true", help="draw the run report (the demo does)")
     p.add_argument("--no-report", action="store_true", help="not even for the demo")

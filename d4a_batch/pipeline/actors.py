@@ -25,6 +25,7 @@ from d4a_batch.survey.packs import (
     OFFSET,
     PSF,
     PSF_CENTROID,
+    PSF_CROP_LOSS,
     PSF_SUM,
     SCALE,
     VALID,
@@ -110,6 +111,9 @@ class DeconvolveActor:
             errors=messages,
             fit=fit,
             noise_notes=(pack[NOISE_NOTE].to_pylist() if NOISE_NOTE in pack.column_names else None),
+            psf_crop_loss=(
+                tensor_numpy(pack[PSF_CROP_LOSS]) if PSF_CROP_LOSS in pack.column_names else None
+            ),
         )
         return output_table(
             pack, summaries, flags, self.spec, self.provenance, messages, calibrated=calibrated

@@ -28,7 +28,7 @@ from d4a_batch.pipeline.options import RunSummary
 from d4a_batch.pipeline.plan import RunPlan
 from d4a_batch.schema import DATASET_DIR, RUN_CONFIG_FILE, WORK_DIR
 from d4a_batch.survey.hats_io import write_catalog_metadata
-from d4a_batch.survey.output import commit_partition, merge_chunks, status_counts
+from d4a_batch.survey.output import merge_partition, status_counts
 from d4a_batch.survey.storage import filesystem, join_uri
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,7 @@ log = logging.getLogger(__name__)
 @ray.remote
 def _commit(work, output, pixel: HealpixPixel, expected, storage_options) -> dict[str, Any]:
     """Merge a partition's chunks, check its row count, commit it; its counts."""
-    table = merge_chunks(work, pixel, storage_options)
-    if expected is not None and table.num_rows != expected:
-        raise RuntimeError(f"{table.num_rows} result rows for {expected} input rows")
-    commit_partition(table, output, join_uri(work, "commit"), pixel, storage_options)
-    return status_counts(table)
+    return status_counts(merge_partition(work, output, pixel, storage_options, expected))
 
 
 def partition_record(

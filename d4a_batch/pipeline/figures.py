@@ -35,7 +35,8 @@ from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.sampling.summaries import flux_samples, reconvolved_flux
 from d4a_batch.schema import DATASET_DIR, FIGURES_DIR, RUN_CONFIG_FILE, Col, Status
 from d4a_batch.survey.hats_io import InputCatalog, open_input_catalog, read_partition
-from d4a_batch.survey.staging import IMAGE, PSF, VALID, VARIANCE, Stager
+from d4a_batch.survey.packs import IMAGE, PSF, VALID, VARIANCE
+from d4a_batch.survey.staging import Stager
 from d4a_batch.survey.storage import absolute_uri, filesystem, join_uri
 from d4a_batch.survey.tensors import tensor_numpy
 

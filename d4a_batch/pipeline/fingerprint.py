@@ -7,14 +7,14 @@ as :func:`d4a_batch.pipeline.ledger.partition_fingerprint`, so ledgers written b
 keep planning correctly (no partition is redone because of the change), but it is
 computed without one HEAD / stat per file:
 
-1. **scan** (one task per partition): the partition file is read once (one GET); its
+1. **scan** (one task per group of partitions): each partition file is read once (one GET); its
    bytes are hashed, its URI columns listed, its rows checked the way the read stage
    reads them (``read_partition`` on the same bytes). The task hands back only small
    things (rows, the folders its files live in); the bytes and URIs stay in Ray's
    object store for step 3.
 2. **list** (one task per folder): ``ls(folder, detail=True)`` gives size and ETag /
    mtime of every file in it (S3 answers 1,000 keys a request).
-3. **finish** (one task per partition): its URIs joined with the listings -> digest.
+3. **finish** (one task per group): each partition's URIs joined with the listings -> digest.
 
 Storage requests: partitions (+ files of multi-file partitions) + listing pages, instead
 of partitions x 3 + rows x 6. The driver holds per-partition digests and the set of

@@ -13,8 +13,10 @@ with λ_p fitted per S/N bin on calibration mocks (``validation.calibration.fit_
 The file records how λ was fitted (mock recipe, seed, sampler config and its fingerprint,
 bin edges, α, δ, bound, n per bin). A calibration applies only to the sampler config it was
 fitted for: ``sampler_fingerprint`` hashes every ``SamplerConfig`` field that changes the
-posterior samples (not the seed, kept samples, flag thresholds or score aperture), and the
-engine writes NaN calibrated columns (with a warning) when it differs. An artifact without
+posterior samples (not the seed, kept samples, flag thresholds or score aperture);
+``Calibration.matches`` compares the recorded sampler config field by field (a field added
+to SamplerConfig after the fit must be at its default), and the engine writes NaN
+calibrated columns (with a warning) when it does not match. An artifact without
 ``calibration.json`` loads with ``Prior.calibration = None``: the catalog's calibrated
 columns are then NaN.
 """
@@ -113,7 +115,28 @@ class Calibration:
         return np.where(b >= 0, lam[np.clip(b, 0, None)], np.nan)
 
     def matches(self, sampler: Any) -> bool:
-        return sampler_fingerprint(sampler) == self.sampler_fingerprint
+        """Whether λ applies to this sampler config (a SamplerConfig or its dict).
+
+        Every distribution-changing field recorded in ``self.sampler`` must equal the run's;
+        a field the record lacks (added to SamplerConfig later) must be at its default, which
+        by the config convention keeps the old behaviour. Without a record, the fingerprints
+        must match.
+        """
+        from d4a_batch.config import SamplerConfig
+
+        run = dict(sampler) if isinstance(sampler, Mapping) else to_dict(sampler)
+        rec = dict(self.sampler)
+        if not rec:
+            return sampler_fingerprint(run) == self.sampler_fingerprint
+        defaults = to_dict(SamplerConfig())
+        for k in set(run) | set(rec):
+            if k in _NOT_FINGERPRINTED:
+                continue
+            if k not in run or (k in rec and rec[k] != run[k]):
+                return False
+            if k not in rec and run[k] != defaults.get(k):
+                return False
+        return True
 
     def to_json(self) -> dict[str, Any]:
         edges = [None if math.isinf(v) else float(v) for v in self.snr_edges]

@@ -71,15 +71,17 @@ def check_psf(
     centroid_offset: Sequence[float] | np.ndarray | None,
     thresholds: FlagThresholds,
     bands: Sequence[str] | None = None,
+    crop_loss: Sequence[float] | np.ndarray | None = None,
 ) -> FlagResult:
-    """PSF missing, renormalised or off-centre, per band.
+    """PSF missing, renormalised, off-centre or cropped with a loss, per band.
 
     ``psf_sum[C]``: each band's PSF sum *before* normalisation (None or NaN:
     missing; <= 0: unusable). ``centroid_offset``: each PSF's centroid offset from its
     nominal centre in pixels, as distances [C] or (dy, dx) pairs [C, 2] (as
     ``survey.fits_io.PSFStamp.centroid_offset``). Fires when a PSF is missing,
     when ``|sum - 1| > psf_sum_tolerance`` (it was renormalised) or when the
-    offset exceeds ``psf_centroid_tolerance``.
+    offset exceeds ``psf_centroid_tolerance``, or when cropping it to the configured size
+    lost more than ``psf_crop_loss_max`` of its flux (``crop_loss[C]``, NaN: unknown).
     """
     if psf_sum is None:
         return Flag.PSF_BAD, "PSF missing"
@@ -97,6 +99,13 @@ def check_psf(
             problems.append(f"{names[c]}: PSF sum {s:.3g} <= 0")
         elif abs(s - 1.0) > thresholds.psf_sum_tolerance:
             problems.append(f"{names[c]}: PSF sum {s:.4g} renormalised to 1")
+    if crop_loss is not None:
+        for c, lost in enumerate(np.atleast_1d(np.asarray(crop_loss, dtype=np.float64))):
+            if math.isfinite(lost) and lost > thresholds.psf_crop_loss_max:
+                problems.append(
+                    f"{names[c]}: cropping the PSF to the configured size lost {lost:.1%} of "
+                    f"its flux (> {thresholds.psf_crop_loss_max:.1%}; renormalised)"
+                )
     if offs is None:
         problems.append("PSF centroid unknown")
     else:
@@ -210,6 +219,7 @@ def evaluate_flags(
     chi2_reduced: float | None = None,
     error: str | None = None,
     noise_estimated: str | None = None,
+    psf_crop_loss: Sequence[float] | np.ndarray | None = None,
     blend_fraction: float | None = None,
     asymmetry: float | None = None,
     n_neighbours: float | None = None,
@@ -227,7 +237,7 @@ def evaluate_flags(
     results = [
         check_input_error(error),
         check_photoz(photoz, *z_range),
-        check_psf(psf_sum, psf_centroid_offset, thresholds, bands),
+        check_psf(psf_sum, psf_centroid_offset, thresholds, bands, psf_crop_loss),
         check_noise_estimated(noise_estimated),
     ]
     if masked_fraction is not None:
@@ -281,6 +291,7 @@ def flag_objects(
     errors: Sequence[str | None],
     fit: Mapping[str, np.ndarray] | None = None,
     noise_notes: Sequence[str | None] | None = None,
+    psf_crop_loss: np.ndarray | None = None,
 ) -> ObjectFlags:
     """``evaluate_flags`` for each of B objects.
 
@@ -291,7 +302,8 @@ def flag_objects(
     ``truncated_fraction``, ``footprint``, ``field_kpc`` (any ``evaluate_flags`` keyword
     taking a float) for BLENDED and TRUNCATED. An object
     with an error gets no fit checks. ``noise_notes[B]``: how staging estimated an
-    image-only cutout's noise (None: not estimated), the NOISE_ESTIMATED reason.
+    image-only cutout's noise (None: not estimated), the NOISE_ESTIMATED reason;
+    ``psf_crop_loss[B,C]``: flux lost cropping each PSF to the configured size (PSF_BAD).
     """
     n = len(errors)
     if len(photoz) != n or len(psf_sum) != n or len(psf_centroid_offset) != n:
@@ -309,6 +321,7 @@ def flag_objects(
             bands=bands,
             error=errors[i],
             noise_estimated=None if noise_notes is None else noise_notes[i],
+            psf_crop_loss=None if psf_crop_loss is None else psf_crop_loss[i],
             **values,
         )
         bits[i] = b

@@ -8,7 +8,14 @@ Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
 - ``variance_ratio`` [N,N]: var(x_k) / prior ``stats_var``, averaged over bands;
   ``hallucination``: its mean inside the centred disc of radius
   ``aperture_radius_frac · N`` (pixel centres within the radius of the image centre);
-  ``variance_ratio_mean``: its mean over the whole image.
+  ``variance_ratio_mean``: its mean over the whole image. Both use the *raw* sampler
+  variance, not the conformally calibrated one (``prior/calibration.py``): the ratio compares
+  two spreads produced by the same diffusion process (the posterior's and the prior's own,
+  ``stats_var``), so a sampler's overall narrowness enters both; λ is fitted in flux space
+  for interval coverage on mocks, per S/N bin, and absorbs the bias of the mean as well as
+  the width (DESIGN.md §2b), so λ² is not a variance correction, and the
+  ``hallucination_max`` threshold was set on the raw ratio. λ² · ratio bounds it from above
+  when needed.
 - ``chi2``: reduced chi² of the re-convolved posterior mean *flux* image:
   y ≈ PSF ⊛ R(mean_flux) + beta_c with the background beta_c profiled here (weighted mean
   of the residual per band) and the amplitude alpha_c fitted per sample (inside the flux

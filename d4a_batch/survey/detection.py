@@ -55,14 +55,20 @@ DETECTION_COLUMNS = (
 
 @dataclass(frozen=True)
 class DetectionParams:
-    """Detection settings (see ``config.StagingConfig``, which carries them)."""
+    """Detection settings; defaults and their reasons: ``config.StagingConfig``."""
 
-    threshold: float = 1.5  # detection threshold, sigma of the detection image per pixel
-    minarea: int = 5  # pixels
+    threshold: float = 2.0  # detection threshold, sigma of the detection image per pixel
+    minarea: int = 10  # pixels
     deblend_nthresh: int = 32
-    deblend_cont: float = 0.005
+    deblend_cont: float = 0.0002
     dilation_fwhm: float = 1.0  # neighbour segments are dilated by this × the PSF FWHM
     target_radius: float = 3.0  # pixels: the nearest segment within this is the target
+
+    @classmethod
+    def from_staging(cls, st) -> DetectionParams:
+        """The settings a ``config.StagingConfig`` carries."""
+        return cls(st.detection_threshold, st.detection_minarea, st.deblend_nthresh,
+                   st.deblend_cont, st.neighbour_dilation, st.target_radius)  # fmt: skip
 
 
 @dataclass

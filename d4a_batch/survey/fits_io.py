@@ -351,16 +351,21 @@ def write_hsc_cutout(
 def read_psf(
     uri: str, fs: fsspec.AbstractFileSystem | None = None, size: int | None = PSF_SIZE
 ) -> PSFStamp:
-    """Read a PSF-picker FITS file: primary HDU with a ``size``×``size`` image (any square if None).
+    """Read a PSF-picker FITS file: primary HDU with a ``size``×``size`` image.
 
-    Returns the PSF normalised to sum 1 with its stored sum and centroid offset; a missing
-    image, wrong shape, non-finite values or a sum <= 0 raise ``InputError``.
+    ``size=None``: any square with an odd side (the centre pixel P//2; an even side has
+    none, and guessing it would shift the model by half a pixel: an error); staging then
+    pads or crops it with ``fit_psf_size``. Returns the PSF normalised to sum 1 with its
+    stored sum and centroid offset; a missing image, wrong shape, non-finite values or a
+    sum <= 0 raise ``InputError``.
     """
     hdul = _read_hdus(uri, fs)
     data = _image_data(hdul[0], "PRIMARY", uri, "iuf", "real-valued")
     if data.shape[0] != data.shape[1] or (size is not None and data.shape != (size, size)):
         want = "square" if size is None else f"{size}x{size}"
         raise InputError(uri, f"PSF must be {want}, got shape {data.shape}")
+    if size is None and data.shape[0] % 2 == 0:
+        raise InputError(uri, f"PSF side must be odd (centre pixel P//2), got shape {data.shape}")
     psf = data.astype(np.float64)
     if not np.all(np.isfinite(psf)):
         raise InputError(uri, f"PSF has {int((~np.isfinite(psf)).sum())} non-finite pixels")
@@ -374,6 +379,33 @@ def read_psf(
         float((psf * xx).sum() - psf.shape[1] // 2),
     )
     return PSFStamp(array=psf, raw_sum=total, centroid_offset=offset)
+
+
+def fit_psf_size(psf: ArrayLike, size: int) -> tuple[NDArray[np.float64], float]:
+    """``(psf [size, size], lost)``: a PSF [P, P] (odd P, centre pixel P//2) on a size×size grid.
+
+    Smaller PSFs are zero-padded, larger ones cropped, both around the centre pixel (which
+    stays at size//2); the result is renormalised to sum 1. ``lost`` is the fraction of the
+    flux outside the crop (0 when padded): ``FlagThresholds.psf_crop_loss_max`` flags it.
+    """
+    p = np.asarray(psf, np.float64)
+    n = p.shape[0]
+    if p.ndim != 2 or p.shape[1] != n or n % 2 == 0 or size % 2 == 0:
+        raise ValueError(
+            f"fit_psf_size: need an odd square PSF and odd size, got {p.shape}, {size}"
+        )
+    total = float(p.sum())
+    if n <= size:
+        out = np.zeros((size, size))
+        o = (size - n) // 2
+        out[o : o + n, o : o + n] = p
+    else:
+        o = (n - size) // 2
+        out = p[o : o + size, o : o + size].copy()
+    kept = float(out.sum())
+    if not kept > 0:
+        raise ValueError(f"fit_psf_size: no flux left in the central {size}x{size} pixels")
+    return out / kept, max(0.0, 1.0 - kept / total)
 
 
 def write_psf(uri: str, psf: ArrayLike, fs: fsspec.AbstractFileSystem | None = None) -> None:

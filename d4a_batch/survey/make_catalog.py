@@ -213,11 +213,11 @@ def check_rows(
     hi = df[cols.z_max].map(_float).to_numpy(np.float64) if has_hi else np.full(n, np.nan)
     for i in range(n):
         if not (math.isfinite(ra[i]) and -360.0 <= ra[i] <= 360.0):
-            problems[i].append(f"{cols.ra} {ra[i]!r} is not a finite angle in degrees")
+            problems[i].append(f"{cols.ra} {ra[i]:g} is not a finite angle in degrees")
         if not (math.isfinite(dec[i]) and -90.0 <= dec[i] <= 90.0):
-            problems[i].append(f"{cols.dec} {dec[i]!r} is not in [-90, 90] degrees")
+            problems[i].append(f"{cols.dec} {dec[i]:g} is not in [-90, 90] degrees")
         if not (math.isfinite(z[i]) and z[i] > 0):
-            problems[i].append(f"{z_col} {z[i]!r} is not a positive redshift")
+            problems[i].append(f"{z_col} {z[i]:g} is not a positive redshift")
         elif math.isfinite(lo[i]) and math.isfinite(hi[i]) and not lo[i] <= z[i] <= hi[i]:
             problems[i].append(
                 f"{cols.z_min}/{cols.z_max} ({lo[i]:g}, {hi[i]:g}) do not bracket {z_col} "

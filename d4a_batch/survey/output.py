@@ -13,6 +13,11 @@ Columns (names from ``d4a_batch.schema.Col``; C bands, N the prior's image side)
   truncated_fraction (NaN: not measured or target not detected);
 - summaries: hallucination_score, variance_ratio_mean, chi2_reduced and per band
   flux_{b}, flux_err_{b}, mag_{b}, mag_err_{b}, alpha_{b}, beta_{b} (NaN for errors);
+- calibrated intervals (``sampling/calibrate.py``, ``prior/calibration.py``):
+  snr_aperture (observed aperture S/N per pixel, picks the bin), calib_snr_bin,
+  calib_lambda68, calib_lambda95 (NaN without a calibration.json fitted for the run's
+  sampler config) and the maps halfwidth68_flux, halfwidth95_flux = λ_p·z_p·std_flux
+  (interval mean_flux ± half-width; std_flux stays the raw sampler's);
 - maps (``RunConfig.write_maps``): mean_x, std_x, mean_flux, std_flux [C,N,N],
   variance_ratio [N,N] (and samples_x [K,C,N,N] with ``keep_samples``) as Arrow
   fixed_shape_tensor columns (NaN for errors). pandas sees flat arrays; reshape with
@@ -369,8 +374,14 @@ def merge_partition(
     output_root: str,
     pixel: HealpixPixel,
     storage_options: dict[str, Any] | None = None,
-) -> int:
-    """Merge a partition's result chunks and commit its catalog file; returns its row count."""
+    expected_rows: int | None = None,
+) -> pa.Table:
+    """Merge a partition's result chunks and commit its catalog file; the merged rows.
+
+    Raises (committing nothing) when ``expected_rows`` is given and the count differs.
+    """
     table = merge_chunks(work_root, pixel, storage_options)
+    if expected_rows is not None and table.num_rows != expected_rows:
+        raise RuntimeError(f"{table.num_rows} result rows for {expected_rows} input rows")
     commit_partition(table, output_root, join_uri(work_root, "commit"), pixel, storage_options)
-    return table.num_rows
+    return table

@@ -10,7 +10,7 @@ A pack is up to ``pack_size`` staged objects of one stamp size in an Arrow table
 - neighbours and truncation (``detection.DETECTION_COLUMNS``, float64, NaN: not measured):
   n_neighbours_masked, neighbour_masked_fraction, blend_fraction, asymmetry,
   truncated_fraction;
-- PSF checks: ``psf_sum``, ``psf_centroid_offset`` [C] float64 (NaN: not read);
+- PSF checks: ``psf_sum``, ``psf_centroid_offset``, ``psf_crop_loss`` [C] float64 (NaN: not read);
 - ``noise_estimate`` string: how the noise of image-only cutouts was estimated (null: not);
 - stamps, only in a pack of staged objects: image, variance [C,H,W] float32,
   valid [C,H,W] uint8, psf [C,P,P] float32 (fixed_shape_tensor columns).
@@ -45,6 +45,8 @@ KIND_ERRORS = "errors"
 # pack columns besides the identity columns
 PSF_SUM = "psf_sum"  # [C] PSF sums as stored (NaN: PSF not read)
 PSF_CENTROID = "psf_centroid_offset"  # [C] |centroid - centre| in pixels (NaN: not read)
+# [C] flux fraction lost cropping the PSF to StagingConfig.psf_size (NaN: not read)
+PSF_CROP_LOSS = "psf_crop_loss"
 OFFSET = "offset"  # [2] (dy, dx) of the object from the stamp centre, HSC pixels
 SCALE = "model_scale"  # model pixel width in HSC pixels, θ/0.168''
 # how staging estimated the noise of image-only cutouts (null: every band had MASK and
@@ -76,6 +78,9 @@ def _common_columns(objs: list[StagedObject]) -> dict[str, pa.Array]:
     cols[NOISE_NOTE] = pa.array([getattr(o, "noise_note", None) for o in objs], pa.string())
     cols[PSF_SUM] = tensor_array(np.stack([o.psf_sum for o in objs]))
     cols[PSF_CENTROID] = tensor_array(np.stack([o.psf_centroid for o in objs]))
+    cols[PSF_CROP_LOSS] = tensor_array(
+        np.stack([getattr(o, "psf_crop_loss", np.full_like(o.psf_sum, np.nan)) for o in objs])
+    )
     cols[Col.STAMP_SIZE] = pa.array([o.stamp_size for o in objs], pa.int32())
     cols[OFFSET] = tensor_array(np.array([o.offset for o in objs], np.float64))
     for name, attr in ((Col.THETA_ARCSEC, "theta_arcsec"), (SCALE, "scale"),

@@ -3,7 +3,9 @@
 Per object (a row of ``hats_io.read_partition``; C = the prior's bands):
 
 1. the PSF of every band (``read_psf``: normalised; its stored sum and centroid
-   offset are kept for the PSF flag);
+   offset are kept for the PSF flag), of any odd size: zero-padded or cropped around its
+   centre pixel to ``StagingConfig.psf_size`` and renormalised (``fit_psf_size``; the
+   flux a crop loses is kept for the PSF flag, PSF_BAD above 1 %); an even side is an error;
 2. the photo-z, which must be finite and > 0;
 3. the operator parameters at that z: model pixel θ, scale θ/0.168'' (= 1/u),
    footprint n_out = N·θ/0.168'' and the stamp side H: the smallest
@@ -33,8 +35,8 @@ raises, so the other objects are unaffected. A PSF whose stored sum is not 1 or
 whose centroid is off centre is renormalised and kept (``psf_sum``/``psf_centroid``
 let the output flag it PSF_BAD).
 
-Packs (the format handed to the sampler): ``survey/packs.py`` owns their schema and
-encoding; ``make_packs`` and the pack column names are re-exported here.
+Packs (the format handed to the sampler, ``make_packs``): ``survey/packs.py`` owns their
+schema, column names and encoding.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from d4a_batch.survey.detection import DetectionParams, StampSources, find_sourc
 from d4a_batch.survey.fits_io import (
     HSCCutout,
     InputError,
+    fit_psf_size,
     mask_to_valid,
     read_hsc_cutout,
     read_psf,
@@ -64,26 +67,12 @@ from d4a_batch.survey.hats_io import (
     psf_column,
 )
 from d4a_batch.survey.noise import NoiseEstimateError, fill_missing_planes
-
-# the pack schema and its encoding live in survey/packs.py (re-exported for old imports)
-from d4a_batch.survey.packs import (  # noqa: F401
+from d4a_batch.survey.packs import (
     IDENTITY,
     IMAGE,
-    KIND_ERRORS,
-    KIND_OBJECTS,
-    OFFSET,
     PSF,
-    PSF_CENTROID,
-    PSF_SUM,
-    SCALE,
     VALID,
     VARIANCE,
-    make_packs,
-    pack_arrays,
-    pack_from_bytes,
-    pack_id,
-    pack_table,
-    pack_to_bytes,
 )
 from d4a_batch.survey.storage import filesystem, resolve_uri
 
@@ -108,6 +97,9 @@ class StagedObject:
     masked_fraction: float = math.nan
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # image, variance, valid, psf
     noise_note: str | None = None  # image-only cutouts: how the noise was estimated, per band
+    # [C] flux fraction lost by cropping each PSF to StagingConfig.psf_size (0: padded or
+    # already that size, NaN: not read)
+    psf_crop_loss: np.ndarray = field(default_factory=lambda: np.full(0, np.nan))
     # neighbours and truncation (survey/detection.py; NaN: not measured)
     n_neighbours_masked: float = math.nan
     neighbour_masked_fraction: float = math.nan
@@ -214,6 +206,7 @@ class Stager:
             ident={k: row[k] for k in IDENTITY},
             psf_sum=np.full(c, np.nan),
             psf_centroid=np.full(c, np.nan),
+            psf_crop_loss=np.full(c, np.nan),
         )
         try:
             errors = self._psfs(obj, row)
@@ -234,16 +227,15 @@ class Stager:
         """Read every band's PSF into ``obj``; returns the error messages."""
         errors, psfs = [], []
         for i, b in enumerate(self.prior.bands):
-            try:
-                stamp, _ = self._read(
-                    row, psf_column(b), lambda u, fs: read_psf(u, fs, self.staging.psf_size)
-                )
+            try:  # any odd size, padded or cropped to psf_size (fit_psf_size)
+                stamp, _ = self._read(row, psf_column(b), lambda u, fs: read_psf(u, fs, None))
             except InputError as e:
                 errors.append(f"PSF {b}: {e}")
                 continue
             obj.psf_sum[i] = stamp.raw_sum
             obj.psf_centroid[i] = math.hypot(*stamp.centroid_offset)
-            psfs.append(stamp.array)
+            array, obj.psf_crop_loss[i] = fit_psf_size(stamp.array, self.staging.psf_size)
+            psfs.append(array)
         if not errors:
             obj.arrays[PSF] = np.stack(psfs).astype(np.float32)
         return errors
@@ -312,15 +304,7 @@ class Stager:
     def _neighbours(self, obj: StagedObject, wide: dict[str, np.ndarray], pad: int) -> None:
         """Detect the stamp's sources on the wider stamp ``wide`` [C,H+2pad,W+2pad]; make the
         dilated neighbour segments invalid pixels of ``obj``; record the measurements."""
-        st = self.staging
-        params = DetectionParams(
-            threshold=st.detection_threshold,
-            minarea=st.detection_minarea,
-            deblend_nthresh=st.deblend_nthresh,
-            deblend_cont=st.deblend_cont,
-            dilation_fwhm=st.neighbour_dilation,
-            target_radius=st.target_radius,
-        )
+        params = DetectionParams.from_staging(self.staging)
         try:
             found = find_sources(
                 wide[IMAGE], wide[VARIANCE], wide[VALID], obj.arrays[PSF], obj.offset,

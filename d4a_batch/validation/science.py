@@ -45,7 +45,7 @@ from d4a_batch.survey.hats_io import (
     read_partition,
 )
 from d4a_batch.survey.output import OutputSpec, Provenance
-from d4a_batch.survey.staging import (
+from d4a_batch.survey.packs import (
     IMAGE,
     KIND_OBJECTS,
     OFFSET,
@@ -53,12 +53,11 @@ from d4a_batch.survey.staging import (
     SCALE,
     VALID,
     VARIANCE,
-    StagedObject,
-    Stager,
     make_packs,
     pack_arrays,
     pack_from_bytes,
 )
+from d4a_batch.survey.staging import StagedObject, Stager
 from d4a_batch.survey.tensors import tensor_numpy
 from d4a_batch.validation.baselines import (
     richardson_lucy_stamps,

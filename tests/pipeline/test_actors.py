@@ -19,7 +19,8 @@ from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import Col, Status
 from d4a_batch.survey.hats_io import ORDER, PIXEL, open_input_catalog, read_partition
 from d4a_batch.survey.output import OutputSpec, Provenance
-from d4a_batch.survey.staging import KIND_ERRORS, Stager, make_packs, pack_from_bytes, pack_to_bytes
+from d4a_batch.survey.packs import KIND_ERRORS, make_packs, pack_from_bytes, pack_to_bytes
+from d4a_batch.survey.staging import Stager
 from d4a_batch.survey.tensors import tensor_numpy
 from d4a_batch.testing import TINY_PRIOR
 

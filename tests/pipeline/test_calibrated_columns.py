@@ -70,7 +70,7 @@ def test_calibration_round_trips_through_the_artifact(calibrated_prior, tiny_pri
     bad = tmp_path / "bad"
     shutil.copytree(calibrated_prior, bad)
     (bad / PRIOR_CALIBRATION).write_text('{"format": "d4a-calibration/1", "snr_edges": [1, 0]}')
-    with pytest.raises(PriorFormatError, match="calibration.json"):
+    with pytest.raises(PriorFormatError, match=r"calibration\.json"):
         load_prior(bad)
 
 

@@ -2,6 +2,11 @@
 
 The catalog in the end must hold exactly one row per input object, with no
 duplicates, whatever was killed.
+
+Each kill lands mid-run whatever the machine's load: the driver's ``Commits.submit`` is
+gated so that once the first partition's commit is recorded, no other partition is
+committed until the test has killed what it kills. Nothing here waits a fixed time for
+the run to reach a state.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import pytest
 
 from d4a_batch.config import RunConfig, SamplerConfig
 from d4a_batch.mock.survey import build_mock_survey
+from d4a_batch.pipeline.commit import Commits
 from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+from d4a_batch.pipeline.lease import read_lease
 from d4a_batch.pipeline.ledger import OK, RUNNING, Ledger, describe_runs, pixel_name
 from d4a_batch.schema import LEDGER_DIR, REPO_ROOT, Col, Status
 from d4a_batch.survey.hats_io import open_input_catalog
@@ -68,10 +75,28 @@ def _sampling_actor_pids() -> list[int]:
     return []
 
 
+def _gate_commits(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(reached, release): the run records its first partition's commit, sets ``reached``
+    and commits nothing more until ``release`` is set."""
+    reached, release = threading.Event(), threading.Event()
+    submit = Commits.submit
+
+    def gated(self, pixel):
+        if self.submitted() and not release.is_set():
+            self.collect(timeout=None)  # the first partition's commit is in the ledger
+            reached.set()
+            release.wait(600)
+        submit(self, pixel)
+
+    monkeypatch.setattr(Commits, "submit", gated)
+    return reached, release
+
+
 def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
-    ray_local, survey, tiny_prior, tmp_path
+    ray_local, survey, tiny_prior, tmp_path, monkeypatch
 ):
     out = tmp_path / "out"
+    reached, release = _gate_commits(monkeypatch)
     config = RunConfig(sampler=SamplerConfig(steps=STEPS, samples=2), write_maps=False)
     options = ExecutionOptions(batch_size=2, progress_interval_s=0.0)
     result: dict = {}
@@ -90,17 +115,17 @@ def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
         time.sleep(0.5)
         pids = _sampling_actor_pids()
     assert pids, "no sampling actor appeared"
-    while _committed(out) == 0 and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)  # sampling is under way once a first partition is committed
+    assert reached.wait(600), "no partition was committed in 600 s"
     pids = _sampling_actor_pids() or pids
     committed_at_kill = _committed(out)
     running_at_kill = thread.is_alive()
     os.kill(pids[0], signal.SIGKILL)
+    release.set()
     thread.join(timeout=600)
     assert running_at_kill and not thread.is_alive()
     assert "error" not in result, result.get("error")
     n_parts = len(open_input_catalog(str(survey)).partitions)
-    assert committed_at_kill < n_parts  # the kill landed before the run was done
+    assert committed_at_kill == 1 < n_parts  # the kill landed before the run was done
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
     df = pd.read_parquet(out / "dataset")
     assert sorted(df.object_id) == _input_ids(survey) and df.object_id.is_unique
@@ -118,13 +143,33 @@ def _kill_session(sid: int) -> None:
             pass
 
 
+# the job as a scheduler runs it, with the commit gate of ``_gate_commits``: after the first
+# commit it writes the marker file and waits to be killed
+GATED_JOB = """
+import pathlib, runpy, sys, time
+from d4a_batch.pipeline.commit import Commits
+marker, submit = pathlib.Path(sys.argv.pop(1)), Commits.submit
+def gated(self, pixel):
+    if self.submitted():
+        self.collect(timeout=None)
+        marker.touch()
+        time.sleep(3600)
+    submit(self, pixel)
+Commits.submit = gated
+sys.argv[0] = "jobs/deconvolve_survey.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_a_killed_driver_resumes_from_the_ledger(ray_local, survey, tiny_prior, tmp_path):
-    out = tmp_path / "out"
+    out, marker = tmp_path / "out", tmp_path / "first-commit"
     argv = ["--catalog", str(survey), "--output", str(out), "--prior", str(tiny_prior)]
     argv += ["--steps", str(STEPS), "--samples", "2", "--batch-size", "2", "--no-maps"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    ttl = 2.0  # the killed driver's lease is stale this long after its last heartbeat
+    command = [sys.executable, "-c", GATED_JOB, str(marker), *argv, "--num-cpus", "2"]
     driver = subprocess.Popen(
-        [sys.executable, "jobs/deconvolve_survey.py", *argv, "--num-cpus", "2"],
+        [*command, "--lease-ttl", str(ttl)],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -132,11 +177,11 @@ def test_a_killed_driver_resumes_from_the_ledger(ray_local, survey, tiny_prior, 
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 400
-        while _committed(out) == 0 and driver.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 600
+        while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before it could be killed"
-        assert _committed(out) > 0, "no partition was committed in time"
+        assert marker.exists() and _committed(out) == 1, "no partition was committed in time"
     finally:
         _kill_session(driver.pid)
         driver.wait(timeout=60)
@@ -146,7 +191,11 @@ def test_a_killed_driver_resumes_from_the_ledger(ray_local, survey, tiny_prior, 
     first = Ledger(str(out)).runs()
     assert len(first) == 1 and first[0].status == RUNNING  # it never finished
     done_before = {pixel_name(k) for k, r in Ledger(str(out)).state().items() if r.status == OK}
-    assert 0 < len(done_before) < n_parts
+    assert len(done_before) == 1 < n_parts
+    lease = read_lease(str(out))  # the killed run's lease: no heartbeats any more
+    assert lease is not None and lease.ttl_s == ttl
+    while not lease.stale():
+        time.sleep(0.1)
 
     # the same command again (on the test's Ray cluster): it does only what is left
     spec = importlib.util.spec_from_file_location(

@@ -61,6 +61,14 @@ def _free_range(n: int) -> tuple[int, int]:
     raise RuntimeError("no free port window")
 
 
+def _cluster_env() -> dict:
+    """LOCAL_RAY_ENV, but with multi-node clusters on loopback allowed (Ray refuses nodes
+    joining a 127.0.0.1 head otherwise; every node is given --node-ip-address)."""
+    env = dict(os.environ, **LOCAL_RAY_ENV, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @dataclass
 class Cluster:
     """Nodes started with ``ray start --block`` (each its own process group)."""
@@ -97,7 +105,7 @@ class Cluster:
             args += [f"--address=127.0.0.1:{self.gcs}"]
         self.nodes[name] = subprocess.Popen(
             args, env=self.env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=open(f"{tmp}.log", "wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -107,9 +115,10 @@ class Cluster:
 
     def alive_nodes(self) -> int:
         r = self.ray("list", "nodes", "--address", self.address, "--format", "json")
-        if r.returncode != 0:
+        try:  # while the head starts, the CLI may answer with an error text
+            return sum(n["state"] == "ALIVE" for n in json.loads(r.stdout))
+        except (ValueError, TypeError, KeyError):
             return 0
-        return sum(n["state"] == "ALIVE" for n in json.loads(r.stdout))
 
     def wait_for(self, n_nodes: int, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -147,6 +156,8 @@ class Cluster:
                     pass
         for tmp in self.temp_dirs:
             shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.exists(f"{tmp}.log"):
+                os.unlink(f"{tmp}.log")
 
 
 def _job_status(cluster: Cluster, job_id: str) -> str:
@@ -193,8 +204,7 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
     import s3fs
 
     config = RunConfig(sampler=SamplerConfig(steps=STEPS, samples=SAMPLES, seed=SEED))
-    env = dict(os.environ, **LOCAL_RAY_ENV)
-    env.pop("RAY_ADDRESS", None)
+    env = _cluster_env()
     workdir = tmp_path / "job"
     shutil.copytree(tiny_prior, workdir / "prior")
     cluster = Cluster(env)

@@ -71,3 +71,15 @@ def test_only_a_calibration_fitted_for_the_sampler_config_is_used():
     assert usable_calibration(None, SamplerConfig()) is None
     with pytest.warns(UserWarning, match="fitted for sampler config"):
         assert usable_calibration(cal, SamplerConfig(steps=25)) is None
+
+
+def test_a_field_added_to_the_sampler_config_later_must_be_at_its_default():
+    old_record = {k: v for k, v in to_dict(SamplerConfig()).items() if k != "clip_x0"}
+    cal = Calibration(
+        snr_edges=(0.0, math.inf), levels=(0.68,), lambdas={"68": (1.2,)},
+        sampler_fingerprint=sampler_fingerprint(old_record), delta=0.1, bound="hb",
+        n_per_bin=(5,), sampler=old_record,
+    )  # fmt: skip
+    assert cal.matches(SamplerConfig())
+    assert not cal.matches(SamplerConfig(clip_x0=not SamplerConfig().clip_x0))
+    assert not cal.matches(SamplerConfig(samples=8))

@@ -212,3 +212,25 @@ def test_cuda_runs_the_network_in_bfloat16(tiny_unet_prior):
     hook.remove()
     assert set(dtypes) == {torch.bfloat16} and x.dtype == torch.float32
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.slow
+def test_rms_total_rule_pulls_as_far_at_25_and_100_steps():
+    """"rms_total" spreads ζ·50 over the steps: on a bright mock (real operator, Gaussian
+    galaxy prior) 25 and 100 steps fit the data alike, where "rms" (ζ per step) does not."""
+    from d4a_batch.config import SamplerConfig
+    from tests.sampling.conftest import galaxy_prior
+
+    prior = galaxy_prior(n=16, bands=2)
+    truth = dps_sample(prior, None, row_generators(1, [0], 1), steps=100, guidance=0.0)[0]
+    obs, _ = observe(truth, prior, 0.3, 2000.0, 1.0, np.random.default_rng(3))
+    chi2 = {}
+    for rule in ("rms_total", "rms"):
+        for steps in (25, 100):
+            cfg = SamplerConfig(steps=steps, samples=8, guidance=0.01, guidance_rule=rule)
+            chi2[rule, steps] = float(deconvolve(obs, [0.3], prior, cfg, [3]).chi2[0])
+    print(f"\n[dps] bright mock chi2/dof by (rule, steps): {chi2}")
+    total = chi2["rms_total", 25] / chi2["rms_total", 100]
+    per_step = chi2["rms", 25] / chi2["rms", 100]
+    assert 0.5 < total < 2.0
+    assert abs(np.log(total)) < abs(np.log(per_step))

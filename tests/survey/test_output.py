@@ -34,18 +34,18 @@ from d4a_batch.survey.output import (
     output_table,
     write_chunks,
 )
-from d4a_batch.survey.staging import (
+from d4a_batch.survey.packs import (
     IMAGE,
     KIND_ERRORS,
     OFFSET,
     PSF,
     VALID,
     VARIANCE,
-    Stager,
     make_packs,
     pack_arrays,
     pack_from_bytes,
 )
+from d4a_batch.survey.staging import Stager
 from d4a_batch.survey.tensors import tensor_numpy
 from d4a_batch.testing import TINY_PRIOR
 
@@ -205,7 +205,10 @@ def test_chunks_merge_into_one_partition_file_without_duplicates(sampled, tmp_pa
     assert all(s["n_ok"] == s["n"] and s["n_error"] == 0 for s in summaries)
     write_chunks(t.slice(0, 1), work)  # as a retried task under another chunk name would
     o, p = summaries[0][ORDER], summaries[0][PIXEL]
-    n = merge_partition(work, out, HealpixPixel(o, p))
+    n = merge_partition(work, out, HealpixPixel(o, p)).num_rows
+    with pytest.raises(RuntimeError, match="result rows for"):
+        merge_partition(work, str(tmp_path / "out2"), HealpixPixel(o, p), expected_rows=n + 1)
+    assert not (tmp_path / "out2").exists()  # a wrong count commits nothing
     merged = pq.read_table(partition_uri(out, o, p))
     assert n == merged.num_rows == summaries[0]["n"]
     assert sorted(merged[Col.OBJECT_ID].to_pylist()) == sorted(

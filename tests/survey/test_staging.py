@@ -26,7 +26,7 @@ from d4a_batch.survey.fits_io import (
     write_psf,
 )
 from d4a_batch.survey.hats_io import cutout_column, open_input_catalog, psf_column, read_partition
-from d4a_batch.survey.staging import (
+from d4a_batch.survey.packs import (
     IMAGE,
     KIND_ERRORS,
     KIND_OBJECTS,
@@ -34,14 +34,12 @@ from d4a_batch.survey.staging import (
     PSF,
     VALID,
     VARIANCE,
-    Stager,
-    cut_stamp,
     make_packs,
     pack_arrays,
     pack_from_bytes,
     pack_id,
-    stamp_size,
 )
+from d4a_batch.survey.staging import Stager, cut_stamp, stamp_size
 from d4a_batch.testing import TINY_PRIOR
 
 BANDS = TINY_PRIOR.bands
@@ -326,7 +324,7 @@ def test_stager_reports_every_broken_band_and_other_problems(survey_copy):
     a, b, c = rows[:3]
     (survey_copy / a[cutout_column("g")]).unlink()
     (survey_copy / a[cutout_column("i")]).write_bytes(b"junk" * 1000)
-    write_psf(str(survey_copy / b[psf_column("g")]), np.ones((41, 41)) / 41**2)
+    write_psf(str(survey_copy / b[psf_column("g")]), np.ones((42, 42)) / 42**2)
     (survey_copy / b[psf_column("i")]).unlink()
     c[Col.RA] += 1.0  # the object is not on its cutouts
     stager = _stager(survey_copy)
@@ -335,7 +333,9 @@ def test_stager_reports_every_broken_band_and_other_problems(survey_copy):
     assert one.startswith("cutout g: ") and "file not found" in one
     assert two.startswith("cutout i: ") and "not a readable FITS file" in two
     one, two = msgs[1].split("; ")
-    assert one.startswith("PSF g: ") and one.endswith("PSF must be 43x43, got shape (41, 41)")
+    assert one.startswith("PSF g: ") and one.endswith(
+        "PSF side must be odd (centre pixel P//2), got shape (42, 42)"
+    )
     assert two.startswith("PSF i: ") and two.endswith("cannot open: file not found")
     assert all(f"cutout {x}: " in msgs[2] and "lies outside the 64x64 cutout" in msgs[2]
                for x in BANDS)  # fmt: skip
