@@ -280,6 +280,7 @@ SAMPLERS = ("dps", "daps")
 NOISE_SCHEDULES = ("linear", "cosine")
 PARAMETERIZATIONS = ("eps", "v")
 MAP_DTYPES = ("float32", "float16")
+MOCK_STRUCTURES = ("smooth", "realistic")  # mock.galaxies.sample_params
 
 
 def between(lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
@@ -437,6 +438,7 @@ FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "stretch": (),
         "z_min": (non_negative, finite),
         "z_max": (positive, finite),
+        "mock_structure": (one_of(*MOCK_STRUCTURES),),
     },
     "FlagThresholds": {
         "hallucination_max": (positive,),

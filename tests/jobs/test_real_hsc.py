@@ -24,9 +24,12 @@ from d4a_batch.survey.hats_io import open_input_catalog, read_partition
 from d4a_batch.survey.staging import IMAGE, PSF, VALID, VARIANCE, Stager
 
 SCARLET = SHARED_DATA_DIR / "scarlet"
-pytestmark = pytest.mark.skipif(
-    not (SCARLET / "hsc_cosmos_35.npz").exists(), reason=f"no real HSC data at {SCARLET}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (SCARLET / "hsc_cosmos_35.npz").exists(), reason=f"no real HSC data at {SCARLET}"
+    ),
+    pytest.mark.slow,  # 13 sources written, a catalog built, two deconvolved: about a minute
+]
 
 
 def _job():

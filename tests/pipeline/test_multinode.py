@@ -7,6 +7,11 @@ live on moto's S3 server; the prior travels with the job's working dir (``ray jo
 submit --working-dir``: each node unpacks its own copy, and the actors get its path
 relative to it, see ``ray_setup.node_local_path``). The code itself is the installed
 package, as on a cluster built from one image.
+
+The reference "single-node run" is the same job on worker node a alone (before node b
+joins); then the job runs on both workers, node a is killed (SIGKILL to its whole process
+group) once the first partition is committed, and the job, or a rerun, must finish with
+every object once and the reference's values.
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from d4a_batch.config import RunConfig, SamplerConfig
-from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
 from d4a_batch.ray_setup import LOCAL_RAY_ENV
 from d4a_batch.schema import LEDGER_DIR, Col
 from tests.faults import moto_s3
@@ -187,6 +190,11 @@ def _wait_job(cluster: Cluster, job_id: str, timeout: float) -> str:
     return "TIMEOUT"
 
 
+def _logs(cluster: Cluster, job_id: str) -> str:
+    r = cluster.ray("job", "logs", "--address", cluster.address, job_id)
+    return r.stdout[-6000:] + r.stderr[-2000:]
+
+
 def _ok_partitions(fs, output: str) -> int:
     n = 0
     for f in fs.find(f"{output}/{LEDGER_DIR}/partitions"):
@@ -197,50 +205,56 @@ def _ok_partitions(fs, output: str) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2400)
 def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
-    ray_local, tiny_survey, tiny_prior, tmp_path
+    tiny_survey, tiny_prior, tmp_path
 ):
     import s3fs
 
-    config = RunConfig(sampler=SamplerConfig(steps=STEPS, samples=SAMPLES, seed=SEED))
-    env = _cluster_env()
     workdir = tmp_path / "job"
     shutil.copytree(tiny_prior, workdir / "prior")
-    cluster = Cluster(env)
+    cluster = Cluster(_cluster_env())
     with moto_s3("survey") as s3:
         so = s3.options()
         fs = s3fs.S3FileSystem(**so)
         fs.put(str(tiny_survey), "survey/in", recursive=True)
         n_parts = len(fs.glob("survey/in/dataset/Norder=*/Dir=*/Npix=*.parquet"))
-        # the single-node run (this process's local Ray), same seed
-        run_survey("s3://survey/in", "s3://survey/ref", str(tiny_prior), config,
-                   ExecutionOptions(batch_size=1, storage_options=so))  # fmt: skip
-        args = ["--catalog", "s3://survey/in", "--output", "s3://survey/out",
-                "--prior", "prior", "--steps", str(STEPS), "--samples", str(SAMPLES),
-                "--seed", str(SEED), "--batch-size", "1", "--actors", "2",
-                "--cpus-per-actor", "1", "--storage-options", json.dumps(so)]  # fmt: skip
+
+        def args(output: str) -> list[str]:
+            return ["--catalog", "s3://survey/in", "--output", output, "--prior", "prior",
+                    "--steps", str(STEPS), "--samples", str(SAMPLES), "--seed", str(SEED),
+                    "--batch-size", "1", "--actors", "2", "--cpus-per-actor", "1",
+                    "--storage-options", json.dumps(so)]  # fmt: skip
+
         try:
             cluster.start("head", 0, head=True)
             cluster.start("a", 3)
+            cluster.wait_for(2)
+            # the single-node run: worker node a alone, same seed
+            _submit(cluster, "d4a-single-node", workdir, args("s3://survey/ref"))
+            assert _wait_job(cluster, "d4a-single-node", 900) == "SUCCEEDED", _logs(
+                cluster, "d4a-single-node"
+            )
             cluster.start("b", 3)
             cluster.wait_for(3)
-            _submit(cluster, "d4a-multinode-1", workdir, args)
+            _submit(cluster, "d4a-multinode-1", workdir, args("s3://survey/out"))
             # kill worker node a once the first partition is committed (mid-run)
             deadline = time.monotonic() + 900
             while _ok_partitions(fs, "survey/out") < 1:
-                assert _job_status(cluster, "d4a-multinode-1") in ("RUNNING", "PENDING")
+                assert _job_status(cluster, "d4a-multinode-1") in ("RUNNING", "PENDING"), _logs(
+                    cluster, "d4a-multinode-1"
+                )
                 assert time.monotonic() < deadline, "no partition committed in 900 s"
                 time.sleep(2)
             assert _ok_partitions(fs, "survey/out") < n_parts, "the run ended before the kill"
             cluster.kill("a")
             state = _wait_job(cluster, "d4a-multinode-1", 900)
-            logs = cluster.ray("job", "logs", "--address", cluster.address, "d4a-multinode-1")
-            print(logs.stdout[-5000:])
+            print(_logs(cluster, "d4a-multinode-1"))
             if state != "SUCCEEDED":  # a rerun on the survivor finishes it
-                _submit(cluster, "d4a-multinode-2", workdir, args)
+                _submit(cluster, "d4a-multinode-2", workdir, args("s3://survey/out"))
                 state = _wait_job(cluster, "d4a-multinode-2", 900)
-            assert state == "SUCCEEDED", logs.stdout[-5000:] + logs.stderr[-2000:]
+                print(_logs(cluster, "d4a-multinode-2"))
+            assert state == "SUCCEEDED"
         finally:
             cluster.stop()
         signed = {"storage_options": so | {"anon": False}}

@@ -165,6 +165,7 @@ def test_samples_do_not_depend_on_the_batch(tiny_unet_prior, rng):
     assert np.abs(alone[0] - alone[1]).mean() > 0.01
 
 
+@pytest.mark.slow
 def test_bright_galaxy_fits_the_data_and_conserves_flux():
     """Real operator, Gaussian galaxy prior, alpha = 2·10⁴ (S/N ~ 10⁴): χ²/dof of the
     re-convolved mean near 1, flux within 1 %, mean closer to the truth than the prior mean."""

@@ -140,3 +140,10 @@ def test_nothing_detected_measures_nothing():
     assert s.target == 0 and np.isnan(s.truncated_fraction) and np.isnan(s.blend_fraction)
     assert check_blended(s.blend_fraction, s.asymmetry, FlagThresholds())[1] is None
     assert check_truncated(s.truncated_fraction, FlagThresholds())[1] is None
+
+
+def test_detection_defaults_are_the_staging_config_defaults():
+    from d4a_batch.config import StagingConfig
+    from d4a_batch.survey.detection import DetectionParams
+
+    assert DetectionParams() == DetectionParams.from_staging(StagingConfig())
