@@ -10,7 +10,7 @@ share files) twice: once on local disk and once on moto's S3 server (a separate 
 that counts every HTTP request it answers). Then, for each, a fresh process plans a run
 exactly as ``run_survey`` does (``check_job``, ``prepare_output``, ``plan_run`` on a local
 Ray, ``start_run``: the run record in the ledger) and reports seconds, its peak RSS
-(``ru_maxrss``; "growth" is the peak minus the peak before planning began, i.e. after
+(``VmHWM``; "growth" is the peak minus the peak before planning began, i.e. after
 imports and joining Ray); the parent adds the S3 requests the server answered during the
 plan (from every process: driver and Ray workers) and the ledger's size.
 
@@ -141,6 +141,16 @@ def build_catalog(root: Path, rows: int, files_root: str, n_files: int, seed: in
 
 
 # --------------------------------------------------------------------------- one plan
+def _peak_rss_kb() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent
+    across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[str, Any]:
     """Plan a run as ``run_survey`` does, in this (fresh) process; what it cost."""
     from d4a_batch.config import RunConfig
@@ -151,7 +161,7 @@ def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[st
     from d4a_batch.ray_setup import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kb = _peak_rss_kb()
     opts = ExecutionOptions(storage_options=so)
     t0 = time.monotonic()
     job = planning.check_job(catalog, output, prior, RunConfig(), opts)
@@ -160,7 +170,7 @@ def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[st
     plan = planning.plan_run(job, ledger)
     start_run(plan, ledger)
     seconds = time.monotonic() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _peak_rss_kb()
     return {
         "seconds": seconds,
         "partitions": len(plan.todo) + len(plan.done) + len(plan.failed),

@@ -21,7 +21,9 @@ the samples and each held-out set, and a sanity check against a real galaxy:
 absent), sky-subtracted and cut to 3.5", moved onto the prior's grid at each
 ``--real-z`` (flux-conserving rebin to p * arcsec_per_kpc(z)) and copied into every band
 (one band: its colour features are 0 by construction), with the percentile of each of
-its features among the samples and the held-out mocks.
+its features among the samples and the held-out mocks. ``robust_feature_quantiles``
+are ``training.evaluate.robust_shape_features`` (sky-subtracted, thresholded r50 and
+ellipticity): the all-pixel moments are dominated by a sample's faint sky.
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ from d4a_batch.prior.unet import build_unet
 from d4a_batch.training.data import mock_images
 from d4a_batch.training.evaluate import (
     FEATURE_NAMES,
+    QUANTILES,
+    ROBUST_FEATURE_NAMES,
     feature_quantiles,
     frechet_distance,
     image_on_prior_grid,
     morphology_features,
     pca_fit,
     pca_project,
+    robust_shape_features,
     sample_grid_rgb,
     standardise,
 )
@@ -98,11 +103,20 @@ def real_galaxy_x(path: Path, cfg: PriorConfig, z: float) -> np.ndarray:
     return to_model_space(np.repeat(img[None], cfg.in_channels, axis=0), cfg.stretch.a)[None]
 
 
-def percentile_of(value: np.ndarray, population: np.ndarray) -> dict[str, float]:
+def percentile_of(
+    value: np.ndarray, population: np.ndarray, names: tuple[str, ...] = FEATURE_NAMES
+) -> dict[str, float]:
     """Per feature: the fraction of ``population[K, D]`` below ``value[D]`` (in %)."""
+    return {name: float(100 * np.mean(population[:, j] < value[j])) for j, name in enumerate(names)}
+
+
+def robust_quantiles(r: np.ndarray) -> dict[str, dict[str, float]]:
+    """Quantiles (10/25/50/75/90 %) of ``robust_shape_features`` ``r[K, 2]`` (NaN-free rows)."""
+    r = r[np.all(np.isfinite(r), axis=1)]
+    qs = np.quantile(r, QUANTILES, axis=0)
     return {
-        name: float(100 * np.mean(population[:, j] < value[j]))
-        for j, name in enumerate(FEATURE_NAMES)
+        name: {f"q{round(100 * q):02d}": float(qs[k, j]) for k, q in enumerate(QUANTILES)}
+        for j, name in enumerate(ROBUST_FEATURE_NAMES)
     }
 
 
@@ -140,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--real", type=Path, default=DEFAULT_REAL, help="real galaxy FITS (HST)")
     p.add_argument("--real-z", type=float, nargs="+", default=[0.3, 0.6, 1.0])
+    p.add_argument("--save-samples", type=Path, help="npz of the last prior's samples (x)")
     args = p.parse_args(argv)
 
     priors = []
@@ -149,18 +164,20 @@ def main(argv: list[str] | None = None) -> int:
         priors.append((label or path.name, path, *load_model(path)))
     cfg0 = priors[0][3]
     structures = args.heldout_structure or [cfg0.mock_structure]
-    heldout_sets = []
+    heldout_sets, robust_held = [], {}
     for structure in structures:
         t0 = time.perf_counter()
         cfg_h = dataclasses.replace(cfg0, mock_structure=structure)
         heldout = mock_images(np.arange(args.n_heldout), args.heldout_seed, cfg_h)
         f_h = morphology_features(heldout, cfg0.stretch.a, cfg0.bands)
+        rob_h = robust_shape_features(heldout, cfg0.stretch.a, cfg0.bands)
         half = args.n_heldout // 2
         fa, fb = standardise(f_h[:half], f_h[half:])
         floor = frechet_distance(fa, fb)
         print(f"[eval] held-out {structure}: {args.n_heldout} mocks in "
               f"{time.perf_counter() - t0:.0f} s, floor FD (half vs half) {floor:.4f}", flush=True)  # fmt: skip
         heldout_sets.append((structure, f_h, floor))
+        robust_held[structure] = rob_h
     f_held = heldout_sets[0][1]
 
     results, projections, last = [], [], None
@@ -187,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             "feature_mean": dict(zip(FEATURE_NAMES, f.mean(axis=0).tolist())),
             "feature_std": dict(zip(FEATURE_NAMES, f.std(axis=0).tolist())),
             "feature_quantiles": feature_quantiles(f),
+            "robust_feature_quantiles": robust_quantiles(
+                robust_shape_features(x, cfg.stretch.a, cfg.bands)
+            ),
         })  # fmt: skip
         projections.append((label, pca_project(standardise(f_held, f)[1], mean, comps)))
         last = (x, f)
@@ -195,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.real is not None and args.real.exists():
         real = {"path": str(args.real), "by_z": {}}
         for z in args.real_z:
-            fr = morphology_features(real_galaxy_x(args.real, cfg0, z), cfg0.stretch.a, cfg0.bands)[
-                0
-            ]
+            xr = real_galaxy_x(args.real, cfg0, z)
+            fr = morphology_features(xr, cfg0.stretch.a, cfg0.bands)[0]
+            rr = robust_shape_features(xr, cfg0.stretch.a, cfg0.bands)[0]
             real["by_z"][str(z)] = {
                 "features": dict(zip(FEATURE_NAMES, fr.tolist())),
+                "robust_features": dict(zip(ROBUST_FEATURE_NAMES, rr.tolist())),
                 "percentile_in_samples": percentile_of(fr, last[1]),
                 "percentile_in_heldout": {st: percentile_of(fr, fh) for st, fh, _ in heldout_sets},
             }
@@ -213,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "feature_mean": dict(zip(FEATURE_NAMES, fh.mean(axis=0).tolist())),
             "feature_std": dict(zip(FEATURE_NAMES, fh.std(axis=0).tolist())),
             "feature_quantiles": feature_quantiles(fh),
+            "robust_feature_quantiles": robust_quantiles(robust_held[st]),
         }
         for st, fh, floor in heldout_sets
     }  # fmt: skip
@@ -225,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.save_samples is not None:
+        np.savez_compressed(args.save_samples, x=last[0].astype(np.float32))
     print(f"[eval] wrote {args.out_json}", flush=True)
 
     if args.out_png or args.samples_png:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from d4a_batch.schema import Col
 from d4a_batch.survey.hats_io import ORDER, PIXEL, Partition, read_partition
 from d4a_batch.survey.output import OutputSpec, write_chunks, write_fits_maps
-from d4a_batch.survey.packs import IDENTITY, PACK_ROW_SCHEMA, pack_rows_table
-from d4a_batch.survey.staging import StagedObject, Stager
+from d4a_batch.survey.packs import PACK_ROW_SCHEMA, pack_rows_table
+from d4a_batch.survey.staging import Stager, unstaged
 from d4a_batch.survey.storage import filesystem
 
 DUPLICATE = "_d4a_duplicate"  # read -> stage: why a row is not processed (a repeated object_id)
@@ -79,23 +78,13 @@ def mark_duplicates(table: pa.Table) -> pa.Table:
     return table.append_column(DUPLICATE, pa.array(out, pa.string()))
 
 
-def not_staged(row: dict[str, Any], n_bands: int, error: str) -> StagedObject:
-    """The error record of a row that is not staged (``error`` says why)."""
-    return StagedObject(
-        ident={k: row[k] for k in IDENTITY},
-        psf_sum=np.full(n_bands, np.nan),
-        psf_centroid=np.full(n_bands, np.nan),
-        error=error,
-    )
-
-
 def stage_rows(batch: pa.Table, stager: Stager, pack_size: int, threads: int) -> pa.Table:
     """Input rows (with ``DUPLICATE``) -> pack rows; every row ends in exactly one pack."""
     rows = batch.to_pylist()
     reasons = [r.pop(DUPLICATE) for r in rows]
     staged = iter(stager.stage_rows([r for r, d in zip(rows, reasons) if d is None], threads))
     c = len(stager.prior.bands)
-    objs = [next(staged) if d is None else not_staged(r, c, d) for r, d in zip(rows, reasons)]
+    objs = [next(staged) if d is None else unstaged(r, c, d) for r, d in zip(rows, reasons)]
     return pack_rows_table(objs, pack_size)
 
 

@@ -109,6 +109,18 @@ class StagedObject:
     sources: StampSources | None = None  # segmentation on the stamp (not packed; figures)
 
 
+def unstaged(row: dict[str, Any], n_bands: int, error: str | None = None) -> StagedObject:
+    """The object of catalog ``row`` before staging: identity only, per-band values NaN
+    (``error``: why it will not be staged, e.g. a repeated object_id)."""
+    return StagedObject(
+        ident={k: row[k] for k in IDENTITY},
+        psf_sum=np.full(n_bands, np.nan),
+        psf_centroid=np.full(n_bands, np.nan),
+        psf_crop_loss=np.full(n_bands, np.nan),
+        error=error,
+    )
+
+
 def photoz_error(z: float | None) -> str | None:
     """Why ``z`` cannot be used as the object's redshift (None when it can): the one
     photo-z rule, ``sampling.flags.photoz_problem``, without the prior's range."""
@@ -202,12 +214,7 @@ class Stager:
     def stage(self, row: dict[str, Any]) -> StagedObject:
         """Stage one object; any problem is recorded in ``error``, never raised."""
         c = len(self.prior.bands)
-        obj = StagedObject(
-            ident={k: row[k] for k in IDENTITY},
-            psf_sum=np.full(c, np.nan),
-            psf_centroid=np.full(c, np.nan),
-            psf_crop_loss=np.full(c, np.nan),
-        )
+        obj = unstaged(row, c)
         try:
             errors = self._psfs(obj, row)
             z = row[Col.PHOTOZ]

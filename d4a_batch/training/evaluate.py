@@ -167,3 +167,49 @@ def image_on_prior_grid(
     half = min(cy, cx, img.shape[0] - 1 - cy, img.shape[1] - 1 - cx)
     crop = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
     return rebin(crop[None], pixel_arcsec, model_pixel_arcsec, n)[0]
+
+
+ROBUST_FEATURE_NAMES = ("r50_seg", "ellipticity_seg")
+
+
+def robust_shape_features(
+    x: np.ndarray,
+    a: float,
+    bands: tuple[str, ...] = ("g", "r", "i"),
+    threshold: float = 0.005,
+    border: int = 4,
+) -> np.ndarray:
+    """Sky-proof size and shape ``[K, 2]`` (r50_seg in pixels, ellipticity_seg) of the r band.
+
+    The unweighted moments of ``morphology_features`` use every pixel, so a faint uniform
+    sky (a prior sample's x a little above -1) dominates them: v = 6.6e-4 of the peak on
+    every pixel (x = -0.975) takes the median ellipticity of demo mocks from 0.55 to 0.14.
+    Here the sky (median of a ``border``-pixel frame) is subtracted and only pixels above
+    ``threshold`` of the peak count: the half-light radius about the centroid and
+    1 - b/a from their second moments (exact for elliptical profiles: isophotes are
+    ellipses of the same axis ratio).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] != len(bands):
+        raise ValueError(f"expected x[K, {len(bands)}, N, N], got {x.shape}")
+    v = inverse_stretch(np.clip(x[:, bands.index("r")], -1.0, 1.0), a)  # [K, N, N]
+    n = v.shape[-1]
+    yy, xx = np.indices((n, n)) + 0.5
+    frame = np.ones((n, n), bool)
+    frame[border:-border, border:-border] = False
+    out = np.empty((len(v), 2))
+    for k, img in enumerate(v):
+        img = img - np.median(img[frame])
+        img = np.where(img > threshold * img.max(), img, 0.0)
+        tot = img.sum()
+        if not tot > 0:
+            out[k] = np.nan
+            continue
+        cy, cx = (img * yy).sum() / tot, (img * xx).sum() / tot
+        (r50,) = _radius_enclosing(img, cy, cx, (0.5,))
+        dy, dx = yy - cy, xx - cx
+        m = np.array([[(img * dx * dx).sum(), (img * dx * dy).sum()],
+                      [(img * dx * dy).sum(), (img * dy * dy).sum()]]) / tot  # fmt: skip
+        ev = np.linalg.eigvalsh(m)
+        out[k] = (r50, 1.0 - np.sqrt(max(ev[0], 0.0) / max(ev[1], 1e-12)))
+    return out

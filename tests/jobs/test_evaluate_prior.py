@@ -38,8 +38,12 @@ def test_two_heldout_populations_quantiles_and_the_real_galaxy(tmp_path, shared_
     for q in (res["feature_quantiles"], rep["heldout_sets"]["realistic"]["feature_quantiles"]):
         assert set(q) == set(FEATURE_NAMES)
         assert q["r50"]["q10"] <= q["r50"]["q50"] <= q["r50"]["q90"]
+    rob = res["robust_feature_quantiles"]["ellipticity_seg"]
+    assert 0.0 <= rob["q10"] <= rob["q90"] < 1.0
+    assert "robust_feature_quantiles" in rep["heldout_sets"]["realistic"]
     # the real galaxy: one band copied to all, so no colour; it grows in pixels with z
     by_z = rep["real_galaxy"]["by_z"]
     assert by_z["0.3"]["features"]["log_ratio_g_r"] == pytest.approx(0.0, abs=1e-9)
     assert by_z["1.0"]["features"]["r50"] > by_z["0.3"]["features"]["r50"]
     assert 0 <= by_z["0.3"]["percentile_in_heldout"]["realistic"]["r50"] <= 100
+    assert by_z["1.0"]["robust_features"]["r50_seg"] > by_z["0.3"]["robust_features"]["r50_seg"]

@@ -15,6 +15,7 @@ import time
 
 import pandas as pd
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from d4a_batch.cli import deconvolve as cli
@@ -195,10 +196,10 @@ def test_a_run_where_every_object_fails_exits_5_with_the_output_complete(
     )
     cat = open_input_catalog(str(survey))
     for part in cat.partitions:  # every cutout unreadable: not FITS at all
-        rows = read_partition(part, ColumnMap(), TINY_PRIOR.bands, cat.healpix_column)
-        for row in rows.to_pylist():
-            for band in TINY_PRIOR.bands:
-                with open(resolve_uri(row[f"{band}_cutout_uri"], str(survey)), "wb") as f:
+        columns = [ColumnMap().cutout_uri.format(band=band) for band in TINY_PRIOR.bands]
+        for uris in pq.read_table(part.uri, columns=columns).to_pylist():
+            for uri in uris.values():
+                with open(resolve_uri(uri, str(survey)), "wb") as f:
                     f.write(b"this is not a FITS file")
     ids = _input_ids(survey)
     out = tmp_path / "out"

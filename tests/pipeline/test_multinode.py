@@ -67,7 +67,7 @@ def _free_range(n: int) -> tuple[int, int]:
 def _cluster_env() -> dict:
     """LOCAL_RAY_ENV, but with multi-node clusters on loopback allowed (Ray refuses nodes
     joining a 127.0.0.1 head otherwise; every node is given --node-ip-address)."""
-    env = dict(os.environ, **LOCAL_RAY_ENV, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    env = dict(os.environ) | LOCAL_RAY_ENV | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -132,8 +132,12 @@ class Cluster:
                     return
             except OSError:
                 pass
-            if any(p.poll() is not None for p in self.nodes.values()):
-                raise RuntimeError("a ray node exited while starting")
+            for name, p in self.nodes.items():
+                if p.poll() is not None:
+                    log = self.temp_dirs[list(self.nodes).index(name)] + ".log"
+                    with open(log, errors="replace") as f:
+                        tail = f.read()[-3000:]
+                    raise RuntimeError(f"ray node {name} exited while starting:\n{tail}")
             time.sleep(3)
         raise TimeoutError(f"{n_nodes} nodes not alive after {timeout} s")
 

@@ -45,3 +45,27 @@ def test_image_on_prior_grid_conserves_flux_and_scales_size():
     var = (out * (xx - cx) ** 2).sum() / f
     expected = (sigma / coarse) ** 2 + (fine / coarse) ** 2 / 12 + 1 / 12
     assert var == pytest.approx(expected, rel=0.05)
+
+
+def test_robust_shape_ignores_a_faint_sky_and_recovers_the_axis_ratio():
+    from d4a_batch.mock.galaxies import MockGalaxyParams, draw_galaxy
+    from d4a_batch.physics.stretch import stretch
+    from d4a_batch.training.data import normaliser
+    from d4a_batch.training.evaluate import morphology_features, robust_shape_features
+
+    a = 0.01
+    p = MockGalaxyParams(
+        bulge_fraction=0.0, knot_fraction=0.0, inclination_deg=60.0, position_angle_deg=30.0
+    )
+    img = draw_galaxy(p, 0.5, 64).astype(np.float64)
+    v = img / normaliser(img)[:, None, None]
+    x_clean = stretch(v, a)[None]
+    x_sky = stretch(v + 6.6e-4, a)[None]  # a prior sample's sky: x = -0.975
+    rob_clean = robust_shape_features(x_clean, a)[0]
+    rob_sky = robust_shape_features(x_sky, a)[0]
+    assert rob_clean[1] == pytest.approx(1 - p.disk_q, abs=0.02)  # ellipticity = 1 - b/a
+    assert rob_sky[1] == pytest.approx(rob_clean[1], abs=0.02)
+    assert rob_sky[0] == pytest.approx(rob_clean[0], rel=0.05)
+    j = FEATURE_NAMES.index("ellipticity")
+    classic = morphology_features(np.concatenate([x_clean, x_sky]), a)[:, j]
+    assert classic[1] < classic[0] - 0.1  # the all-pixel moments are fooled by the sky
