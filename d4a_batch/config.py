@@ -178,16 +178,16 @@ class FlagThresholds:
     # BLENDED (survey/detection.py; measured on 60 mock targets with one neighbour at
     # 4-30 px, i 20-23.5, by jobs/blend_thresholds.py -> docs/results/blend_thresholds.json):
     # blend_fraction = neighbour light left on the used footprint pixels / the target's;
-    # among deblended neighbours the true target model's chi2/dof on the used pixels first
-    # exceeded 1.5 at 0.022 (bright targets; faint ones tolerate 0.09), so 0.02 keeps it
-    # <= 1.5 for every unflagged one. asymmetry = light of the target's segment with no
-    # mirror image: <= 0.13 for every deblended or isolated mock, >= 0.18 for every
-    # neighbour too close to deblend (merged into the target's segment): 0.15 between.
-    blend_fraction_max: float = 0.02
+    # among the 51 deblended neighbours the true target model's chi2/dof on the used pixels
+    # first exceeded 1.5 at 0.018 (bright targets; faint ones tolerate 0.09), so 0.015
+    # keeps it <= 1.09 for every unflagged one. asymmetry = light of the target's segment
+    # with no mirror image: <= 0.13 for every deblended or isolated mock, >= 0.18 for all 9
+    # neighbours too close to deblend (merged into the target's segment): 0.15 between.
+    blend_fraction_max: float = 0.015
     asymmetry_max: float = 0.15
     # TRUNCATED: target segment flux outside the model footprint / its total. The 60 mock
-    # targets, which fit the field, measure <= 0.06 (PSF wings, noise, merged neighbours);
-    # 0.1 is above all of them
+    # targets, which fit the field, measure <= 0.04 (PSF wings, noise, merged neighbours);
+    # 0.1 is 2.5x that
     truncated_fraction_max: float = 0.1
 
 
@@ -200,8 +200,9 @@ class SamplerConfig:
     samples: int = 16  # posterior samples per object
     guidance: float = 0.01  # zeta per step, applied to the unit-RMS-normalised gradient
     # "rms" (per-sample unit-RMS gradient, zeta per step) | "raw" | "rms_total" (unit-RMS,
-    # zeta * 50 / steps per step: the total pull does not change with the step count)
-    guidance_rule: str = "rms"
+    # zeta * 50 / steps per step: the total pull does not change with the step count; the
+    # default, so that --steps changes the discretisation, not the fit; at 50 steps = "rms")
+    guidance_rule: str = "rms_total"
     clip_x0: bool = True
     # "dps" (guidance through the network, the paper's method) | "daps" (annealed decoupled
     # sampling, no network gradient: sampling/daps.py); steps = network calls per sample

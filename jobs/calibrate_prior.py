@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     config = sampled_config(args.work)
     if args.stage in ("sample", "all"):
         sample_sets(args, prior_cfg, config)
-    if config != RunConfig():
+    if sampler_fingerprint(config.sampler) != sampler_fingerprint(RunConfig().sampler):
         log(f"the cached samples were drawn with sampler {to_dict(config.sampler)}; the engine's "
             f"default is now {to_dict(RunConfig().sampler)}: calibration.json is fitted for the "
             "former (the engine will not apply it to the latter)")  # fmt: skip
@@ -233,6 +233,7 @@ def fit_and_score(args, prior_cfg, config: RunConfig) -> dict:
         snr_edges=edges, levels=levels, lambdas={k: tuple(v) for k, v in lambdas.items()},
         sampler_fingerprint=sampler_fingerprint(sampler), delta=args.delta, bound=args.bound,
         n_per_bin=tuple(counts), sampler=to_dict(sampler),
+        prior_sha256=str(read_prior_config(args.prior)[1].get("weights_sha256", "")),
         mocks={
             "recipe": "d4a_batch.mock.survey.MockSurveyConfig", "config": recipe,
             "seed": args.calib_seed, "n_objects": len(cal_set["snr"]),

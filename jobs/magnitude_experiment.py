@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--galaxy-seed", type=int, default=MagnitudeConfig().galaxy_seed)
     p.add_argument("--magnitudes", default=",".join(f"{m:g}" for m in PAPER_MAGNITUDES))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | daps")
+    p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps, help="daps")
+    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations, help="daps")
     return p.parse_args(argv)
 
 
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prior = load_prior(args.prior, device=device)
     sampler = SamplerConfig(steps=args.steps, samples=args.samples, guidance=args.guidance,
-                            seed=args.seed)  # fmt: skip
+                            seed=args.seed, sampler=args.sampler, inner_steps=args.inner_steps,
+                            cg_iterations=args.cg)  # fmt: skip
     cfg = MagnitudeConfig(
         magnitudes=tuple(float(m) for m in args.magnitudes.split(",")),
         z=args.z,

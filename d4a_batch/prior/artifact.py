@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from d4a_batch.config import PriorConfig, from_dict, to_dict
 from d4a_batch.prior.calibration import Calibration, CalibrationError, read_calibration
 from d4a_batch.prior.diffusion import GaussianDiffusion, SpacedDiffusion, build_diffusion
 from d4a_batch.prior.unet import UNetModel, build_unet
-from d4a_batch.schema import PRIOR_CONFIG, PRIOR_STATS, PRIOR_WEIGHTS
+from d4a_batch.schema import PRIOR_CALIBRATION, PRIOR_CONFIG, PRIOR_STATS, PRIOR_WEIGHTS
 
 ARTIFACT_FORMAT = "d4a-prior/1"
 
@@ -338,6 +339,8 @@ def save_prior(
         )  # fmt: skip
     elif stats_path.exists():
         stats_path.unlink()
+    if (folder / PRIOR_CALIBRATION).exists():  # fitted for the weights being replaced
+        (folder / PRIOR_CALIBRATION).unlink()
     doc = {**to_dict(cfg), "metadata": meta}
     (folder / PRIOR_CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return folder
@@ -421,6 +424,13 @@ def load_prior(
             calibration = read_calibration(path)
         except CalibrationError as e:
             raise PriorFormatError(str(e)) from e
+        if calibration is not None and calibration.prior_sha256 not in ("", sha):
+            warnings.warn(
+                f"{path}/{PRIOR_CALIBRATION} was fitted for weights {calibration.prior_sha256}, "
+                f"not these ({sha}): ignored (calibrated columns will be NaN)",
+                stacklevel=2,
+            )
+            calibration = None
         return Prior(model, cfg, str(meta.get("prior_id", cfg.name)), sha, stats, meta, calibration)
     if not path.is_file():
         raise FileNotFoundError(f"no prior at {path}")

@@ -44,9 +44,27 @@ class CalibrationError(ValueError):
     """calibration.json cannot be used (format, missing keys, inconsistent bins)."""
 
 
+# sampling.dps.TOTAL_REFERENCE_STEPS (not imported: dps imports the prior package)
+_DPS_REFERENCE_STEPS = 50
+
+
+def canonical_sampler(sampler: Any) -> dict[str, Any]:
+    """The sampler config as a dict in one canonical form per sampling procedure.
+
+    DPS's "rms_total" rule takes the per-step ζ·50/steps (``sampling/dps.py``), exactly the
+    "rms" rule with guidance ζ·50/steps, so it is written as that (same float expression as
+    the sampler's).
+    """
+    d = dict(sampler) if isinstance(sampler, Mapping) else to_dict(sampler)
+    if d.get("sampler", "dps") == "dps" and d.get("guidance_rule") == "rms_total":
+        d["guidance"] = d["guidance"] * _DPS_REFERENCE_STEPS / d["steps"]
+        d["guidance_rule"] = "rms"
+    return d
+
+
 def sampler_fingerprint(sampler: Any) -> str:
     """Hash of the sampler config's distribution-changing fields (a SamplerConfig or its dict)."""
-    d = dict(sampler) if isinstance(sampler, Mapping) else to_dict(sampler)
+    d = canonical_sampler(sampler)
     return config_hash({k: v for k, v in sorted(d.items()) if k not in _NOT_FINGERPRINTED})
 
 
@@ -84,6 +102,7 @@ class Calibration:
     sampler: Mapping[str, Any] = field(default_factory=dict)  # to_dict(SamplerConfig)
     mocks: Mapping[str, Any] = field(default_factory=dict)  # recipe, seed, noise, n
     details: Mapping[str, Any] = field(default_factory=dict)  # lambda_hat, risks, ...
+    prior_sha256: str = ""  # the weights it was fitted with ("" = not recorded)
 
     def __post_init__(self) -> None:
         e = np.asarray(self.snr_edges, dtype=np.float64)
@@ -124,11 +143,11 @@ class Calibration:
         """
         from d4a_batch.config import SamplerConfig
 
-        run = dict(sampler) if isinstance(sampler, Mapping) else to_dict(sampler)
-        rec = dict(self.sampler)
-        if not rec:
+        run = canonical_sampler(sampler)
+        if not self.sampler:
             return sampler_fingerprint(run) == self.sampler_fingerprint
-        defaults = to_dict(SamplerConfig())
+        rec = canonical_sampler(self.sampler)
+        defaults = canonical_sampler(SamplerConfig())
         for k in set(run) | set(rec):
             if k in _NOT_FINGERPRINTED:
                 continue
@@ -153,6 +172,7 @@ class Calibration:
             "delta": self.delta,
             "bound": self.bound,
             "sampler_fingerprint": self.sampler_fingerprint,
+            "prior_sha256": self.prior_sha256,
             "sampler": dict(self.sampler),
             "mocks": dict(self.mocks),
             "details": dict(self.details),
@@ -178,6 +198,7 @@ class Calibration:
                 sampler=dict(doc.get("sampler", {})),
                 mocks=dict(doc.get("mocks", {})),
                 details=dict(doc.get("details", {})),
+                prior_sha256=str(doc.get("prior_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CalibrationError):

@@ -11,7 +11,7 @@ timesteps t_K > ... > t_1 = 0 of the prior's diffusion (the respaced schedule of
 
     x̂0 = x̂0(x_t)                 one network call (no gradient), clipped when ``clip_x0``
     r_t² = λ σ_t² / (λ + σ_t²),   σ_t² = (1 − ᾱ_t)/ᾱ_t,  λ = prior pixel variance map
-    x0 ~ π_t(x0) ∝ N(x0; x̂0, r_t² I) · p(y | x0)          (MALA, below)
+    x0 ~ π_t(x0) ∝ N(x0; x̂0, r_t² I) · p(y | x0)          (perturbed Gauss-Newton + MALA)
     x_{t'} = √ᾱ_{t'} x0 + √(1 − ᾱ_{t'}) ε                  (t' = next level)
 
 The last level's x0 is the sample. r_t² is the exact p(x0 | x_t) variance of a Gaussian
@@ -23,7 +23,14 @@ x0 ~ p(x0 | y); with a Gaussian prior π_t *is* p(x0 | x_t, y), so every level i
 (which, given the x_t drawn from it, is itself a draw of p(x0 | x_t, y): an exact warm
 start); the first level starts from a draw of N(x̂0, r²).
 
-Likelihood step (MALA, ``inner`` steps per level): U(x) = ½‖r(x)‖² + ½‖(x − x̂0)/r_t‖²,
+Likelihood step, part 1 (``cg`` > 0): one perturb-and-optimise Gauss-Newton step
+(randomise-then-optimise), solved by ``cg`` preconditioned CG iterations with JVP/VJP
+products through the operator only (``perturbed_gauss_newton``): for a linear residual
+and enough iterations it is an exact draw of π_t however ill-conditioned (bright objects:
+data curvature 10⁴-10⁵ x the prior's); CG needs ~√(condition number) iterations where
+Langevin needs ~condition number steps.
+
+Likelihood step, part 2 (MALA, ``inner`` steps per level, exact for π_t): U(x) = ½‖r(x)‖² + ½‖(x − x̂0)/r_t‖²,
 proposal x' = x − h P∇U + √(2h) P^½ ξ with a diagonal preconditioner P = 1/D fixed per
 level, D = (J_GNᵀ W J_GN) 𝟙 + 1/r_t² -- the Gauss-Newton curvature row sums at the chain's
 start (α held fixed; J_GN = α PSF ⊛ R · diag(v'(x)) is non-negative, so D⁻¹H has spectral
@@ -34,7 +41,12 @@ generic residual (``ResidualLikelihood``). Metropolis-Hastings accepts per row; 
 step h adapts between levels to its own acceptance rate (target ``TARGET_ACCEPT``).
 
 Cost per sample: ``levels`` network forward passes (DPS: ``steps`` forward + backward
-passes, ~1.7x a forward on CPU) plus ``levels · (inner + 1)`` operator gradients.
+passes, ~1.7x a forward on CPU) plus ~``levels · (inner + 1 + 2 cg)`` operator passes.
+
+Status (docs/RESULTS.md, 2026-12-02): exact on Gaussian priors (tests/sampling/test_daps.py),
+but on the demo prior it under-fits bright objects (the Gaussian approximation of
+p(x0 | x_t) is too loose along the flux scale that the profiled likelihood leaves free), so
+"dps" stays the default sampler.
 Randomness: every draw of row (o, k) comes from its own generator seeded by
 ``(seed, object_id, k)``, so a sample does not depend on its batch (to float tolerance).
 """

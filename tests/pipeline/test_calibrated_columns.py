@@ -8,6 +8,7 @@ gives a warning and NaN columns; no calibration gives NaN columns.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from datetime import UTC, datetime
@@ -72,6 +73,14 @@ def test_calibration_round_trips_through_the_artifact(calibrated_prior, tiny_pri
     (bad / PRIOR_CALIBRATION).write_text('{"format": "d4a-calibration/1", "snr_edges": [1, 0]}')
     with pytest.raises(PriorFormatError, match=r"calibration\.json"):
         load_prior(bad)
+    # fitted for other weights: ignored with a warning
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_prior, stale)
+    write_calibration(
+        stale, dataclasses.replace(_calibration(CONFIG.sampler), prior_sha256="0" * 64)
+    )
+    with pytest.warns(UserWarning, match="fitted for weights"):
+        assert load_prior(stale).calibration is None
 
 
 def test_actor_writes_calibrated_columns_beside_the_raw_std(calibrated_prior, tiny_survey):

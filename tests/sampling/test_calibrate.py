@@ -83,3 +83,16 @@ def test_a_field_added_to_the_sampler_config_later_must_be_at_its_default():
     assert cal.matches(SamplerConfig())
     assert not cal.matches(SamplerConfig(clip_x0=not SamplerConfig().clip_x0))
     assert not cal.matches(SamplerConfig(samples=8))
+
+
+def test_dps_rms_total_at_the_reference_steps_is_the_rms_rule():
+    from d4a_batch.prior import calibration
+    from d4a_batch.sampling import dps
+
+    assert calibration._DPS_REFERENCE_STEPS == dps.TOTAL_REFERENCE_STEPS
+    cal = _cal(SamplerConfig(steps=50, guidance=0.01, guidance_rule="rms", sampler="dps"))
+    assert cal.matches(SamplerConfig(steps=50, guidance=0.01, guidance_rule="rms_total"))
+    assert not cal.matches(SamplerConfig(steps=25, guidance=0.01, guidance_rule="rms_total"))
+    assert _cal(SamplerConfig(steps=25, guidance=0.02, guidance_rule="rms")).matches(
+        SamplerConfig(steps=25, guidance=0.01, guidance_rule="rms_total")
+    )

@@ -216,7 +216,7 @@ def test_cuda_runs_the_network_in_bfloat16(tiny_unet_prior):
 
 @pytest.mark.slow
 def test_rms_total_rule_pulls_as_far_at_25_and_100_steps():
-    """"rms_total" spreads ζ·50 over the steps: on a bright mock (real operator, Gaussian
+    """The "rms_total" rule spreads ζ·50 over the steps: on a bright mock (real operator, Gaussian
     galaxy prior) 25 and 100 steps fit the data alike, where "rms" (ζ per step) does not."""
     from d4a_batch.config import SamplerConfig
     from tests.sampling.conftest import galaxy_prior
