@@ -47,6 +47,6 @@ def test_readme_join_selects_clean_objects_with_their_survey_columns(
     )
     # exactly the ok rows without the chosen flags
     bad = int(Flag.PRIOR_DOMINATED | Flag.POOR_FIT | Flag.INPUT_ERROR | Flag.PSF_BAD)
-    want = post[(post.status == "ok") & ((post.flags & bad) == 0)].index
+    want = post[(post["status"] == "ok") & ((post["flags"] & bad) == 0)].index
     assert sorted(clean.object_id) == sorted(want)
-    assert (clean.status == "ok").all() and ((clean.flags & bad) == 0).all()
+    assert (clean["status"] == "ok").all() and ((clean["flags"] & bad) == 0).all()
