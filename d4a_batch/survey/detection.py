@@ -172,6 +172,36 @@ def footprint_box(shape: tuple[int, int], offset: tuple[float, float], footprint
     return iny[:, None] & inx[None, :]
 
 
+def _extract(d, level, usable, minarea, nthresh, cont) -> tuple[np.ndarray, np.ndarray]:
+    """sep objects and segmentation map [H,W] int32 of detection image ``d``."""
+    sep.set_sub_object_limit(4096)
+    objects, segmap = sep.extract(
+        np.ascontiguousarray(d, dtype=np.float64),
+        level,
+        mask=np.ascontiguousarray(~usable),
+        minarea=minarea,
+        deblend_nthresh=nthresh,
+        deblend_cont=cont,
+        segmentation_map=True,
+    )
+    return objects, segmap.astype(np.int32)
+
+
+def _swallowed_by_brighter(
+    d: np.ndarray, segmap: np.ndarray, target: int, offset: tuple[float, float], radius: float
+) -> bool:
+    """True when the target's segment peaks more than ``radius`` pixels from the object's
+    position, 10× brighter than the detection image there: another source merged in."""
+    h, w = segmap.shape
+    cy, cx = h / 2 + offset[0], w / 2 + offset[1]
+    seg = segmap == target
+    k = int(np.argmax(np.where(seg, d, -np.inf)))
+    py, px = divmod(k, w)
+    far = (py + 0.5 - cy) ** 2 + (px + 0.5 - cx) ** 2 > radius**2
+    iy, ix = min(max(math.floor(cy), 0), h - 1), min(max(math.floor(cx), 0), w - 1)
+    return bool(far and d[py, px] > 10 * max(float(d[iy, ix]), 0.0))
+
+
 def find_target(segmap: np.ndarray, offset: tuple[float, float], radius: float) -> int:
     """Segment id at the object's position, else of the nearest segment pixel within
     ``radius`` pixels (0: none)."""
@@ -265,18 +295,22 @@ def find_sources(
     # unusable pixels are huge, sep stopped deblending (3 segments instead of 7 on
     # scarlet's hsc_cosmos_35); the sky sigma is one value per band combination anyway
     level = p.threshold * float(np.median(sky_sigma[usable]))
-    sep.set_sub_object_limit(4096)
-    objects, segmap = sep.extract(
-        np.ascontiguousarray(d, dtype=np.float64),
-        level,
-        mask=np.ascontiguousarray(~usable),
-        minarea=p.minarea,
-        deblend_nthresh=p.deblend_nthresh,
-        deblend_cont=p.deblend_cont,
-        segmentation_map=True,
-    )
-    segmap = segmap.astype(np.int32)
+    objects, segmap = _extract(d, level, usable, p.minarea, p.deblend_nthresh, p.deblend_cont)
     target = find_target(segmap, offset, p.target_radius)
+    # a much brighter source (a star) merged with the target: its range of levels (10^4
+    # and more) leaves the target's branch inside one of the exponentially spaced threshold
+    # steps, so deblend finer, 2x then 4x the thresholds at 1/100 of the contrast, and stop
+    # at the first that splits it (finer than needed cuts the target's own wings): the demo
+    # survey's 21 mag galaxies 16 px from 15 mag stars, and a compact galaxy beside a star
+    # 6 mag brighter in tests/survey/test_detection.py, merged at the defaults and split so
+    radius = max(p.target_radius, 2 * fwhm)
+    for finer in (2, 4):
+        if not (target and _swallowed_by_brighter(d, segmap, target, offset, radius)):
+            break
+        objects, segmap = _extract(
+            d, level, usable, p.minarea, finer * p.deblend_nthresh, p.deblend_cont / 100
+        )
+        target = find_target(segmap, offset, p.target_radius)
     others = (segmap > 0) & (segmap != target)
     radius = p.dilation_fwhm * fwhm if math.isfinite(fwhm) else 0.0
     mask = empty.copy()

@@ -147,3 +147,24 @@ def test_detection_defaults_are_the_staging_config_defaults():
     from d4a_batch.survey.detection import DetectionParams
 
     assert DetectionParams() == DetectionParams.from_staging(StagingConfig())
+
+
+def _star(flux: float, dy: float, dx: float) -> np.ndarray:
+    star = galsim.Moffat(beta=3.5, fwhm=0.7, flux=flux)
+    img = star.drawImage(nx=SIZE, ny=SIZE, scale=PIX, offset=(dx, dy)).array
+    return np.stack([img * f for f in (1.0, 1.0, 1.0)])
+
+
+def test_a_bright_star_beside_a_faint_galaxy_is_split_and_masked():
+    """A star 6 mag brighter, 16 px away, spans a range of levels that left the galaxy's
+    branch below one deblending step (one segment: the star was fitted as the target);
+    the second, finer pass splits it, and the star becomes a masked neighbour."""
+    galaxy = _draw(hlr=0.5, flux=20.0)
+    model = galaxy + _star(20.0 * 10 ** (0.4 * 6), dy=-14.0, dx=-8.0)
+    img, var, valid = _observe(model, seed=3)
+    s = find_sources(img, var, valid, _psf(), (0.0, 0.0), FOOTPRINT)
+    assert s.target > 0 and s.n_neighbours >= 1
+    star_pixel = (SIZE // 2 - 14, SIZE // 2 - 8)
+    assert s.segmap[star_pixel] != s.target
+    assert s.neighbour_mask[star_pixel]
+    assert not s.neighbour_mask[SIZE // 2, SIZE // 2]  # the galaxy's own pixels stay
