@@ -155,9 +155,9 @@ def test_run_listing_names_each_run_and_its_reasons(sequence):
     text = describe_runs(str(sequence["out"]))
     for key in ("first", "again", "changed", "new_config", "forced"):
         assert sequence[key].run_id in text
-    assert f"processed (input changed): {sequence['a']}" in text
-    assert f"processed (config changed): {sequence['b']}" in text
-    assert f"processed (forced): {sequence['c']}" in text
+    assert f"processed (input changed): {pixel_name(sequence['a'])}" in text
+    assert f"processed (config changed): {pixel_name(sequence['b'])}" in text
+    assert f"processed (forced): {pixel_name(sequence['c'])}" in text
     assert "interrupted" not in text
 
 
