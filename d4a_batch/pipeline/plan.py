@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
-import ray
 from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import PriorConfig, RunConfig
@@ -25,7 +24,6 @@ from d4a_batch.pipeline.ledger import (
     Ledger,
     PartitionRecord,
     parse_pixel,
-    partition_fingerprint,
     pixel_name,
     plan,
 )
@@ -39,7 +37,6 @@ from d4a_batch.survey.hats_io import (
     Partition,
     input_column_names,
     open_input_catalog,
-    read_partition,
 )
 from d4a_batch.survey.output import OutputSpec, Provenance
 from d4a_batch.survey.storage import absolute_uri, filesystem, join_uri
@@ -204,18 +201,6 @@ def prepare_output(output: str, overwrite: bool, ledger: Ledger, storage_options
     if fs.exists(work):
         log.info("removing leftovers of an earlier run: %s", work)
         fs.rm(work, recursive=True)
-
-
-@ray.remote
-def _fingerprint(part: Partition, columns, bands, root, healpix_column, storage_options):
-    """(pixel, fingerprint, rows, None), or (pixel, "", 0, why) when the partition is unusable."""
-    try:
-        fp, n = partition_fingerprint(part, columns, bands, root, -1, storage_options)
-        # the read stage must not fail later on this partition (column types, e.g. object_id)
-        read_partition(part, columns, bands, healpix_column, storage_options)
-        return part.healpix, fp, n, None
-    except Exception as e:  # an unreadable partition fails alone
-        return part.healpix, "", 0, f"cannot read partition {part.uri}: {e}"
 
 
 def apply_limit(
