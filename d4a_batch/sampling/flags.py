@@ -167,8 +167,8 @@ def check_blended(
     if _finite(blend_fraction) and blend_fraction > thresholds.blend_fraction_max:
         n = f" from {int(n_neighbours)} masked neighbour(s)" if _finite(n_neighbours) else ""
         why.append(
-            f"{100 * blend_fraction:.0f} % of the target's light on the used footprint pixels "
-            f"is neighbour light{n} (> {100 * thresholds.blend_fraction_max:.0f} %)"
+            f"{100 * blend_fraction:.2g} % of the target's light on the used footprint pixels "
+            f"is neighbour light{n} (> {100 * thresholds.blend_fraction_max:.2g} %)"
         )
     if _finite(asymmetry) and asymmetry > thresholds.asymmetry_max:
         why.append(
