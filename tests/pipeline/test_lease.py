@@ -104,9 +104,9 @@ def _silence(lease: Lease, age_s: float) -> None:
 def test_a_stale_lease_is_taken_over_and_its_holder_learns_it_lost(where):
     output, so = where
     dead = Lease(output, so, ttl_s=60, run_id="dead").acquire()
-    _silence(dead, age_s=59)
+    _silence(dead, age_s=30)  # half the ttl: still fresh even after a long stall here
     with pytest.raises(LeaseHeld):
-        Lease(output, so, ttl_s=60, run_id="early").acquire()  # still fresh
+        Lease(output, so, ttl_s=60, run_id="early").acquire()
     _silence(dead, age_s=61)
     with Lease(output, so, ttl_s=60, run_id="next") as nxt:
         assert nxt.took_over is not None and nxt.took_over.run_id == "dead"

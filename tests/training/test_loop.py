@@ -96,6 +96,30 @@ def test_two_cpu_workers_train_checkpoint_and_export(ray_local, tmp_path):
     assert record["steps"] == 40 and record["images_seen"] == 640
 
 
+def _wait_for_dead_job_actors(ray, timeout_s: float = 300.0) -> None:
+    """Block until no actor of another (the killed) job is alive in the test cluster.
+
+    Ray reaps a dead driver's actors asynchronously; a fixed sleep is a race on a loaded
+    machine. The rerun would otherwise queue behind workers that still hold the CPUs.
+    Detached actors (Ray Data's stats actor) outlive every job and are not waited for.
+    """
+    # the GCS actor table (the public state API needs the dashboard, off in these tests)
+    from ray._private.state import actors
+
+    own_job = ray.get_runtime_context().get_job_id()
+    deadline = time.time() + timeout_s
+    while True:
+        others = [
+            a["ActorClassName"]
+            for a in actors().values()
+            if a["State"] != "DEAD" and a["JobID"] != own_job and not a["IsDetached"]
+        ]
+        if not others:
+            return
+        assert time.time() < deadline, f"actors of the killed job still alive: {others}"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
@@ -133,7 +157,7 @@ def test_killed_driver_resumes_from_last_checkpoint(ray_local, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     registered = [int(s) for s in re.findall(r"checkpoint_(\d{7})", snapshot.read_text())]
     assert registered and max(registered) < 30
-    time.sleep(3)  # let Ray reap the dead driver's train actors
+    _wait_for_dead_job_actors(ray_local)
     run2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
     out = run2.stdout + run2.stderr
