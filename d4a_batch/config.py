@@ -169,25 +169,33 @@ class FlagThresholds:
     hallucination_max: float = 0.5  # variance-ratio score in the core above this: prior-dominated
     upsampling_max: float = 4.0  # u = 0.168"/theta above this: unreliable (paper)
     chi2_max: float = 3.0  # reduced chi2 of the re-convolved mean above this: poor fit
+    # MASKED_FRACTION_HIGH: unusable pixels of the model footprint (all bands) in the cutout
+    # itself (bad MASK bits, non-finite, off the cutout); neighbour masking is not counted
     masked_fraction_max: float = 0.3
     psf_sum_tolerance: float = 0.02  # |sum - 1| above this: renormalised and flagged
     psf_centroid_tolerance: float = 0.5  # pixels
     # a PSF larger than StagingConfig.psf_size is cropped (and renormalised): PSF_BAD when
     # the crop loses more than this fraction of its flux (issue 11)
     psf_crop_loss_max: float = 0.01
-    # BLENDED (survey/detection.py; measured on 60 mock targets with one neighbour at
-    # 4-30 px, i 20-23.5, by jobs/blend_thresholds.py -> docs/results/blend_thresholds.json):
-    # blend_fraction = neighbour light left on the used footprint pixels / the target's;
-    # among the 51 deblended neighbours the true target model's chi2/dof on the used pixels
-    # first exceeded 1.5 at 0.018 (bright targets; faint ones tolerate 0.09), so 0.015
-    # keeps it <= 1.09 for every unflagged one. asymmetry = light of the target's segment
-    # with no mirror image: <= 0.13 for every deblended or isolated mock, >= 0.18 for all 9
-    # neighbours too close to deblend (merged into the target's segment): 0.15 between.
-    blend_fraction_max: float = 0.015
-    asymmetry_max: float = 0.15
-    # TRUNCATED: target segment flux outside the model footprint / its total. The 60 mock
-    # targets, which fit the field, measure <= 0.04 (PSF wings, noise, merged neighbours);
-    # 0.1 is 2.5x that
+    # BLENDED (survey/detection.py; measured by jobs/blend_thresholds.py on mock targets
+    # with one neighbour at 4-30 px, i 20-23.5 -> docs/results/blend_thresholds.json):
+    # contamination = the neighbours' light left on the used stamp pixels in noise units,
+    # sum (T^2/V) per used pixel: the chi2/dof it adds to a perfect fit of the target (the
+    # S/N-blind flux share, blend_fraction, stays in the reason). On 200 targets the true
+    # target model's chi2/dof on the used pixels is 1 + the neighbour's true contamination
+    # (median deviation 0.011, the noise); limit: a neighbour may push it to 1.2 unflagged.
+    # The smallest estimated contamination of a deblended target above 1.2 was 0.142, so
+    # 0.13 flags every one of them (48 of 172 deblended; largest unflagged chi2/dof 1.16,
+    # smallest flagged 1.06). The flux share is S/N-blind: 0.015 of it flagged 55 of 172
+    # and left a chi2/dof of 1.59 unflagged.
+    contamination_max: float = 0.13
+    # asymmetry = light of the target's segment with no mirror image: <= 0.131 for every
+    # deblended target under contamination_max, >= 0.145 for all 28 neighbours too close
+    # to deblend (merged into the target's segment, true chi2/dof 1.5-66): 0.14 between.
+    asymmetry_max: float = 0.14
+    # TRUNCATED: the target's flux outside the model footprint / its total, both from its
+    # point-symmetric template (a neighbour merged on one side does not count). The 200
+    # mock targets, which fit the field, measure <= 0.03 (PSF wings, noise); 0.1 is 3x that
     truncated_fraction_max: float = 0.1
 
 
@@ -204,11 +212,15 @@ class SamplerConfig:
     # default, so that --steps changes the discretisation, not the fit; at 50 steps = "rms")
     guidance_rule: str = "rms_total"
     clip_x0: bool = True
-    # "dps" (guidance through the network, the paper's method) | "daps" (annealed decoupled
-    # sampling, no network gradient: sampling/daps.py); steps = network calls per sample
+    # "dps" (guidance through the network, the paper's method) | "dds" (data-consistency CG
+    # on Tweedie's x̂0 each step, no network gradient: sampling/dds.py) | "daps" (annealed
+    # decoupled sampling, no network gradient: sampling/daps.py); steps = network calls per sample
     sampler: str = "dps"
     inner_steps: int = 4  # daps: MALA steps per level (likelihood step)
-    cg_iterations: int = 20  # daps: CG iterations of the perturbed Gauss-Newton step per level
+    cg_iterations: int = 20  # daps/dds: CG iterations of the Gauss-Newton step per level/step
+    # dds: the same CG iterations per step, on Tweedie's x̂0; True: perturb-and-optimise (a
+    # posterior draw of x0 given x_t, exact for Gaussian priors), False: the mode (as DDS)
+    dds_randomize: bool = True
     marginalise_photoz: bool = False
     aperture_radius_frac: float = 30 / 256  # hallucination-score aperture, of the image side
     keep_samples: int = 0  # raw samples kept per object in the output
@@ -277,7 +289,7 @@ class RunConfig:
 Rule = typing.Callable[[Any], "str | None"]
 
 GUIDANCE_RULES = ("rms", "raw", "rms_total")
-SAMPLERS = ("dps", "daps")
+SAMPLERS = ("dps", "dds", "daps")
 NOISE_SCHEDULES = ("linear", "cosine")
 PARAMETERIZATIONS = ("eps", "v")
 MAP_DTYPES = ("float32", "float16")
@@ -449,7 +461,7 @@ FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "psf_sum_tolerance": (non_negative,),
         "psf_centroid_tolerance": (non_negative,),
         "psf_crop_loss_max": (between(0, 1),),
-        "blend_fraction_max": (non_negative,),
+        "contamination_max": (non_negative, finite),
         "asymmetry_max": (non_negative,),
         "truncated_fraction_max": (between(0, 1),),
     },
@@ -462,6 +474,7 @@ FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "sampler": (one_of(*SAMPLERS),),
         "inner_steps": (non_negative,),
         "cg_iterations": (non_negative,),
+        "dds_randomize": (),
         "marginalise_photoz": (),
         "aperture_radius_frac": (between(0, 0.5, lo_open=True),),
         "keep_samples": (non_negative,),

@@ -59,13 +59,16 @@ FLAG_REASONS: dict[Flag, str] = {
     Flag.PRIOR_DOMINATED: "variance ratio in the core above threshold: the prior, not the data, drives the image",
     Flag.UPSAMPLING_HIGH: "upsampling factor 0.168''/theta above limit: deconvolution unreliable",
     Flag.POOR_FIT: "reduced chi2 of the re-convolved posterior mean above threshold",
-    Flag.MASKED_FRACTION_HIGH: "fraction of masked pixels in the stamp above threshold",
+    Flag.MASKED_FRACTION_HIGH: (
+        "fraction of unusable pixels (bad MASK bits, non-finite, off the cutout) in the model "
+        "footprint above threshold; neighbour masking is not counted"
+    ),
     Flag.PSF_BAD: "PSF missing, renormalised or off-centre",
     Flag.PHOTOZ_BAD: "photo-z missing, invalid or outside the prior's validity range",
     Flag.INPUT_ERROR: "input could not be read or used; see status_message",
     Flag.NOISE_ESTIMATED: "MASK and/or VARIANCE empty or absent: noise estimated from the stamp (sky from source-free pixels + source term), see flag_reasons",
-    Flag.BLENDED: "a neighbour's light left on the used pixels of the model footprint (or a neighbour merged into the target's segment) above threshold: masking cannot remove it",
-    Flag.TRUNCATED: "fraction of the target segment's flux outside the model footprint above threshold: the model field cuts the galaxy off",
+    Flag.BLENDED: "the neighbours' light left on the used pixels, in noise units (the chi2/dof it adds to a perfect fit of the target), above threshold, or a neighbour merged into the target's segment: masking cannot remove it",
+    Flag.TRUNCATED: "fraction of the target's flux (its point-symmetric template, so a merged neighbour does not count) outside the model footprint above threshold: the model field cuts the galaxy off",
 }
 
 
@@ -95,11 +98,16 @@ class Col:
     UPSAMPLING = "upsampling"
     N_OUT = "footprint_hsc_pixels"
     STAMP_SIZE = "stamp_size"
+    # unusable pixels of the model footprint (all bands) in the cutout itself: bad MASK bits,
+    # non-finite, outside the cutout; neighbour masking is not counted (MASKED_FRACTION_HIGH)
     MASKED_FRACTION = "masked_fraction"
     # neighbours and truncation (survey/detection.py, measured at staging)
     N_NEIGHBOURS_MASKED = "n_neighbours_masked"  # neighbour segments made invalid pixels
     NEIGHBOUR_MASKED_FRACTION = "neighbour_masked_fraction"  # stamp pixels masked for them
     BLEND_FRACTION = "blend_fraction"  # neighbour light on used footprint pixels / target's
+    # the neighbours' light left on the used stamp pixels in noise units: the chi2/dof it
+    # adds to a perfect fit of the target (BLENDED; survey/detection.py)
+    CONTAMINATION = "contamination"
     ASYMMETRY = "asymmetry"  # target segment light with no point-mirror image / its flux
     TRUNCATED_FRACTION = "truncated_fraction"  # target segment flux outside the footprint
     # summaries (per band columns are f"{name}_{band}")

@@ -82,13 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--figures", type=int, default=4, help="per-object figures to draw")
     p.add_argument("--no-real", action="store_true", help="skip the real HSC cutout")
     p.add_argument("--real-z", type=float, default=0.5, help="redshift assumed for real sources")
-    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | daps (main run)")
+    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | dds | daps (main run)")
     p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps)
     p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations)
     p.add_argument("--i-mag-range", default=None, help="mock i magnitudes lo,hi (e.g. 18,24)")
     p.add_argument("--compare", nargs="*", default=[],
                    help="sampler frontier specs, the first is the time reference, e.g. "
-                        "dps:50 dps:25 daps:30:4:20 (validation/frontier.py)")  # fmt: skip
+                        "dps:50 dps:25 dds:25:10 daps:30:4:20 (validation/frontier.py)")  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Measure where neighbour masking stops working: the BLENDED and TRUNCATED thresholds.
 
-    python jobs/blend_thresholds.py [--objects 40] [--out docs/results/blend_thresholds.json]
+    python jobs/blend_thresholds.py [--objects 200] [--out docs/results/blend_thresholds.json]
 
 Per mock target (``mock.survey`` galaxies, i = 20-23.5, z = 0.25-1, PSF FWHM 0.62-0.8'',
 HSC COSMOS noise) one neighbour at 4-30 HSC pixels, 1 mag brighter to 1.5 mag fainter:
@@ -8,12 +8,19 @@ staging's detection (``survey.detection.find_sources``, default ``StagingConfig`
 it; then, knowing the truth, we measure
 
 - ``true_fraction``: the neighbour's true light on the used footprint pixels / the target's;
-- ``chi2_truth``: reduced chi2 of the *true* target model on the used pixels: what the
-  best possible fit of the target alone achieves once the neighbour is masked;
+- ``chi2_truth``: reduced chi2 of the *true* target model on the used pixels of the
+  sampler's stamp (the pixels the likelihood and chi2 use): what the best possible fit of
+  the target alone achieves once the neighbour is masked;
+- ``true_contamination``: the neighbour's true light in noise units on those pixels,
+  sum(nb^2 / V) / n_used (chi2_truth ~ 1 + true_contamination);
 
-next to the estimates ``blend_fraction`` and ``asymmetry`` (and ``truncated_fraction`` of
-these targets, which all fit the model field). A table is printed and written as JSON;
-the thresholds in ``FlagThresholds`` come from it (docs/RESULTS.md).
+next to the estimates ``contamination`` (what BLENDED tests), ``blend_fraction`` and
+``asymmetry`` (and ``truncated_fraction`` of these targets, which all fit the model field).
+``--limit`` (default 1.2): the chi2/dof of the true model that a neighbour may push a target
+to unflagged; the summary gives the largest contamination threshold that flags every
+deblended target above it, and what the chosen threshold leaves unflagged. A table is
+printed and written as JSON; the thresholds in ``FlagThresholds`` come from it
+(docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -58,24 +65,30 @@ def measure(k: int, cfg: MockSurveyConfig, params: DetectionParams) -> dict:
     var = np.stack([SKY_VARIANCE[b] + np.clip(target[c] + nb[c], 0, None) * INV_GAIN[b]
                     for c, b in enumerate(cfg.bands)])  # fmt: skip
     img = target + nb + rng.standard_normal(target.shape) * np.sqrt(var)
-    s = find_sources(img, var, np.ones(img.shape, bool), psf, off, n_out, params)
+    pad = 16
+    s = find_sources(img, var, np.ones(img.shape, bool), psf, off, n_out, params, pad)
     used = np.broadcast_to(footprint_box((size, size), off, n_out) & ~s.neighbour_mask, img.shape)
     w = np.array([1 / np.median(v) for v in var])[:, None, None]
-    keep = np.broadcast_to(~s.neighbour_mask, img.shape)
+    inner = np.zeros((size, size), bool)
+    inner[pad:-pad, pad:-pad] = True
+    keep = np.broadcast_to(inner & ~s.neighbour_mask, img.shape)
     return {
         "object": k, "i_mag": mag, "dm_neighbour": dm, "separation_px": sep_px,
-        "n_neighbours_masked": s.n_neighbours, "blend_fraction": s.blend_fraction,
+        "n_neighbours_masked": s.n_neighbours, "contamination": s.contamination,
+        "blend_fraction": s.blend_fraction,
         "asymmetry": s.asymmetry, "truncated_fraction": s.truncated_fraction,
         "true_fraction": float((w * nb)[used].sum() / (w * target)[used].sum()),
+        "true_contamination": float((nb**2 / var)[keep].mean()),
         "chi2_truth": float(((img - target) ** 2 / var)[keep].mean()),
     }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--objects", type=int, default=40)
+    p.add_argument("--objects", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("docs/results/blend_thresholds.json"))
     p.add_argument("--deblend-cont", type=float, help="override StagingConfig.deblend_cont")
+    p.add_argument("--limit", type=float, default=1.2, help="chi2/dof of the true model")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     st = StagingConfig()
@@ -90,18 +103,46 @@ def main(argv: list[str] | None = None) -> None:
     t = FlagThresholds()
     deblended = [r for r in rows if r["n_neighbours_masked"] > 0]
     merged = [r for r in rows if r["n_neighbours_masked"] == 0]
-    over = [r["blend_fraction"] for r in deblended if r["chi2_truth"] > 1.5]
+    over = [r["contamination"] for r in deblended if r["chi2_truth"] > args.limit]
+    quiet = [r for r in deblended if not r["contamination"] > t.contamination_max]
+    flagged = [r for r in deblended if r["contamination"] > t.contamination_max]
+    est, tru = (
+        np.array([r[k] for r in deblended]) for k in ("contamination", "true_contamination")
+    )
     summary = {
         "deblend_cont": st.deblend_cont,
+        "chi2_truth limit": args.limit,
+        f"smallest contamination with chi2_truth > {args.limit} (deblended)": min(
+            over, default=None
+        ),
+        "largest chi2_truth unflagged at contamination_max (deblended)": max(
+            (r["chi2_truth"] for r in quiet), default=None
+        ),
+        "smallest chi2_truth flagged at contamination_max (deblended)": min(
+            (r["chi2_truth"] for r in flagged), default=None
+        ),
+        "flagged at contamination_max (deblended)": f"{len(flagged)} of {len(deblended)}",
+        "old flux-share rule (blend_fraction > 0.015): flagged, largest chi2_truth unflagged": [
+            sum(r["blend_fraction"] > 0.015 for r in deblended),
+            max(
+                (r["chi2_truth"] for r in deblended if not r["blend_fraction"] > 0.015),
+                default=None,
+            ),
+        ],
+        "median |contamination - true_contamination| (deblended)": float(
+            np.median(np.abs(est - tru))
+        ),
         "targets split (target segment not at the position or > 1 neighbour)": sum(
             r["n_neighbours_masked"] > 1 for r in rows
         ),
-        "smallest blend_fraction with chi2_truth > 1.5 (deblended)": min(over, default=None),
         "largest asymmetry, deblended": max((r["asymmetry"] for r in deblended), default=None),
+        "largest asymmetry, deblended under contamination_max": max(
+            (r["asymmetry"] for r in quiet), default=None
+        ),
         "smallest asymmetry, merged": min((r["asymmetry"] for r in merged), default=None),
         "largest truncated_fraction": max(r["truncated_fraction"] for r in rows),
         "thresholds": {
-            "blend_fraction_max": t.blend_fraction_max,
+            "contamination_max": t.contamination_max,
             "asymmetry_max": t.asymmetry_max,
             "truncated_fraction_max": t.truncated_fraction_max,
         },

@@ -18,7 +18,7 @@
 4. The job (``jobs/deconvolve_survey.py``) runs with default settings (RunConfig(), the
    demo prior) unless ``--steps``/``--samples`` are given, with a figure per source and
    the run report; the table of results (status, flags with reasons, chi2, neighbours,
-   blend and truncated fractions) and the figures are written to ``--results``.
+   contamination, blend and truncated fractions) and the figures are written to ``--results``.
 
 Object ids: 1000 + k for hsc_cosmos_35's source k, 2000 + k for hsc_cosmos's.
 """
@@ -46,7 +46,8 @@ BANDS = ("g", "r", "i")
 PHOTOZ = 0.3
 TABLE_COLUMNS = [
     Col.OBJECT_ID, Col.STATUS, Col.FLAG_NAMES, Col.CHI2, Col.MASKED_FRACTION,
-    Col.N_NEIGHBOURS_MASKED, Col.NEIGHBOUR_MASKED_FRACTION, Col.BLEND_FRACTION, Col.ASYMMETRY,
+    Col.N_NEIGHBOURS_MASKED, Col.NEIGHBOUR_MASKED_FRACTION, Col.CONTAMINATION,
+    Col.BLEND_FRACTION, Col.ASYMMETRY,
     Col.TRUNCATED_FRACTION, Col.HALLUCINATION, Col.FLAG_REASONS,
 ]  # fmt: skip
 

@@ -21,6 +21,14 @@ mocks with arms, bars, knots and dust; why: ``jobs/configs/hsc-64.md``) trains w
 
 (the same command again resumes from the latest checkpoint).
 
+On a multi-node cluster keep the training images and checkpoints where every node reaches
+them and spread the workers (a lost node: the worker group restarts from the last
+checkpoint, up to ``--max-failures`` times; the same command again resumes it too):
+
+    ray job submit --working-dir . -- python jobs/train_prior.py --workers 2 \
+        --placement-strategy SPREAD --storage s3://bucket/train --name hsc-64 \
+        --storage-options '{"client_kwargs": {"endpoint_url": "https://..."}}' ...
+
 ``jobs/configs/demo-64.json`` is the demo architecture (``PriorConfig()``) with a
 v-predicting network and posterior-variance reverse steps; without
 ``--prior-config`` the network predicts ε, as improved-diffusion's do (see
@@ -33,11 +41,18 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from d4a_batch.config import PriorConfig, from_dict
-from d4a_batch.training.loop import TrainConfig, export_prior, list_checkpoints, run_training
+from d4a_batch.survey.storage import filesystem, join_uri
+from d4a_batch.training.loop import (
+    TrainConfig,
+    export_prior,
+    list_checkpoints,
+    run_training,
+)
 
 
 def data_folder_name(prior: PriorConfig, n_images: int, seed: int) -> str:
@@ -52,12 +67,19 @@ def data_folder_name(prior: PriorConfig, n_images: int, seed: int) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="prior artifact folder to write at the end")
-    p.add_argument("--storage", type=Path, required=True, help="Ray Train storage path")
+    p.add_argument(
+        "--storage",
+        required=True,
+        help="Ray Train storage: a local folder or a URL (s3://bucket/prefix) every node reaches",
+    )
+    p.add_argument(
+        "--storage-options",
+        help="JSON of fsspec storage options for a URL --storage/--data (e.g. an S3 endpoint)",
+    )
     p.add_argument("--name", default="prior", help="run name (same name + storage: resume)")
     p.add_argument(
         "--data",
-        type=Path,
-        help="Parquet folder of training images (default: storage/data-<n>-<seed>)",
+        help="Parquet folder or URL of training images (default: storage/data-<n>-<seed>)",
     )
     p.add_argument("--n-images", type=int, default=6000)
     p.add_argument("--data-seed", type=int, default=0)
@@ -76,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--max-failures", type=int, default=3)
+    p.add_argument(
+        "--placement-strategy",
+        default="PACK",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="Ray placement of the workers (SPREAD: over the nodes)",
+    )
     p.add_argument(
         "--address", help="existing Ray cluster (e.g. 'auto'); default: start a local one"
     )
@@ -122,26 +150,32 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     t_job = time.perf_counter()
-    data = args.data or args.storage / data_folder_name(prior, args.n_images, args.data_seed)
-    if not (data.is_dir() and any(data.glob("*.parquet"))):
+    so = json.loads(args.storage_options) if args.storage_options else None
+    data = args.data or join_uri(
+        args.storage, data_folder_name(prior, args.n_images, args.data_seed)
+    )
+    fs, data_path = filesystem(data, so)
+    if not fs.glob(f"{data_path}/*.parquet"):
         t0 = time.perf_counter()
-        write_mock_parquet(data, args.n_images, prior, args.data_seed)
+        write_mock_parquet(data, args.n_images, prior, args.data_seed, storage_options=so)
         print(f"[data] {args.n_images} mock galaxies -> {data} in {time.perf_counter() - t0:.0f} s")
     t_fit = time.perf_counter()
     result = run_training(
         cfg,
-        read_training_dataset(data).materialize(),  # epochs re-read memory, not Parquet
+        read_training_dataset(data, so).materialize(),  # epochs re-read memory, not Parquet
         args.storage,
         args.name,
         num_workers=args.workers,
         use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures,
+        storage_options=so,
+        placement_strategy=args.placement_strategy,
     )
     fit_seconds = time.perf_counter() - t_fit
     print(f"[train] finished in {fit_seconds:.0f} s: {result.metrics}", flush=True)
-    ckpts = list_checkpoints(args.storage, args.name)
-    print(f"[train] checkpoints: {[c.name for c in ckpts]}", flush=True)
+    ckpts = list_checkpoints(args.storage, args.name, so)
+    print(f"[train] checkpoints: {[str(c).rsplit('/', 1)[-1] for c in ckpts]}", flush=True)
     if args.out is not None:
         job = {
             "job_fit_seconds": fit_seconds,
@@ -151,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "cpus_per_worker": args.cpus_per_worker,
         }
-        out = export_prior(
-            result.checkpoint.path, args.out, args.stats_samples, args.stats_steps, record_extra=job
-        )
+        with tempfile.TemporaryDirectory() as tmp:  # a local copy (object storage too)
+            name = Path(result.checkpoint.path).name
+            last = result.checkpoint.to_directory(str(Path(tmp) / name))
+            out = export_prior(
+                last, args.out, args.stats_samples, args.stats_steps, record_extra=job
+            )
         print(f"[export] wrote {out}", flush=True)
     return 0
 

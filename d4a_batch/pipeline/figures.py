@@ -161,7 +161,8 @@ def write_object_figures(
             if src is not None:
                 notes.insert(3, f"neighbours masked {src.n_neighbours} "
                              f"({100 * src.neighbour_masked_fraction:.0f} % of the stamp), "
-                             f"blend {src.blend_fraction:.3f}, asymmetry {src.asymmetry:.3f}, "
+                             f"contamination {src.contamination:.2g} chi2/dof "
+                             f"(share {src.blend_fraction:.3f}), asymmetry {src.asymmetry:.3f}, "
                              f"truncated {src.truncated_fraction:.3f}")  # fmt: skip
             detection = {} if src is None else {
                 "segmap": src.segmap, "target": src.target, "neighbour_mask": src.neighbour_mask}  # fmt: skip

@@ -58,6 +58,8 @@ _STREAM_PHOTOZ = 1  # the per-sample photo-z draw
 
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor], None]
+# consistency(i, x̂0[R,C,N,N]) -> x̂0' (spaced index i): a data-consistency step on Tweedie's estimate
+ConsistencyFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- randomness
@@ -157,6 +159,8 @@ def dps_sample(
     rule: str = "rms",
     clip_x0: bool = True,
     callback: StepCallback | None = None,
+    consistency: ConsistencyFn | None = None,
+    posterior_variance: bool = False,
 ) -> torch.Tensor:
     """DPS samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -166,6 +170,13 @@ def dps_sample(
     timesteps. ``generators[r]`` draws row r's noise. ``callback(i, x)`` sees the state
     after each step (spaced index i, counting down). Only x_t carries a gradient, one step
     at a time: memory does not grow with ``steps``.
+
+    ``consistency(i, x̂0) -> x̂0'`` (``sampling.dds``): replaces Tweedie's estimate by a
+    data-consistent one before the step, x' = coef1_i x̂0' + coef2_i x_t + σ_i z (no gradient
+    through the network; clipped to [−1, 1] when ``clip_x0``). None: the DPS step above,
+    unchanged. ``posterior_variance``: σ_i² is the variance of q(x_{t−1} | x_t, x0) whatever
+    the prior's own choice -- the exact step when ``consistency`` draws x0 from
+    p(x0 | x_t, y) (``dds_sample(randomize=True)``).
     """
     if rule not in GUIDANCE_RULES:
         raise ValueError(f"unknown guidance rule {rule!r}; expected one of {GUIDANCE_RULES}")
@@ -190,9 +201,19 @@ def dps_sample(
                 r = residual_fn(step["pred_xstart"])
                 norms = r.flatten(1).pow(2).sum(1).clamp_min(1e-30).sqrt()
                 (grad,) = torch.autograd.grad(norms.sum(), x)
-        x_next = step["mean"].detach()
+        log_var = step["log_variance"]
+        if consistency is None:
+            x_next = step["mean"].detach()
+        else:
+            with torch.no_grad():
+                x0c = consistency(i, step["pred_xstart"].detach())
+                if clip_x0:
+                    x0c = x0c.clamp(-1.0, 1.0)
+                x_next, _, q_log_var = spaced.q_posterior_mean_variance(x0c, x.detach(), t)
+            if posterior_variance:
+                log_var = q_log_var
         if i > 0:
-            sigma = torch.exp(0.5 * step["log_variance"].detach())
+            sigma = torch.exp(0.5 * log_var.detach())
             x_next = x_next + sigma * randn_rows(generators, shape, device)
         if guided:
             x_next = x_next - zeta * scale_guidance(grad, rule)
@@ -214,9 +235,11 @@ def deconvolve(
 ) -> PosteriorSummaries:
     """Posterior samples and summaries of B objects (all bands at once), usable without Ray.
 
-    ``config.sampler`` picks the sampler: "dps" (``dps_sample``) or "daps"
+    ``config.sampler`` picks the sampler: "dps" (``dps_sample``), "dds"
+    (``sampling.dds.dds_sample``: ``config.steps`` network calls, ``cg_iterations`` CG
+    iterations of the data-consistency step each, ``dds_randomize``) or "daps"
     (``sampling.daps.daps_sample``: ``config.steps`` levels, ``inner_steps`` MALA steps and
-    ``cg_iterations`` CG iterations per level); both return the same summaries.
+    ``cg_iterations`` CG iterations per level); all return the same summaries.
 
     ``observations``: the physics ``ObservationBatch`` of the B objects -- image, variance,
     valid [B,C,H,W] (counts, zero point ``physics.zeropoint_ab``), the per-band PSFs
@@ -270,6 +293,19 @@ def deconvolve(
             cg=config.cg_iterations,
             clip_x0=config.clip_x0,
         )
+    elif config.sampler == "dds":
+        from d4a_batch.sampling.daps import OperatorLikelihood
+        from d4a_batch.sampling.dds import dds_sample
+
+        x = dds_sample(
+            prior,
+            OperatorLikelihood(rows, op, ridge),
+            generators,
+            steps=config.steps,
+            cg=config.cg_iterations,
+            randomize=config.dds_randomize,
+            clip_x0=config.clip_x0,
+        )
     elif config.sampler == "dps":
         x = dps_sample(
             prior,
@@ -281,7 +317,9 @@ def deconvolve(
             clip_x0=config.clip_x0,
         )
     else:
-        raise ValueError(f"deconvolve: unknown sampler {config.sampler!r} (expected dps or daps)")
+        raise ValueError(
+            f"deconvolve: unknown sampler {config.sampler!r} (expected dps, dds or daps)"
+        )
     with torch.no_grad():
         _, alpha, beta = whitened_residual(x, rows, op, ridge)
     scale = model_pixel_scale(z, pcfg, physics)

@@ -56,12 +56,17 @@ def check_chi2(chi2_reduced: float, thresholds: FlagThresholds) -> FlagResult:
 
 
 def check_masked_fraction(masked_fraction: float, thresholds: FlagThresholds) -> FlagResult:
-    """Fraction of unusable stamp pixels (all bands) above ``masked_fraction_max``."""
+    """Fraction of the model footprint's pixels (all bands) that the cutout itself makes
+    unusable (bad MASK bits, non-finite, off the cutout: ``survey.staging``) above
+    ``masked_fraction_max``. Neighbour masking does not count: BLENDED and
+    ``n_neighbours_masked`` report neighbours."""
     if not _finite(masked_fraction):
         return Flag.MASKED_FRACTION_HIGH, f"masked fraction is not finite ({masked_fraction})"
     if masked_fraction > thresholds.masked_fraction_max:
         return Flag.MASKED_FRACTION_HIGH, (
-            f"masked fraction {masked_fraction:.3g} > {thresholds.masked_fraction_max:.3g}"
+            f"masked fraction {masked_fraction:.3g} > {thresholds.masked_fraction_max:.3g} "
+            "of the model footprint's pixels (bad MASK bits, non-finite or off the cutout; "
+            "neighbour masking not counted)"
         )
     return Flag.MASKED_FRACTION_HIGH, None
 
@@ -149,26 +154,36 @@ def check_noise_estimated(note: str | None) -> FlagResult:
 
 
 def check_blended(
-    blend_fraction: float,
+    contamination: float,
     asymmetry: float,
     thresholds: FlagThresholds,
     n_neighbours: float | None = None,
+    blend_fraction: float | None = None,
 ) -> FlagResult:
     """A neighbour's light the mask cannot remove (``survey.detection``; thresholds measured,
-    see ``FlagThresholds.blend_fraction_max``).
+    see ``FlagThresholds.contamination_max``).
 
-    Fires when ``blend_fraction`` (neighbour light left on the used pixels of the model
-    footprint, relative to the target's light there) exceeds ``blend_fraction_max``, or
-    when ``asymmetry`` (light of the target's segment with no point-mirror image: a
-    neighbour too close to deblend) exceeds ``asymmetry_max``. NaN (target not detected,
-    no detection run) does not fire.
+    Fires when ``contamination`` (the neighbours' light left on the used pixels in noise
+    units: the χ²/dof it adds to a perfect fit of the target) exceeds
+    ``contamination_max``, or when ``asymmetry`` (light of the target's segment with no
+    point-mirror image: a neighbour too close to deblend) exceeds ``asymmetry_max``. NaN
+    (target not detected, no detection run) does not fire. ``blend_fraction`` (the
+    neighbour light's share of the target's on the used footprint pixels) only words the
+    reason: a bright share can be harmless on a faint target and a small one not on a
+    bright target.
     """
     why = []
-    if _finite(blend_fraction) and blend_fraction > thresholds.blend_fraction_max:
-        n = f" from {int(n_neighbours)} masked neighbour(s)" if _finite(n_neighbours) else ""
+    if _finite(contamination) and contamination > thresholds.contamination_max:
+        n = f" of {int(n_neighbours)} masked neighbour(s)" if _finite(n_neighbours) else ""
+        share = (
+            f"; it is {100 * blend_fraction:.2g} % of the target's light on the used "
+            "footprint pixels"
+            if _finite(blend_fraction)
+            else ""
+        )
         why.append(
-            f"{100 * blend_fraction:.2g} % of the target's light on the used footprint pixels "
-            f"is neighbour light{n} (> {100 * thresholds.blend_fraction_max:.2g} %)"
+            f"the light{n} left outside the mask adds {contamination:.2g} to the chi2/dof of "
+            f"a perfect fit of the target (> {thresholds.contamination_max:.2g}){share}"
         )
     if _finite(asymmetry) and asymmetry > thresholds.asymmetry_max:
         why.append(
@@ -184,7 +199,8 @@ def check_truncated(
     field_kpc: float | None = None,
     footprint: float | None = None,
 ) -> FlagResult:
-    """The target segment's flux outside the model footprint above ``truncated_fraction_max``
+    """The target's flux outside the model footprint above ``truncated_fraction_max`` (its
+    point-symmetric template, so a neighbour merged into its segment does not count)
     (NaN: target not detected, does not fire). ``field_kpc``/``footprint`` (HSC pixels)
     only word the reason."""
     if not _finite(truncated_fraction) or truncated_fraction <= thresholds.truncated_fraction_max:
@@ -195,7 +211,8 @@ def check_truncated(
     if _finite(footprint):
         where += f" ({footprint:.0f} HSC px)"
     return Flag.TRUNCATED, (
-        f"{100 * truncated_fraction:.0f} % of the segment's flux lies outside {where} "
+        f"{100 * truncated_fraction:.0f} % of the target's flux (its symmetric template "
+        f"on its segment) lies outside {where} "
         f"(> {100 * thresholds.truncated_fraction_max:.0f} %)"
     )
 
@@ -221,6 +238,7 @@ def evaluate_flags(
     noise_estimated: str | None = None,
     psf_crop_loss: Sequence[float] | np.ndarray | None = None,
     blend_fraction: float | None = None,
+    contamination: float | None = None,
     asymmetry: float | None = None,
     n_neighbours: float | None = None,
     truncated_fraction: float | None = None,
@@ -248,13 +266,14 @@ def evaluate_flags(
         results.append(check_prior_dominated(hallucination, thresholds))
     if chi2_reduced is not None:
         results.append(check_chi2(chi2_reduced, thresholds))
-    if blend_fraction is not None or asymmetry is not None:
+    if contamination is not None or asymmetry is not None:
         results.append(
             check_blended(
-                math.nan if blend_fraction is None else blend_fraction,
+                math.nan if contamination is None else contamination,
                 math.nan if asymmetry is None else asymmetry,
                 thresholds,
                 n_neighbours,
+                blend_fraction,
             )
         )
     if truncated_fraction is not None:
@@ -298,7 +317,7 @@ def flag_objects(
     ``photoz[B]``, ``psf_sum[B,C]``, ``psf_centroid_offset[B,C]``, ``errors[B]`` (None: the
     object is usable); ``fit``: the sampled objects' ``masked_fraction``, ``upsampling``,
     ``hallucination``, ``chi2_reduced`` arrays [B] (None: nothing was sampled), and
-    optionally staging's ``blend_fraction``, ``asymmetry``, ``n_neighbours``,
+    optionally staging's ``contamination``, ``blend_fraction``, ``asymmetry``, ``n_neighbours``,
     ``truncated_fraction``, ``footprint``, ``field_kpc`` (any ``evaluate_flags`` keyword
     taking a float) for BLENDED and TRUNCATED. An object
     with an error gets no fit checks. ``noise_notes[B]``: how staging estimated an

@@ -22,8 +22,13 @@ Per object (a row of ``hats_io.read_partition``; C = the prior's bands):
    stamp ``detection_pad`` pixels wider: the other sources' segments, dilated by about
    the PSF FWHM, become invalid pixels (like bad MASK bits, so the likelihood, χ² and
    every score skip them); the number of masked neighbours, the masked fraction, the
-   blend fraction, the asymmetry and the truncated fraction go into the pack (BLENDED,
-   TRUNCATED flags). ``masked_fraction`` counts the neighbour pixels too.
+   blend fraction, the contamination, the asymmetry and the truncated fraction go into the
+   pack (BLENDED, TRUNCATED flags).
+6. ``masked_fraction`` (MASKED_FRACTION_HIGH): the unusable pixels of the model footprint
+   (the n_out × n_out square around the object, all bands) in the cutout itself: bad MASK
+   bits, non-finite values, pixels off the cutout. Neighbour masking is *not* counted (the
+   neighbours have n_neighbours_masked, neighbour_masked_fraction and BLENDED), nor are
+   stamp pixels outside the footprint.
 
 A problem with any of these (missing, corrupt or truncated file, wrong shape or
 dtype, no usable pixel in a band's stamp, missing PSF, unusable photo-z, object
@@ -53,7 +58,7 @@ from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
 from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
 from d4a_batch.sampling.flags import photoz_problem
 from d4a_batch.schema import Col
-from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources
+from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources, footprint_box
 from d4a_batch.survey.fits_io import (
     HSCCutout,
     InputError,
@@ -94,6 +99,8 @@ class StagedObject:
     theta_arcsec: float = math.nan
     scale: float = math.nan
     footprint: float = math.nan
+    # unusable footprint pixels (all bands) in the cutout: bad MASK bits, non-finite, off the
+    # cutout; neighbour masking not counted (MASKED_FRACTION_HIGH)
     masked_fraction: float = math.nan
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # image, variance, valid, psf
     noise_note: str | None = None  # image-only cutouts: how the noise was estimated, per band
@@ -104,6 +111,7 @@ class StagedObject:
     n_neighbours_masked: float = math.nan
     neighbour_masked_fraction: float = math.nan
     blend_fraction: float = math.nan
+    contamination: float = math.nan
     asymmetry: float = math.nan
     truncated_fraction: float = math.nan
     sources: StampSources | None = None  # segmentation on the stamp (not packed; figures)
@@ -125,6 +133,18 @@ def photoz_error(z: float | None) -> str | None:
     """Why ``z`` cannot be used as the object's redshift (None when it can): the one
     photo-z rule, ``sampling.flags.photoz_problem``, without the prior's range."""
     return photoz_problem(z)
+
+
+def footprint_masked_fraction(
+    valid: np.ndarray, offset: tuple[float, float], footprint: float
+) -> float:
+    """Unusable fraction of the model footprint's pixels, all bands: valid [C,H,W] (before
+    neighbour masking), the object at the stamp centre + ``offset``, footprint n_out pixels
+    (the whole stamp when the footprint covers no pixel centre)."""
+    box = footprint_box(valid.shape[1:], offset, footprint)
+    if not box.any():
+        box = np.ones(valid.shape[1:], bool)
+    return float(1.0 - np.asarray(valid, bool)[:, box].mean())
 
 
 def stamp_size(footprint: float, staging: StagingConfig) -> int:
@@ -303,9 +323,11 @@ class Stager:
         obj.arrays[IMAGE] = np.stack(planes[IMAGE])
         obj.arrays[VARIANCE] = np.stack(planes[VARIANCE])
         obj.arrays[VALID] = np.stack(planes[VALID]).astype(np.uint8)
+        obj.masked_fraction = footprint_masked_fraction(
+            obj.arrays[VALID], obj.offset, obj.footprint
+        )
         if self.staging.detect_neighbours:
             self._neighbours(obj, {k: np.stack(v) for k, v in wide.items()}, pad)
-        obj.masked_fraction = float(1.0 - obj.arrays[VALID].mean())
         return []
 
     def _neighbours(self, obj: StagedObject, wide: dict[str, np.ndarray], pad: int) -> None:
@@ -315,7 +337,7 @@ class Stager:
         try:
             found = find_sources(
                 wide[IMAGE], wide[VARIANCE], wide[VALID], obj.arrays[PSF], obj.offset,
-                obj.footprint, params,
+                obj.footprint, params, pad,
             ).crop(pad)  # fmt: skip
         except Exception as e:  # detection is a refinement: without it, stage unmasked
             log.warning("object %s: source detection failed (%s)", obj.ident[Col.OBJECT_ID], e)
@@ -325,6 +347,7 @@ class Stager:
         obj.n_neighbours_masked = float(found.n_neighbours)
         obj.neighbour_masked_fraction = found.neighbour_masked_fraction
         obj.blend_fraction = found.blend_fraction
+        obj.contamination = found.contamination
         obj.asymmetry = found.asymmetry
         obj.truncated_fraction = found.truncated_fraction
 

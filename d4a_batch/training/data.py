@@ -174,16 +174,48 @@ def mock_dataset(n_images: int, cfg: PriorConfig, seed: int, num_blocks: int | N
     return ds.map_batches(generate, batch_size=64, num_cpus=1)
 
 
+def _arrow_fs(path: str | Path, storage_options: dict | None):
+    """``(path, pyarrow filesystem or None)`` for Ray Data: URLs through fsspec with
+    ``storage_options`` (as the survey engine reaches them), local paths as they are."""
+    from d4a_batch.survey.storage import filesystem, has_scheme
+
+    if not has_scheme(str(path)):
+        return str(path), None
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(str(path), storage_options)
+    return inner, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
 def write_mock_parquet(
-    path: str | Path, n_images: int, cfg: PriorConfig, seed: int, num_blocks: int | None = None
-) -> Path:
-    """Generate ``n_images`` mocks with Ray and materialise them as Parquet under ``path``."""
-    mock_dataset(n_images, cfg, seed, num_blocks).write_parquet(str(path))
-    return Path(path)
+    path: str | Path,
+    n_images: int,
+    cfg: PriorConfig,
+    seed: int,
+    num_blocks: int | None = None,
+    storage_options: dict | None = None,
+) -> Path | str:
+    """Generate ``n_images`` mocks with Ray and materialise them as Parquet under ``path``
+    (a local folder, returned as a Path, or a URL reached with ``storage_options``)."""
+    inner, fs = _arrow_fs(path, storage_options)
+    mock_dataset(n_images, cfg, seed, num_blocks).write_parquet(inner, filesystem=fs)
+    return path if fs is not None else Path(path)
 
 
-def read_training_dataset(path: str | Path):
-    """The Ray dataset of materialised training images (Parquet written by ``write_mock_parquet``)."""
+def read_training_dataset(path: str | Path, storage_options: dict | None = None):
+    """The Ray dataset of materialised training images (Parquet written by ``write_mock_parquet``).
+
+    Read with Ray Data's V1 Parquet datasource: V2 first provisions a pool of 32
+    ``FooterReader`` actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) to index the footers,
+    32 Python processes for the few files of a training set, which took over a minute on
+    a loaded 2-core cluster. The context's flag is restored after the call.
+    """
     import ray.data
 
-    return ray.data.read_parquet(str(path))
+    inner, fs = _arrow_fs(path, storage_options)
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(inner, filesystem=fs)
+    finally:
+        ctx.use_datasource_v2 = v2

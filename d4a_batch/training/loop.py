@@ -9,7 +9,8 @@ call ``ray.train.report`` (loss, images/s); every ``checkpoint_every`` steps
 rank 0 attaches a checkpoint folder (``state.pt``: model, EMA, optimizer, step,
 history; ``config.json``: the TrainConfig), and a restarted run (worker
 failure under ``FailureConfig``, or the driver run again with the same
-storage path and name) continues from ``ray.train.get_checkpoint()``.
+storage path and name) continues from ``ray.train.get_checkpoint()``. The storage
+path is a local folder or a URL on object storage (``train_storage``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from d4a_batch.config import PriorConfig, from_dict, to_dict
 from d4a_batch.prior.artifact import compute_prior_stats, save_prior
 from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
+from d4a_batch.survey.storage import filesystem, has_scheme, join_uri
 from d4a_batch.training.data import X_COLUMN, augment, default_max_shift
 
 STATE_FILE = "state.pt"
@@ -219,6 +221,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
 
 
+def train_storage(
+    storage_path: str | Path, storage_options: dict[str, Any] | None = None
+) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``.
+
+    A local path: made absolute, no filesystem (Ray Train's local default). A URL
+    (``s3://bucket/prefix``): the path within its fsspec filesystem and that filesystem
+    wrapped for pyarrow, built from the same ``storage_options`` as the survey engine's
+    (``survey.storage.filesystem``: endpoint, keys, retries), so checkpoints land on the
+    object store every node can reach.
+    """
+    if not has_scheme(str(storage_path)):
+        return str(Path(storage_path).resolve()), None
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(str(storage_path), storage_options)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
 def run_training(
     cfg: TrainConfig,
     dataset: Any,
@@ -228,15 +249,21 @@ def run_training(
     use_gpu: bool = False,
     cpus_per_worker: int = 1,
     max_failures: int = 3,
+    storage_options: dict[str, Any] | None = None,
+    placement_strategy: str = "PACK",
 ):
     """Fit a ``TorchTrainer`` on ``dataset`` (Ray dataset with column ``x``); returns its Result.
 
-    Running again with the same ``storage_path`` and ``name`` continues from the
-    latest checkpoint of that run.
+    ``storage_path``: a local folder or a URL (``s3://...``, reached with
+    ``storage_options``, see ``train_storage``). Running again with the same
+    ``storage_path`` and ``name`` continues from the latest checkpoint of that run.
+    ``placement_strategy``: Ray's for the workers' bundles (``"SPREAD"`` puts them on
+    different nodes when it can).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    path, storage_fs = train_storage(storage_path, storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "threads": cpus_per_worker},
@@ -245,10 +272,12 @@ def run_training(
             num_workers=num_workers,
             use_gpu=use_gpu,
             resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
@@ -257,10 +286,31 @@ def run_training(
     return trainer.fit()
 
 
-def list_checkpoints(storage_path: str | Path, name: str) -> list[Path]:
-    """Checkpoint folders of a run, oldest first."""
-    run = Path(storage_path) / name
-    return sorted(p for p in run.glob("checkpoint_*") if (p / STATE_FILE).exists())
+def list_checkpoints(
+    storage_path: str | Path, name: str, storage_options: dict[str, Any] | None = None
+) -> list[Path] | list[str]:
+    """Checkpoint folders of a run, oldest first: Paths, or URLs for a URL ``storage_path``."""
+    if not has_scheme(str(storage_path)):
+        run = Path(storage_path) / name
+        return sorted(p for p in run.glob("checkpoint_*") if (p / STATE_FILE).exists())
+    fs, path = filesystem(join_uri(str(storage_path), name), storage_options)
+    found = fs.glob(f"{path}/checkpoint_*/{STATE_FILE}")
+    return sorted(fs.unstrip_protocol(f.rsplit("/", 1)[0]) for f in found)
+
+
+def fetch_checkpoint(
+    checkpoint: str | Path, dest: str | Path, storage_options: dict[str, Any] | None = None
+) -> Path:
+    """A checkpoint folder as a local folder: ``checkpoint`` itself when local, else a copy
+    of the URL's folder at ``dest/<its name>``."""
+    if not has_scheme(str(checkpoint)):
+        return Path(checkpoint)
+    fs, path = filesystem(str(checkpoint), storage_options)
+    local = Path(dest) / path.rstrip("/").rsplit("/", 1)[-1]
+    local.mkdir(parents=True, exist_ok=True)
+    for f in (STATE_FILE, CONFIG_FILE):
+        fs.get_file(f"{path}/{f}", str(local / f))
+    return local
 
 
 def training_record(state: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:

@@ -29,17 +29,30 @@ from d4a_batch.config import RunConfig
 
 
 def parse_spec(spec: str) -> dict:
-    """``dps:50`` / ``daps:30:4:20`` -> SamplerConfig field overrides."""
+    """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:mode]`` -> SamplerConfig field overrides.
+
+    dds: STEPS, CG iterations, and ``mode`` for the deterministic (DDS) variant.
+    """
     parts = spec.split(":")
     name = parts[0]
-    if name not in ("dps", "daps") or len(parts) < 2:
-        raise ValueError(f"sampler spec {spec!r}: expected dps:STEPS or daps:STEPS[:INNER[:CG]]")
+    if name not in ("dps", "daps", "dds") or len(parts) < 2:
+        raise ValueError(
+            f"sampler spec {spec!r}: expected dps:STEPS, daps:STEPS[:INNER[:CG]] or "
+            "dds:STEPS[:CG[:mode]]"
+        )
     out = {"sampler": name, "steps": int(parts[1])}
     if name == "daps":
         if len(parts) > 2:
             out["inner_steps"] = int(parts[2])
         if len(parts) > 3:
             out["cg_iterations"] = int(parts[3])
+    if name == "dds":
+        if len(parts) > 2:
+            out["cg_iterations"] = int(parts[2])
+        if len(parts) > 3:
+            if parts[3] != "mode":
+                raise ValueError(f"sampler spec {spec!r}: the 4th dds field can only be 'mode'")
+            out["dds_randomize"] = False
     return out
 
 
@@ -47,6 +60,8 @@ def budget(cfg) -> tuple[int, int]:
     """(network evaluations, operator gradients) per sample of a SamplerConfig."""
     if cfg.sampler == "daps":
         return cfg.steps, cfg.steps * (cfg.inner_steps + 1 + 2 * cfg.cg_iterations)
+    if cfg.sampler == "dds":
+        return cfg.steps, cfg.steps * (1 + 2 * cfg.cg_iterations)
     return cfg.steps, cfg.steps
 
 

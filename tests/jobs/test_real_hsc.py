@@ -76,6 +76,7 @@ def test_image_only_real_cutouts_stage_with_estimated_noise_and_masked_neighbour
         assert obj.n_neighbours_masked >= 1  # scarlet's fields are blends
         assert 0 < obj.neighbour_masked_fraction < 1
         assert math.isfinite(obj.blend_fraction) and math.isfinite(obj.truncated_fraction)
+        assert math.isfinite(obj.contamination) and obj.contamination >= 0
         # the neighbour mask is part of the valid plane the likelihood uses
         assert not valid[:, obj.sources.neighbour_mask].any()
 

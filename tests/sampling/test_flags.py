@@ -55,6 +55,15 @@ def test_clean_object_has_no_flags():
         ({"photoz": 0.01}, Flag.PHOTOZ_BAD, "outside the prior's range"),
         ({"photoz": math.inf}, Flag.PHOTOZ_BAD, "photo-z: inf is not finite"),
         ({"error": "cutout unreadable"}, Flag.INPUT_ERROR, "input error: cutout unreadable"),
+        (
+            {"contamination": 0.52, "blend_fraction": 0.041, "n_neighbours": 2},
+            Flag.BLENDED,
+            "light of 2 masked neighbour(s) left outside the mask adds 0.52 to the chi2/dof of "
+            "a perfect fit of the target (> 0.13); it is 4.1 % of the target's light",
+        ),
+        ({"asymmetry": 0.3, "contamination": 0.0}, Flag.BLENDED, "no mirror image"),
+        ({"truncated_fraction": 0.3}, Flag.TRUNCATED, "30 % of the target's flux"),
+        ({"masked_fraction": 0.4}, Flag.MASKED_FRACTION_HIGH, "neighbour masking not counted"),
     ],
 )
 def test_each_flag_fires_alone(change, flag, words):
@@ -88,6 +97,21 @@ def test_summary_checks_skip_without_values_and_bits_combine():
     bits, reasons = F.evaluate_flags(T, **failed)
     assert bits == Flag.INPUT_ERROR | Flag.PHOTOZ_BAD | Flag.PSF_BAD
     assert [r.split(":")[0] for r in reasons] == ["INPUT_ERROR", "PHOTOZ_BAD", "PSF_BAD"]
+
+
+def test_blended_is_in_noise_units_not_a_flux_share():
+    """A faint target with a large neighbour share but little light in noise units (the
+    demo's false BLENDED of the old flux-share rule) is not flagged; a bright one with a
+    small share but a large chi2 contribution is."""
+    faint = {**CLEAN, "contamination": 0.02, "blend_fraction": 0.07, "asymmetry": 0.05}
+    assert F.evaluate_flags(T, **faint) == (0, [])
+    bright = {**CLEAN, "contamination": 1.5, "blend_fraction": 0.005, "asymmetry": 0.05}
+    bits, reasons = F.evaluate_flags(T, **bright)
+    assert bits == Flag.BLENDED and "0.5 % of the target's light" in reasons[0]
+    at_limit = {**CLEAN, "contamination": T.contamination_max, "asymmetry": T.asymmetry_max}
+    assert F.evaluate_flags(T, **at_limit) == (0, [])
+    unmeasured = {**CLEAN, "contamination": math.nan, "asymmetry": math.nan}
+    assert F.evaluate_flags(T, **unmeasured) == (0, [])
 
 
 def test_single_checks_return_their_bit_when_quiet():

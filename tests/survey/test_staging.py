@@ -18,6 +18,7 @@ from astropy.io import fits
 
 from d4a_batch.config import ColumnMap, PhysicsConfig, StagingConfig
 from d4a_batch.schema import Col, Flag
+from d4a_batch.survey.detection import footprint_box
 from d4a_batch.survey.fits_io import (
     HSC_MASK_PLANES,
     HSCCutout,
@@ -39,7 +40,7 @@ from d4a_batch.survey.packs import (
     pack_from_bytes,
     pack_id,
 )
-from d4a_batch.survey.staging import Stager, cut_stamp, stamp_size
+from d4a_batch.survey.staging import Stager, cut_stamp, footprint_masked_fraction, stamp_size
 from d4a_batch.testing import TINY_PRIOR
 
 BANDS = TINY_PRIOR.bands
@@ -103,6 +104,17 @@ def test_cut_stamp_beyond_the_cutout_edge_is_invalid_and_off_cutout_objects_fail
         cut_stamp(cut, far_ra, far_dec, 16, (), "mem")
 
 
+def test_masked_fraction_counts_bad_pixels_of_the_footprint_only():
+    """MASKED_FRACTION_HIGH's input: unusable pixels inside the model footprint, all bands;
+    bad pixels outside the footprint (and neighbour masking, applied later) do not count."""
+    valid = np.ones((3, 32, 32), bool)
+    valid[:, :6, :] = False  # a bad stripe along the stamp edge, outside a 16-px footprint
+    assert footprint_masked_fraction(valid, (0.0, 0.0), 16.0) == 0.0
+    valid[1, 12:20, 8:24] = False  # 8 x 16 of the 16 x 16 footprint, in one band of three
+    assert footprint_masked_fraction(valid, (0.0, 0.0), 16.0) == pytest.approx(0.5 / 3)
+    assert footprint_masked_fraction(valid, (0.0, 0.0), 0.0) == pytest.approx(1 - valid.mean())
+
+
 def test_stager_cuts_stamps_that_match_the_files_and_the_truth(tiny_survey):
     cat, rows = _rows(tiny_survey)
     truth = pq.read_table(tiny_survey / "truth.parquet").to_pandas().set_index("object_id")
@@ -124,7 +136,12 @@ def test_stager_cuts_stamps_that_match_the_files_and_the_truth(tiny_survey):
         assert o.scale == pytest.approx(o.footprint / TINY_PRIOR.image_size)
         assert o.arrays[IMAGE].shape == (3, o.stamp_size, o.stamp_size)
         np.testing.assert_allclose(o.arrays[PSF].sum((1, 2)), 1.0, rtol=1e-5)
-        assert o.masked_fraction == pytest.approx(1.0 - o.arrays[VALID].mean())
+        # the footprint's unusable pixels, neighbour masking not counted
+        box = footprint_box(o.arrays[VALID].shape[1:], o.offset, o.footprint)
+        valid = o.arrays[VALID].astype(bool)
+        nb = o.sources.neighbour_mask if o.sources is not None else np.zeros_like(box)
+        assert 1.0 - (valid | nb)[:, box].mean() <= o.masked_fraction + 1e-12
+        assert o.masked_fraction <= 1.0 - valid[:, box].mean() + 1e-12
         # the stamp's central pixel is the cutout pixel holding the object
         cut = read_hsc_cutout(str(tiny_survey / row[cutout_column("i")]))
         px, py = cut.wcs.world_to_pixel_values(row[Col.RA], row[Col.DEC])

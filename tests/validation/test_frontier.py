@@ -13,7 +13,11 @@ def test_specs_parse_to_sampler_fields():
     assert parse_spec("daps:30:4:20") == {
         "sampler": "daps", "steps": 30, "inner_steps": 4, "cg_iterations": 20,
     }  # fmt: skip
-    for bad in ("dsp:50", "daps", "dps:x"):
+    assert parse_spec("dds:25:10") == {"sampler": "dds", "steps": 25, "cg_iterations": 10}
+    assert parse_spec("dds:25:10:mode") == {
+        "sampler": "dds", "steps": 25, "cg_iterations": 10, "dds_randomize": False,
+    }  # fmt: skip
+    for bad in ("dsp:50", "daps", "dps:x", "dds:25:10:draw"):
         with pytest.raises(ValueError):
             parse_spec(bad)
 
