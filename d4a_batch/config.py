@@ -25,6 +25,7 @@ import json
 import numbers
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -75,10 +76,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return _to_jsonable(cfg)
 
 
+# Fields that existed once. Configs saved before they went (an older output's run.json, a
+# user's JSON) still load: the key is dropped with a warning that says what replaced it.
+RETIRED_FIELDS: dict[tuple[str, str], str] = {
+    ("FlagThresholds", "blend_fraction_max"): (
+        "BLENDED is decided by contamination_max (neighbour light on the used pixels in noise "
+        "units) since 2026-12; the flux share is still reported in the reason"
+    ),
+}
+
+
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build ``cls`` from a dict; unknown keys are an error, missing keys take defaults."""
+    """Build ``cls`` from a dict; unknown keys are an error, missing keys take defaults.
+
+    Keys in ``RETIRED_FIELDS`` are dropped with a ``UserWarning`` instead.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(data) - names):
+        why = RETIRED_FIELDS.get((cls.__name__, key))
+        if why is not None:
+            msg = f"{cls.__name__}.{key} is no longer used and was ignored: {why}"
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            data = {k: v for k, v in data.items() if k != key}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")

@@ -235,6 +235,14 @@ class Cluster:
         )
         return [a.class_name for a in actors if a.node_id == node and class_part in a.class_name]
 
+    def node_holding(self, class_part: str, names: tuple[str, ...] = ("a", "b")) -> str:
+        """The first of ``names`` with an alive actor of ``class_part``: the node to kill so
+        that the kill takes work away, whatever node Ray placed the actors on."""
+        for name in names:
+            if self.actors_on(name, class_part):
+                return name
+        raise AssertionError(f"no {class_part} actor on any of the nodes {names}")
+
     def kill(self, name: str) -> None:
         """The whole node: its raylet, object store, agents and workers (its process group)."""
         proc = self.nodes.pop(name)

@@ -148,3 +148,15 @@ def test_good_values_of_other_types_pass():
     assert PriorConfig(z_min=0.0, z_max=0.01, attention_resolutions=()).z_max == 0.01
     assert FlagThresholds(chi2_max=float("inf")).chi2_max == float("inf")  # inf: check off
     assert PhysicsConfig(cosmology="Planck18").cosmology == "Planck18"
+
+
+def test_a_retired_field_in_a_saved_config_is_dropped_with_a_warning():
+    """An older output's run config (with ``blend_fraction_max``) still loads."""
+    doc = to_dict(RunConfig())
+    doc["sampler"]["flags"]["blend_fraction_max"] = 0.015
+    with pytest.warns(UserWarning, match="blend_fraction_max is no longer used.*contamination"):
+        cfg = from_dict(RunConfig, doc)
+    assert cfg == RunConfig()
+    doc["sampler"]["flags"]["not_a_field"] = 1
+    with pytest.raises(ConfigError, match="not_a_field"):
+        from_dict(RunConfig, doc)
