@@ -30,7 +30,7 @@ from d4a_batch.schema import LEDGER_DIR, Col
 from tests.cluster import Cluster, cluster_env, ray_cli_available
 from tests.faults import moto_s3
 
-STEPS, SAMPLES, SEED = 30, 2, 11
+STEPS, SAMPLES, SEED = 90, 2, 11  # enough steps that work is left after the first commit
 
 
 def _ok_partitions(fs, output: str) -> int:
@@ -85,14 +85,19 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
             t_ref = time.monotonic() - t0
             cluster.submit("d4a-multinode-1", workdir, job("s3://survey/out"))
             # kill a worker node once the first partition is committed (mid-run)
+            # the kill takes work away: the node killed holds a sampling actor of the run,
+            # found while the run works (the actors are gone once it ends), so that the kill
+            # follows the first commit at once
             deadline = time.monotonic() + 600
+            victim = None
             while _ok_partitions(fs, "survey/out") < 1:
                 state = cluster.job_status("d4a-multinode-1")
                 assert state in ("RUNNING", "PENDING"), cluster.logs("d4a-multinode-1")
                 assert time.monotonic() < deadline, "no partition committed in 600 s"
-                time.sleep(1)
-            # the kill takes work away: the node killed holds a sampling actor of the run
-            victim = cluster.node_holding("DeconvolveActor")
+                victim = victim or cluster.node_holding("DeconvolveActor")
+                time.sleep(0.2)
+            victim = victim or cluster.node_holding("DeconvolveActor")
+            assert victim is not None, "no sampling actor on a worker node"
             assert _ok_partitions(fs, "survey/out") < n_parts, "the run ended before the kill"
             cluster.kill(victim)
             t_kill = time.monotonic() - t0

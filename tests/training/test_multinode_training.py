@@ -74,6 +74,7 @@ def test_a_worker_node_dies_and_training_resumes_from_the_s3_checkpoint(tmp_path
             assert registered and max(registered) < STEPS, "the run ended before the kill"
             # the kill takes a training worker away (the workers are spread over a and b)
             victim = cluster.node_holding("RayTrainWorker")
+            assert victim is not None, "no training worker on a worker node"
             cluster.kill(victim)
             t_kill = time.monotonic() - t0
             state = cluster.wait_job("d4a-train-1", 600)
