@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import threading
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,6 +207,19 @@ class MotoS3:
         }
 
 
+def reset_moto(url: str) -> None:
+    """Empty moto's in-memory backends (moto's ``/moto-api/reset``).
+
+    moto keeps its S3 state per *process*, not per server: a new server on another port
+    still lists the buckets and objects an earlier test wrote (the multi-node test saw
+    test_engine's committed ``s3://survey/out`` ledger as its own run's). Each test's
+    server starts empty.
+    """
+    req = urllib.request.Request(f"{url}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200, r.status
+
+
 @contextlib.contextmanager
 def moto_s3(bucket: str, key: str = "testing", secret: str = "testing") -> Iterator[MotoS3]:
     """A ``moto.server.ThreadedMotoServer`` on a free loopback port with ``bucket`` created."""
@@ -217,6 +231,7 @@ def moto_s3(bucket: str, key: str = "testing", secret: str = "testing") -> Itera
     try:
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
+        reset_moto(url)
         client = boto3.client(
             "s3",
             endpoint_url=url,

@@ -29,6 +29,7 @@ from d4a_batch.pipeline.figures import write_object_figures, write_run_report
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import FIGURES_DIR, REPO_ROOT, RUN_CONFIG_FILE, Col, Flag, Status
 from d4a_batch.survey.hats_io import open_input_catalog
+from tests.faults import reset_moto
 
 CONFIG = RunConfig(sampler=SamplerConfig(steps=2, samples=2, seed=7), fits_maps=True)
 OPTIONS = ExecutionOptions(batch_size=4, progress_interval_s=0.0)
@@ -187,6 +188,7 @@ def s3(tmp_path):
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
+    reset_moto(url)  # moto's state is per process: start from an empty store
     creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
     boto3.client("s3", endpoint_url=url, region_name="us-east-1", **creds).create_bucket(
         Bucket="survey"
