@@ -214,9 +214,22 @@ class FlagThresholds:
     # to deblend (merged into the target's segment, true chi2/dof 1.5-66): 0.14 between.
     asymmetry_max: float = 0.14
     # TRUNCATED: the target's flux outside the model footprint / its total, both from its
-    # point-symmetric template (a neighbour merged on one side does not count). The 200
-    # mock targets, which fit the field, measure <= 0.03 (PSF wings, noise); 0.1 is 3x that
+    # point-symmetric template on its segment (a neighbour merged on one side does not
+    # count) and its faint outskirts in the Kron ellipse (survey/detection.outskirts_light).
+    # The 200 mock targets of jobs/blend_thresholds.py, which fit the field, measure <= 0.061
+    # (99 %: <= 0.040; PSF wings, noise, neighbours); of 24 mocks 2-4x larger than usual
+    # (jobs/truncation_check.py) 22 are measured within 0.05 of their true fraction (two at
+    # i > 23 below it: 0.13 for 0.25, 0.29 for 0.34), and 0.1 flags all 6 with more than
+    # 0.15 outside at i < 23 and none with less than 0.05
     truncated_fraction_max: float = 0.1
+    # where a poor fit's excess chi2 lies (sampling/residuals.py): the core is the disc of
+    # core_radius_fwhm x the PSF FWHM around the object (HSC seeing 3.5-5 px: 5-8 px);
+    # CORE_MISFIT when POOR_FIT and the core holds at least core_misfit_share of the
+    # positive excess (a majority: the core explains most of the misfit). Measured: real
+    # source 1000 (a star, scarlet's point source) 97 %; the demo's two POOR_FIT 1 % and 6 %
+    # (light outside the footprint, a star's wing past its mask)
+    core_radius_fwhm: float = 1.5
+    core_misfit_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -484,6 +497,8 @@ FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "contamination_max": (non_negative, finite),
         "asymmetry_max": (non_negative,),
         "truncated_fraction_max": (between(0, 1),),
+        "core_radius_fwhm": (positive, finite),
+        "core_misfit_share": (between(0, 1),),
     },
     "SamplerConfig": {
         "steps": (positive,),

@@ -22,6 +22,7 @@ from matplotlib.patches import Circle, Rectangle
 
 from d4a_batch.config import FlagThresholds
 from d4a_batch.physics.stretch import DEFAULT_A
+from d4a_batch.sampling.residuals import normalised_residual
 from d4a_batch.schema import Col, Flag, Status, band_col
 
 DPI = 100
@@ -107,8 +108,9 @@ def object_figure(
     sky = np.nanmedian(obs, axis=(-2, -1), keepdims=True)
     stamp_norm = band_norm(obs - sky)
     model_norm = band_norm(mean_flux if truth is None else truth)
-    chi = np.where(valid, (observation - reconvolved) / np.sqrt(np.where(valid, variance, 1.0)), 0)
-    n_valid = valid.sum(0)
+    chi = normalised_residual(observation, reconvolved, variance, valid)  # as POOR_FIT's
+    n_valid = np.isfinite(chi).sum(0)
+    chi = np.nan_to_num(chi, nan=0.0)
     resid = np.where(n_valid > 0, chi.sum(0) / np.maximum(n_valid, 1), np.nan)
     h, w = observation.shape[-2:]
     k_show = min(4, samples_flux.shape[0])
@@ -118,8 +120,15 @@ def object_figure(
     panels += [f"sample{k}" for k in range(k_show)]
     cols = 4
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=figsize, dpi=dpi)
-    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [0.55])
+    width = max(40, int(figsize[0] * 12))  # characters per line: 8 pt monospace, 80 % wide
+    lines = [*notes]
+    for reason in [r.strip() for r in flag_reasons.split(";") if r.strip()]:
+        lines += textwrap.wrap(reason, width, subsequent_indent="    ")
+    # the text panel grows with its lines (about 0.05 of a panel row each), the figure with it
+    text_rows = max(0.55, 0.052 * len(lines))
+    height = figsize[1] * (rows + text_rows) / (rows + 0.55)
+    fig = Figure(figsize=(figsize[0], height), dpi=dpi)
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [text_rows])
     n = variance_ratio.shape[-1]
 
     def outline(ax):
@@ -182,10 +191,6 @@ def object_figure(
         draw(fig.add_subplot(grid[i // cols, i % cols]), name)
     text_ax = fig.add_subplot(grid[rows, :])
     text_ax.axis("off")
-    width = max(40, int(figsize[0] * 12))  # characters per line: 8 pt monospace, 80 % wide
-    lines = [*notes]
-    for reason in [r.strip() for r in flag_reasons.split(";") if r.strip()]:
-        lines += textwrap.wrap(reason, width, subsequent_indent="    ")
     text_ax.text(0.0, 1.0, "\n".join(lines) if lines else "no flags", va="top", ha="left",
                  fontsize=8, family="monospace", transform=text_ax.transAxes)  # fmt: skip
     if title:

@@ -53,6 +53,7 @@ class Flag(enum.IntFlag):
     NOISE_ESTIMATED = 1 << 7  # image-only cutout: noise (and/or mask) estimated from the stamp
     BLENDED = 1 << 8  # a neighbour's light reaches the target's model footprint (detection.py)
     TRUNCATED = 1 << 9  # the target's light extends past the model footprint (detection.py)
+    CORE_MISFIT = 1 << 10  # POOR_FIT with most excess chi2 at the core (sampling/residuals.py)
 
 
 FLAG_REASONS: dict[Flag, str] = {
@@ -68,7 +69,8 @@ FLAG_REASONS: dict[Flag, str] = {
     Flag.INPUT_ERROR: "input could not be read or used; see status_message",
     Flag.NOISE_ESTIMATED: "MASK and/or VARIANCE empty or absent: noise estimated from the stamp (sky from source-free pixels + source term), see flag_reasons",
     Flag.BLENDED: "the neighbours' light left on the used pixels, in noise units (the chi2/dof it adds to a perfect fit of the target), above threshold, or a neighbour merged into the target's segment: masking cannot remove it",
-    Flag.TRUNCATED: "fraction of the target's flux (its point-symmetric template, so a merged neighbour does not count) outside the model footprint above threshold: the model field cuts the galaxy off",
+    Flag.TRUNCATED: "fraction of the target's flux (its point-symmetric light on its segment and Kron ellipse, so a merged neighbour does not count and faint outskirts do) outside the model footprint above threshold: the model field cuts the galaxy off",
+    Flag.CORE_MISFIT: "POOR_FIT whose excess chi2 (sum of residual^2 - 1 on the used pixels) lies mostly within 1.5 PSF FWHM of the object: a core more compact than the prior reproduces (or a point source), or a PSF mismatch; the POOR_FIT reason gives every region's share",
 }
 
 

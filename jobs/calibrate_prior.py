@@ -14,13 +14,14 @@ arXiv 2202.05265):
    guarantee holds for data exchangeable with these mocks, and real stamps are not exactly
    (real noise is correlated by the coadd's resampling, real galaxies differ from GalSim's).
 2. Both sets go through the engine's staging and sampling actor in this process
-   (``validation.science``) with the engine's *default* ``RunConfig().sampler`` (all samples
-   kept). Packs are cached under ``--work`` (one ``.npz`` per pack), alternating between the
+   (``validation.science``) with the sampler config of ``--sampler`` (the engine's default
+   ``RunConfig().sampler``, the demo's, or given fields; all samples kept). Packs are cached under ``--work`` (one ``.npz`` per pack), alternating between the
    two sets, so that an interrupted run keeps what it sampled and a rerun only fits.
-3. λ per S/N bin and per level (68 %, 95 %): the smallest λ whose Hoeffding–Bentkus upper
-   confidence bound of the per-galaxy miscovered fraction of the interval
+3. λ per S/N bin and per level (68 %, 95 %): the smallest λ whose upper confidence bound
+   (``--bound``, default the Waudby-Smith–Ramdas betting bound) of the per-galaxy miscovered fraction of the interval
    mean ± λ·z_p·std (flux space, core pixels) is ≤ α = 1 − p, with probability ≥ 1 − δ.
-   Written to ``<prior>/calibration.json`` (``--write``) or ``<work>/calibration.json``.
+   Written to ``<prior>/calibration.json`` (``--write``: added beside the entries of other
+   sampler configs, replacing this config's) or ``<work>/calibration.json``.
 4. Coverage before/after on the score mocks, per S/N bin and pooled, PIT and TARP:
    ``<work>/calibration_report.json`` and ``.md``.
 """
@@ -79,11 +80,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the sampler")
     p.add_argument("--alpha", type=float, nargs="+", default=(0.32, 0.05))
     p.add_argument("--delta", type=float, default=0.1)
-    p.add_argument("--bound", default="hb", choices=("hb", "hoeffding", "none"))
-    p.add_argument("--snr-edges", type=float, nargs="+", default=(0.0, 30.0, 100.0, np.inf),
+    p.add_argument(
+        "--bound",
+        default="wsr",
+        choices=("wsr", "hb", "hoeffding", "none"),
+        help="upper confidence bound of the risk (wsr: Waudby-Smith–Ramdas betting)",
+    )
+    # two bins: with ~200 calibration mocks over i = 18-24 a bin holds ~100, where the WSR
+    # bound's slack is ~0.03; three bins (0, 30, 100, inf) left ~40 in the faint ones and
+    # over-covered there (68 %: 0.75 on held-out mocks, docs/RESULTS.md)
+    p.add_argument("--snr-edges", type=float, nargs="+", default=(0.0, 100.0, np.inf),
                    help="S/N bin edges (observed aperture S/N per pixel)")  # fmt: skip
     p.add_argument("--min-per-bin", type=int, default=3,
                    help="bins with fewer calibration objects take the pooled λ")  # fmt: skip
+    p.add_argument("--sampler", default="default",
+                   help="the sampler config to calibrate: 'default' (the engine's SamplerConfig()),"
+                        " 'demo' (the demo job's), or a JSON object of SamplerConfig fields "
+                        "over the default")  # fmt: skip
     p.add_argument("--stage", default="all", choices=("sample", "fit", "all"))
     p.add_argument("--write", action="store_true", help="write calibration.json into the prior")
     return p.parse_args(argv)
@@ -155,32 +168,51 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     prior_cfg, _ = read_prior_config(args.prior)
-    config = sampled_config(args.work)
+    config = sampled_config(args.work, requested_config(args.sampler))
     if args.stage in ("sample", "all"):
         sample_sets(args, prior_cfg, config)
-    if sampler_fingerprint(config.sampler) != sampler_fingerprint(RunConfig().sampler):
-        log(f"the cached samples were drawn with sampler {to_dict(config.sampler)}; the engine's "
-            f"default is now {to_dict(RunConfig().sampler)}: calibration.json is fitted for the "
-            "former (the engine will not apply it to the latter)")  # fmt: skip
+    log(f"sampler {sampler_fingerprint(config.sampler)}: {to_dict(config.sampler)}")
     if args.stage in ("fit", "all"):
         fit_and_score(args, prior_cfg, config)
     return 0
 
 
-def sampled_config(work: Path) -> RunConfig:
+def requested_config(sampler: str) -> RunConfig:
+    """The run config of ``--sampler``: the engine's default, the demo's, or JSON fields."""
+    from d4a_batch.cli.deconvolve import DEMO_SAMPLER
+
+    if sampler == "default":
+        return RunConfig()
+    if sampler == "demo":
+        return RunConfig(sampler=DEMO_SAMPLER)
+    try:
+        fields = json.loads(sampler)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--sampler: 'default', 'demo' or a JSON object, got {sampler!r}") from e
+    return RunConfig(sampler=from_dict(type(RunConfig().sampler), to_dict(RunConfig().sampler)
+                                       | dict(fields)))  # fmt: skip
+
+
+def sampled_config(work: Path, requested: RunConfig) -> RunConfig:
     """The run config the cached samples under ``work`` were drawn with (recorded on the first
-    sampling); a fresh folder records the engine's default ``RunConfig()``.
+    sampling as ``requested``). Samples of another sampler config are never mixed in: a
+    folder that holds them is an error (use another --work).
 
     A record written before ``SamplerConfig.sampler`` existed was sampled by DPS.
     """
     path = work / "run_config.json"
     if not path.exists():
-        config = RunConfig()
-        path.write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        return config
+        path.write_text(json.dumps(to_dict(requested), indent=2) + "\n")
+        return requested
     doc = json.loads(path.read_text())
     doc["sampler"].setdefault("sampler", "dps")
-    return from_dict(RunConfig, doc)
+    config = from_dict(RunConfig, doc)
+    if sampler_fingerprint(config.sampler) != sampler_fingerprint(requested.sampler):
+        raise SystemExit(
+            f"{work} holds samples of sampler {to_dict(config.sampler)}, not the requested "
+            f"{to_dict(requested.sampler)}: use another --work"
+        )
+    return config
 
 
 def load_set(args, name: str, prior_cfg, config: RunConfig) -> dict[str, np.ndarray]:
@@ -299,6 +331,12 @@ def report_markdown(doc: dict) -> str:
         f"{json.dumps(cal['lambdas'])}; n per bin {cal['n_per_bin']}",
         "",
     ]
+    ref = next(iter(doc["reports"].values()))
+    if ref.get("gauss_coverage_if_exact"):
+        exact = ", ".join(f"{k} %: {v:.3f}" for k, v in ref["gauss_coverage_if_exact"].items()
+                          if v is not None)  # fmt: skip
+        lines += [f"An exact posterior seen through {ref['samples']} samples gives cov*_gauss = "
+                  f"{exact} (Student-t; `exact_gauss_coverage`).", ""]  # fmt: skip
     cols = ["snr_bin", "n", "cov68_core_quantile", "cov68_core_gauss", "cov68_core_calibrated",
             "cov68_core_plugin", "cov95_core_quantile", "cov95_core_gauss",
             "cov95_core_calibrated", "cov95_core_plugin", "cov68_stamp_gauss",

@@ -121,7 +121,7 @@ def run(
 def summary(out: pd.DataFrame) -> dict:
     """The issue's goals: every source ok; median chi2 <= 2; every chi2 > 3 explained."""
     ok = out[Col.STATUS] == "ok"
-    specific = ("BLENDED", "TRUNCATED", "NOISE_ESTIMATED")
+    specific = ("BLENDED", "TRUNCATED", "NOISE_ESTIMATED", "CORE_MISFIT")
     high = out[out[Col.CHI2] > 3]
     return {
         "sources": len(out),

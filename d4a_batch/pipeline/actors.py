@@ -9,18 +9,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from d4a_batch.config import RunConfig, from_dict
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.sampling.calibrate import calibrated_columns, observed_snr, usable_calibration
 from d4a_batch.sampling.flags import flag_objects
+from d4a_batch.sampling.residuals import chi2_localisation, normalised_residual
+from d4a_batch.sampling.summaries import reconvolved_flux
 from d4a_batch.schema import Col
-from d4a_batch.survey.detection import detection_flag_inputs
+from d4a_batch.survey.detection import detection_flag_inputs, psf_fwhm_pixels
 from d4a_batch.survey.hats_io import INPUT_PHOTOZ_HI, INPUT_PHOTOZ_LO
 from d4a_batch.survey.output import OutputSpec, Provenance, output_table
 from d4a_batch.survey.packs import (
     IMAGE,
     KIND_ERRORS,
+    NEIGHBOUR_MASK,
     NOISE_NOTE,
     OFFSET,
     PSF,
@@ -74,7 +78,7 @@ class DeconvolveActor:
         cfg = self.prior.config
         self.z_range = (cfg.z_min, cfg.z_max)
         # calibrated interval columns only with a calibration fitted for this sampler config
-        self.calibration = usable_calibration(self.prior.calibration, self.config.sampler)
+        self.calibration = usable_calibration(self.prior.calibrations, self.config.sampler)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = [
@@ -89,8 +93,11 @@ class DeconvolveActor:
         summaries=None,
         messages: list[str | None] | None = None,
         calibrated: dict[str, np.ndarray] | None = None,
+        regions: dict[str, np.ndarray] | None = None,
     ) -> pa.Table:
-        """Output rows of a pack: flags decided by ``sampling.flags``, written by ``output``."""
+        """Output rows of a pack: flags decided by ``sampling.flags``, written by ``output``.
+
+        ``regions``: where each object's excess chi2 lies (``chi2_regions``)."""
         messages = pack[Col.MESSAGE].to_pylist() if messages is None else messages
         fit = None
         if summaries is not None:
@@ -100,6 +107,7 @@ class DeconvolveActor:
                 "hallucination": summaries.hallucination,
                 "chi2_reduced": summaries.chi2,
                 **detection_flag_inputs(pack, self.prior.config),
+                **(regions or {}),
             }
         flags = flag_objects(
             self.config.sampler.flags,
@@ -155,7 +163,37 @@ class DeconvolveActor:
             log.exception("sampling failed for %d objects", pack.num_rows)
             why = f"sampling failed: {type(e).__name__}: {e}"
             return self._table(pack, None, [why] * pack.num_rows)
-        return self._table(pack, summaries, calibrated=calibrated)
+        try:  # a refinement of the POOR_FIT reason: without it, the flags stay as they are
+            regions = chi2_regions(pack, a, summaries.mean_flux, self.config.sampler.flags)
+        except Exception:
+            log.exception("locating the excess chi2 failed for %d objects", pack.num_rows)
+            regions = None
+        return self._table(pack, summaries, calibrated=calibrated, regions=regions)
+
+
+def chi2_regions(pack: pa.Table, a: dict[str, np.ndarray], mean_flux: np.ndarray, thresholds):
+    """Where the excess chi2 of each object of a pack lies (``sampling.residuals``):
+    {"chi2_core", "chi2_neighbours", "chi2_footprint", "chi2_outside"} arrays [B].
+
+    ``a``: the pack's arrays (``pack_arrays``); ``mean_flux[B,C,N,N]``: the posterior mean
+    flux. The residual/σ is that of the figures (``normalised_residual`` of the re-convolved
+    mean, on CPU in float64); the core's radius scales with the widest band's PSF FWHM.
+    """
+    obs = ObservationBatch.from_arrays(
+        a[IMAGE], a[VARIANCE], a[VALID].astype(bool), a[PSF], a[OFFSET], dtype=torch.float64
+    )
+    model = reconvolved_flux(np.asarray(mean_flux, np.float64), obs, a[SCALE])
+    residual = normalised_residual(a[IMAGE], model, a[VARIANCE], obs.valid.numpy())
+    fwhm = np.array([max(psf_fwhm_pixels(p) for p in psfs) for psfs in a[PSF]])
+    nm = (
+        tensor_numpy(pack[NEIGHBOUR_MASK]).astype(bool)
+        if NEIGHBOUR_MASK in pack.column_names
+        else None
+    )
+    return chi2_localisation(
+        residual, a[OFFSET], fwhm, pack[Col.N_OUT].to_numpy(), nm,
+        thresholds.core_radius_fwhm,
+    )  # fmt: skip
 
 
 def actor_resources(

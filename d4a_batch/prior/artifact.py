@@ -4,7 +4,7 @@ An artifact is a folder with ``weights.safetensors`` (the EMA UNet state dict),
 ``config.json`` (``to_dict(PriorConfig)`` plus a ``"metadata"`` object) and
 ``stats.safetensors`` (``mean`` and ``var`` [C,N,N] of unconditional samples in
 x-space), and optionally ``calibration.json`` (interval scales λ per S/N bin,
-``prior/calibration.py``; absent -> ``Prior.calibration`` is None and the catalog's
+``prior/calibration.py``; absent -> ``Prior.calibrations`` is () and the catalog's
 calibrated interval columns are NaN). An improved-diffusion checkpoint (a ``.pt`` state dict, or a
 ``.safetensors`` file) plus its flags is accepted too. Nothing is ever
 unpickled beyond tensors: ``.pt`` files go through ``torch.load(weights_only=True)``.
@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from d4a_batch.config import PriorConfig, from_dict, to_dict
-from d4a_batch.prior.calibration import Calibration, CalibrationError, read_calibration
+from d4a_batch.prior.calibration import Calibration, CalibrationError, read_calibrations
 from d4a_batch.prior.diffusion import GaussianDiffusion, SpacedDiffusion, build_diffusion
 from d4a_batch.prior.unet import UNetModel, build_unet
 from d4a_batch.schema import PRIOR_CALIBRATION, PRIOR_CONFIG, PRIOR_STATS, PRIOR_WEIGHTS
@@ -157,7 +157,7 @@ class Prior:
         sha256: str,
         stats: PriorStats | None = None,
         metadata: Mapping[str, Any] | None = None,
-        calibration: Calibration | None = None,
+        calibrations: tuple[Calibration, ...] = (),
     ):
         self.model = model.eval().requires_grad_(False)
         self.config = config
@@ -166,7 +166,8 @@ class Prior:
         self.sha256 = sha256
         self.metadata = dict(metadata or {})
         self.stats = stats
-        self.calibration = calibration  # interval scales (calibration.json) or None
+        # interval scales (calibration.json), one per sampler config they were fitted for
+        self.calibrations = tuple(calibrations)
 
     @property
     def device(self) -> torch.device:
@@ -421,17 +422,21 @@ def load_prior(
         model = _build_model(_load_checkpoint(weights_path), cfg, device, str(weights_path))
         stats = _load_stats(path / PRIOR_STATS, cfg) if (path / PRIOR_STATS).exists() else None
         try:
-            calibration = read_calibration(path)
+            calibrations = read_calibrations(path)
         except CalibrationError as e:
             raise PriorFormatError(str(e)) from e
-        if calibration is not None and calibration.prior_sha256 not in ("", sha):
+        stale = [c for c in calibrations if c.prior_sha256 not in ("", sha)]
+        if stale:
             warnings.warn(
-                f"{path}/{PRIOR_CALIBRATION} was fitted for weights {calibration.prior_sha256}, "
-                f"not these ({sha}): ignored (calibrated columns will be NaN)",
+                f"{path}/{PRIOR_CALIBRATION}: {len(stale)} entry(ies) fitted for weights "
+                f"{sorted({c.prior_sha256 for c in stale})}, not these ({sha}): ignored "
+                "(calibrated columns of those sampler configs will be NaN)",
                 stacklevel=2,
             )
-            calibration = None
-        return Prior(model, cfg, str(meta.get("prior_id", cfg.name)), sha, stats, meta, calibration)
+        calibrations = tuple(c for c in calibrations if c not in stale)
+        return Prior(
+            model, cfg, str(meta.get("prior_id", cfg.name)), sha, stats, meta, calibrations
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no prior at {path}")
     if flags is None:

@@ -10,14 +10,17 @@ with λ_p fitted per S/N bin on calibration mocks (``validation.calibration.fit_
 ``jobs/calibrate_prior.py``). The S/N of an object is the observed aperture S/N per pixel
 (``sampling.calibrate.observed_snr``), computable from the observation at run time.
 
-The file records how λ was fitted (mock recipe, seed, sampler config and its fingerprint,
-bin edges, α, δ, bound, n per bin). A calibration applies only to the sampler config it was
-fitted for: ``sampler_fingerprint`` hashes every ``SamplerConfig`` field that changes the
+The file holds one calibration per sampler config it was fitted for (format
+``d4a-calibration/2``: ``{"format", "calibrations": [...]}``; a single
+``d4a-calibration/1`` document, the format before, still loads as one entry), e.g. the
+engine's default sampler and the demo's. Each records how λ was fitted (mock recipe, seed,
+sampler config and its fingerprint, bin edges, α, δ, bound, n per bin). A calibration
+applies only to the sampler config it was fitted for: ``sampler_fingerprint`` hashes every ``SamplerConfig`` field that changes the
 posterior samples (not the seed, kept samples, flag thresholds or score aperture);
 ``Calibration.matches`` compares the recorded sampler config field by field (a field added
 to SamplerConfig after the fit must be at its default), and the engine writes NaN
-calibrated columns (with a warning) when it does not match. An artifact without
-``calibration.json`` loads with ``Prior.calibration = None``: the catalog's calibrated
+calibrated columns (with a warning) when no entry matches. An artifact without
+``calibration.json`` loads with ``Prior.calibrations = ()``: the catalog's calibrated
 columns are then NaN.
 """
 
@@ -35,7 +38,8 @@ import numpy as np
 from d4a_batch.config import config_hash, to_dict
 from d4a_batch.schema import PRIOR_CALIBRATION
 
-CALIBRATION_FORMAT = "d4a-calibration/1"
+CALIBRATION_FORMAT = "d4a-calibration/1"  # one entry (a Calibration's own document)
+CALIBRATION_SET_FORMAT = "d4a-calibration/2"  # the file: {"format", "calibrations": [...]}
 # SamplerConfig fields that do not change the samples' distribution
 _NOT_FINGERPRINTED = ("seed", "keep_samples", "flags", "aperture_radius_frac")
 
@@ -48,18 +52,29 @@ class CalibrationError(ValueError):
 _DPS_REFERENCE_STEPS = 50
 
 
+# SamplerConfig fields each sampler does not read (``sampling.dps.deconvolve``): they cannot
+# change its samples, so a calibration does not depend on them
+_UNUSED_BY = {
+    "dps": ("inner_steps", "cg_iterations", "dds_randomize"),
+    "dds": ("guidance", "guidance_rule", "inner_steps"),
+    "daps": ("guidance", "guidance_rule", "dds_randomize"),
+}
+
+
 def canonical_sampler(sampler: Any) -> dict[str, Any]:
     """The sampler config as a dict in one canonical form per sampling procedure.
 
-    DPS's "rms_total" rule takes the per-step ζ·50/steps (``sampling/dps.py``), exactly the
-    "rms" rule with guidance ζ·50/steps, so it is written as that (same float expression as
-    the sampler's).
+    The fields the chosen sampler does not read are dropped (DPS ignores ``cg_iterations``,
+    DDS the guidance...). DPS's "rms_total" rule takes the per-step ζ·50/steps
+    (``sampling/dps.py``), exactly the "rms" rule with guidance ζ·50/steps, so it is written
+    as that (same float expression as the sampler's).
     """
     d = dict(sampler) if isinstance(sampler, Mapping) else to_dict(sampler)
-    if d.get("sampler", "dps") == "dps" and d.get("guidance_rule") == "rms_total":
+    kind = d.get("sampler", "dps")
+    if kind == "dps" and d.get("guidance_rule") == "rms_total":
         d["guidance"] = d["guidance"] * _DPS_REFERENCE_STEPS / d["steps"]
         d["guidance_rule"] = "rms"
-    return d
+    return {k: v for k, v in d.items() if k not in _UNUSED_BY.get(kind, ())}
 
 
 def sampler_fingerprint(sampler: Any) -> str:
@@ -97,7 +112,7 @@ class Calibration:
     lambdas: Mapping[str, tuple[float | None, ...]]
     sampler_fingerprint: str
     delta: float
-    bound: str  # "hb" (Hoeffding-Bentkus), "hoeffding", or "none" (plug-in, no guarantee)
+    bound: str  # "wsr" (betting), "hb" (Hoeffding-Bentkus), "hoeffding", "none" (plug-in)
     n_per_bin: tuple[int, ...]
     sampler: Mapping[str, Any] = field(default_factory=dict)  # to_dict(SamplerConfig)
     mocks: Mapping[str, Any] = field(default_factory=dict)  # recipe, seed, noise, n
@@ -147,7 +162,8 @@ class Calibration:
         if not self.sampler:
             return sampler_fingerprint(run) == self.sampler_fingerprint
         rec = canonical_sampler(self.sampler)
-        defaults = canonical_sampler(SamplerConfig())
+        # the defaults of the run's sampler (its unused fields dropped the same way)
+        defaults = canonical_sampler(to_dict(SamplerConfig()) | {"sampler": run.get("sampler")})
         for k in set(run) | set(rec):
             if k in _NOT_FINGERPRINTED:
                 continue
@@ -207,23 +223,40 @@ class Calibration:
 
 
 def write_calibration(folder: str | Path, cal: Calibration) -> Path:
-    """Write ``<folder>/calibration.json``; returns its path."""
+    """Add ``cal`` to ``<folder>/calibration.json``, replacing an entry fitted for the same
+    sampler config (the same canonical fields, or fingerprint without a record) and keeping
+    the others; returns the file's path."""
     path = Path(folder) / PRIOR_CALIBRATION
-    path.write_text(json.dumps(cal.to_json(), indent=2, default=_jsonable) + "\n")
+
+    def same_config(c: Calibration) -> bool:
+        if c.sampler and cal.sampler:
+            return c.matches(cal.sampler) and cal.matches(c.sampler)
+        return c.sampler_fingerprint == cal.sampler_fingerprint
+
+    kept = [c for c in read_calibrations(folder) if not same_config(c)]
+    doc = {"format": CALIBRATION_SET_FORMAT, "calibrations": [c.to_json() for c in [*kept, cal]]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
     return path
 
 
-def read_calibration(folder: str | Path) -> Calibration | None:
-    """The artifact's calibration, or None when the folder has no calibration.json."""
+def read_calibrations(folder: str | Path) -> tuple[Calibration, ...]:
+    """The artifact's calibrations, one per sampler config (() without calibration.json)."""
     path = Path(folder) / PRIOR_CALIBRATION
     if not path.exists():
-        return None
+        return ()
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CalibrationError(f"{path}: not JSON ({e})") from e
     try:
-        return Calibration.from_json(doc)
+        if doc.get("format") == CALIBRATION_SET_FORMAT:
+            entries = doc.get("calibrations")
+            if not isinstance(entries, list):
+                raise CalibrationError("'calibrations' must be a list")
+            return tuple(Calibration.from_json(e) for e in entries)
+        return (Calibration.from_json(doc),)
     except CalibrationError as e:
         raise CalibrationError(f"{path}: {e}") from e
 

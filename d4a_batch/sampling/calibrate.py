@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,19 +97,27 @@ def calibrated_columns(
     return cols
 
 
-def usable_calibration(calibration: Calibration | None, sampler: Any) -> Calibration | None:
-    """The prior's calibration if it was fitted for this sampler config, else None (warned).
+def usable_calibration(
+    calibrations: Calibration | Sequence[Calibration] | None, sampler: Any
+) -> Calibration | None:
+    """The prior's calibration fitted for this sampler config, else None (warned when the
+    prior has calibrations, none of them for this config).
 
     λ scales the intervals of one sampler config (steps, guidance, samples, the sampler
     itself...); applied to another it would promise a coverage nobody measured.
     """
-    if calibration is None or calibration.matches(sampler):
-        return calibration
-    warnings.warn(
-        f"the prior's calibration.json was fitted for sampler config "
-        f"{calibration.sampler_fingerprint} ({dict(calibration.sampler)}), the run uses "
-        f"{sampler_fingerprint(sampler)}: calibrated interval columns will be NaN "
-        "(refit with jobs/calibrate_prior.py)",
-        stacklevel=2,
-    )
+    if calibrations is None:
+        return None
+    entries = (calibrations,) if isinstance(calibrations, Calibration) else tuple(calibrations)
+    for cal in entries:
+        if cal.matches(sampler):
+            return cal
+    if entries:
+        fitted = "; ".join(f"{c.sampler_fingerprint} ({dict(c.sampler)})" for c in entries)
+        warnings.warn(
+            f"the prior's calibration.json was fitted for sampler config(s) {fitted}, the run "
+            f"uses {sampler_fingerprint(sampler)}: calibrated interval columns will be NaN "
+            "(fit one with jobs/calibrate_prior.py --sampler)",
+            stacklevel=2,
+        )
     return None

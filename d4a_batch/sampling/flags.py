@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from d4a_batch.config import FlagThresholds
+from d4a_batch.sampling.residuals import REGION_WORDS, REGIONS
 from d4a_batch.schema import Flag, flag_names
 
 FlagResult = tuple[Flag, str | None]
@@ -46,13 +47,76 @@ def check_upsampling(upsampling: float, thresholds: FlagThresholds) -> FlagResul
     return Flag.UPSAMPLING_HIGH, None
 
 
-def check_chi2(chi2_reduced: float, thresholds: FlagThresholds) -> FlagResult:
-    """Reduced chi2 of the re-convolved posterior mean above ``chi2_max`` (or not finite)."""
+def _region_shares(regions: Mapping[str, float] | None) -> dict[str, float] | None:
+    """Each region's share of the positive excess chi2 (``sampling.residuals``), or None when
+    the regions are unknown (missing or not finite) or hold no positive excess."""
+    if not regions:
+        return None
+    excess = {k: regions.get(f"chi2_{k}") for k in REGIONS}
+    if not all(_finite(v) for v in excess.values()):
+        return None
+    pos = {k: max(0.0, float(v)) for k, v in excess.items()}
+    total = sum(pos.values())
+    return {k: v / total for k, v in pos.items()} if total > 0 else None
+
+
+def _region_place(region: str, thresholds: FlagThresholds) -> str:
+    return {
+        "core": f"within {thresholds.core_radius_fwhm:g} PSF FWHM of the object",
+        "neighbours": "next to masked neighbours",
+        "footprint": "in the rest of the model footprint",
+        "outside": "outside the model footprint",
+    }[region]
+
+
+def check_chi2(
+    chi2_reduced: float,
+    thresholds: FlagThresholds,
+    regions: Mapping[str, float] | None = None,
+) -> FlagResult:
+    """Reduced chi2 of the re-convolved posterior mean above ``chi2_max`` (or not finite).
+
+    ``regions``: the excess chi2 per dof of each region of the stamp (``chi2_core``,
+    ``chi2_neighbours``, ``chi2_footprint``, ``chi2_outside``: ``sampling.residuals``); the
+    reason then names the region holding most of the excess, with its share and what a
+    misfit there means, and the others' shares.
+    """
     if not _finite(chi2_reduced):
         return Flag.POOR_FIT, f"reduced chi2 is not finite ({chi2_reduced})"
-    if chi2_reduced > thresholds.chi2_max:
-        return Flag.POOR_FIT, f"reduced chi2 {chi2_reduced:.3g} > {thresholds.chi2_max:.3g}"
-    return Flag.POOR_FIT, None
+    if chi2_reduced <= thresholds.chi2_max:
+        return Flag.POOR_FIT, None
+    why = f"reduced chi2 {chi2_reduced:.3g} > {thresholds.chi2_max:.3g}"
+    shares = _region_shares(regions)
+    if shares is not None:
+        top = max(shares, key=shares.get)
+        short = {"core": "core", "neighbours": "next to neighbours",
+                 "footprint": "rest of the footprint", "outside": "outside the footprint"}  # fmt: skip
+        rest = ", ".join(f"{short[k]} {100 * v:.0f} %" for k, v in shares.items() if k != top)
+        why += (
+            f"; {100 * shares[top]:.0f} % of the excess chi2 lies "
+            f"{_region_place(top, thresholds)}: {REGION_WORDS[top]} ({rest})"
+        )
+    return Flag.POOR_FIT, why
+
+
+def check_core_misfit(
+    chi2_reduced: float, regions: Mapping[str, float] | None, thresholds: FlagThresholds
+) -> FlagResult:
+    """A poor fit (reduced chi2 above ``chi2_max``) whose excess chi2 lies mostly (share >=
+    ``core_misfit_share``) within ``core_radius_fwhm`` PSF FWHM of the object: the core is
+    more compact (or a point source) than the prior reproduces, or the PSF is not the
+    image's. Unknown regions do not fire."""
+    shares = _region_shares(regions)
+    if not _finite(chi2_reduced) or chi2_reduced <= thresholds.chi2_max or shares is None:
+        return Flag.CORE_MISFIT, None
+    if shares["core"] < thresholds.core_misfit_share:
+        return Flag.CORE_MISFIT, None
+    per_dof = float(regions["chi2_core"])
+    return Flag.CORE_MISFIT, (
+        f"{100 * shares['core']:.0f} % of the excess chi2 ({per_dof:.3g} of the chi2/dof "
+        f"{chi2_reduced:.3g}) lies within {thresholds.core_radius_fwhm:g} PSF FWHM of the "
+        f"object (>= {100 * thresholds.core_misfit_share:.0f} %): {REGION_WORDS['core']}"
+    )
 
 
 def check_masked_fraction(masked_fraction: float, thresholds: FlagThresholds) -> FlagResult:
@@ -200,7 +264,8 @@ def check_truncated(
     footprint: float | None = None,
 ) -> FlagResult:
     """The target's flux outside the model footprint above ``truncated_fraction_max`` (its
-    point-symmetric template, so a neighbour merged into its segment does not count)
+    point-symmetric light on its segment and Kron ellipse, ``survey.detection.outskirts_light``:
+    a neighbour merged into its segment does not count, faint outskirts do)
     (NaN: target not detected, does not fire). ``field_kpc``/``footprint`` (HSC pixels)
     only word the reason."""
     if not _finite(truncated_fraction) or truncated_fraction <= thresholds.truncated_fraction_max:
@@ -211,8 +276,8 @@ def check_truncated(
     if _finite(footprint):
         where += f" ({footprint:.0f} HSC px)"
     return Flag.TRUNCATED, (
-        f"{100 * truncated_fraction:.0f} % of the target's flux (its symmetric template "
-        f"on its segment) lies outside {where} "
+        f"{100 * truncated_fraction:.0f} % of the target's flux (its symmetric light on its "
+        f"segment and Kron ellipse) lies outside {where} "
         f"(> {100 * thresholds.truncated_fraction_max:.0f} %)"
     )
 
@@ -244,13 +309,18 @@ def evaluate_flags(
     truncated_fraction: float | None = None,
     field_kpc: float | None = None,
     footprint: float | None = None,
+    chi2_core: float | None = None,
+    chi2_neighbours: float | None = None,
+    chi2_footprint: float | None = None,
+    chi2_outside: float | None = None,
 ) -> tuple[int, list[str]]:
     """All flags of one object -> ``(bits, reasons)`` (one reason per fired check).
 
     The input checks (photo-z, PSF, error) always run. The summary checks run
     only when their value is given (``None``: not available, e.g. the object
     failed before sampling), so a failed object is not also flagged for a fit
-    that never happened.
+    that never happened. ``chi2_core`` .. ``chi2_outside``: where the excess chi2 lies
+    (``sampling.residuals.chi2_localisation``), for the POOR_FIT reason and CORE_MISFIT.
     """
     results = [
         check_input_error(error),
@@ -265,7 +335,10 @@ def evaluate_flags(
     if hallucination is not None:
         results.append(check_prior_dominated(hallucination, thresholds))
     if chi2_reduced is not None:
-        results.append(check_chi2(chi2_reduced, thresholds))
+        regions = {"chi2_core": chi2_core, "chi2_neighbours": chi2_neighbours,
+                   "chi2_footprint": chi2_footprint, "chi2_outside": chi2_outside}  # fmt: skip
+        results.append(check_chi2(chi2_reduced, thresholds, regions))
+        results.append(check_core_misfit(chi2_reduced, regions, thresholds))
     if contamination is not None or asymmetry is not None:
         results.append(
             check_blended(
@@ -319,7 +392,9 @@ def flag_objects(
     ``hallucination``, ``chi2_reduced`` arrays [B] (None: nothing was sampled), and
     optionally staging's ``contamination``, ``blend_fraction``, ``asymmetry``, ``n_neighbours``,
     ``truncated_fraction``, ``footprint``, ``field_kpc`` (any ``evaluate_flags`` keyword
-    taking a float) for BLENDED and TRUNCATED. An object
+    taking a float) for BLENDED and TRUNCATED, and ``chi2_core``, ``chi2_neighbours``,
+    ``chi2_footprint``, ``chi2_outside`` (``sampling.residuals.chi2_localisation``) for the
+    POOR_FIT reason and CORE_MISFIT. An object
     with an error gets no fit checks. ``noise_notes[B]``: how staging estimated an
     image-only cutout's noise (None: not estimated), the NOISE_ESTIMATED reason;
     ``psf_crop_loss[B,C]``: flux lost cropping each PSF to the configured size (PSF_BAD).

@@ -13,7 +13,8 @@ A pack is up to ``pack_size`` staged objects of one stamp size in an Arrow table
 - PSF checks: ``psf_sum``, ``psf_centroid_offset``, ``psf_crop_loss`` [C] float64 (NaN: not read);
 - ``noise_estimate`` string: how the noise of image-only cutouts was estimated (null: not);
 - stamps, only in a pack of staged objects: image, variance [C,H,W] float32,
-  valid [C,H,W] uint8, psf [C,P,P] float32 (fixed_shape_tensor columns).
+  valid [C,H,W] uint8, psf [C,P,P] float32, neighbour_mask [H,W] uint8 (fixed_shape_tensor
+  columns).
 
 A pack holds either staged objects (kind ``objects``) or the error records of a
 batch (kind ``errors``, no stamp columns). Between operators each pack is one row
@@ -53,6 +54,9 @@ SCALE = "model_scale"  # model pixel width in HSC pixels, θ/0.168''
 # VARIANCE); the NOISE_ESTIMATED flag's reason (survey/noise.py)
 NOISE_NOTE = "noise_estimate"
 IMAGE, VARIANCE, VALID, PSF = "image", "variance", "valid", "psf"
+# [H,W] uint8: pixels staging made invalid for neighbours (survey/detection.py; all 0 when
+# staged without detection): where POOR_FIT looks for neighbour light past the mask
+NEIGHBOUR_MASK = "neighbour_mask"
 IDENTITY = (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX, ORDER, PIXEL, Col.PHOTOZ,
             INPUT_PHOTOZ_LO, INPUT_PHOTOZ_HI)  # fmt: skip
 _INT_IDENTITY = (Col.OBJECT_ID, Col.HEALPIX, ORDER, PIXEL)
@@ -97,6 +101,9 @@ def pack_table(objs: list[StagedObject]) -> pa.Table:
     if all(o.error is None for o in objs):
         for name in STAMPS:
             cols[name] = tensor_array(np.stack([o.arrays[name] for o in objs]))
+        cols[NEIGHBOUR_MASK] = tensor_array(np.stack([
+            np.zeros(o.arrays[IMAGE].shape[-2:], np.uint8) if getattr(o, "sources", None) is None
+            else o.sources.neighbour_mask.astype(np.uint8) for o in objs]))  # fmt: skip
     elif any(o.error is None for o in objs):
         raise ValueError("pack_table: a pack holds either staged objects or error records")
     return pa.table(cols)

@@ -14,12 +14,27 @@ from d4a_batch.config import (
     StagingConfig,
     to_dict,
 )
-from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
+from d4a_batch.pipeline.actors import (
+    DeconvolveActor,
+    actor_resources,
+    chi2_regions,
+    torch_threads_for,
+)
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import Col, Status
 from d4a_batch.survey.hats_io import ORDER, PIXEL, open_input_catalog, read_partition
 from d4a_batch.survey.output import OutputSpec, Provenance
-from d4a_batch.survey.packs import KIND_ERRORS, make_packs, pack_from_bytes, pack_to_bytes
+from d4a_batch.survey.packs import (
+    IMAGE,
+    KIND_ERRORS,
+    NEIGHBOUR_MASK,
+    VALID,
+    VARIANCE,
+    make_packs,
+    pack_arrays,
+    pack_from_bytes,
+    pack_to_bytes,
+)
 from d4a_batch.survey.staging import Stager
 from d4a_batch.survey.tensors import tensor_numpy
 from d4a_batch.testing import TINY_PRIOR
@@ -77,6 +92,25 @@ def test_actor_maps_pack_rows_to_one_output_row_per_object(actor, tiny_survey):
     assert np.isfinite(out[Col.CHI2].to_numpy()[ok]).all()
     assert ORDER in out.column_names and PIXEL in out.column_names
     assert set(out[Col.PRIOR_HASH].to_pylist()) == {actor.prior.sha256}
+
+
+def test_the_chi2_regions_add_up_to_the_catalog_chi2(actor, tiny_survey):
+    """The excess chi2 per region (the POOR_FIT reason) sums to chi2·dof/n_used − 1 with the
+    catalog's chi2: the flags and the chi2 see the same residual on the same pixels."""
+    _, packs = _pack_rows(tiny_survey)
+    data = next(p["pack"] for p in packs if p["kind"] != KIND_ERRORS)
+    pack, out = pack_from_bytes(data), actor.process("objects", data)
+    assert NEIGHBOUR_MASK in pack.column_names
+    assert out[Col.OBJECT_ID].to_pylist() == pack[Col.OBJECT_ID].to_pylist()
+    a = pack_arrays(pack)
+    regions = chi2_regions(pack, a, tensor_numpy(out[Col.MEAN_FLUX]), CONFIG.sampler.flags)
+    used = a[VALID].astype(bool) & np.isfinite(a[IMAGE]) & (a[VARIANCE] > 0)
+    n_used = used.sum((1, 2, 3))
+    dof = n_used - 2 * (used.sum((2, 3)) > 0).sum(1)
+    total = sum(regions[k] for k in ("chi2_core", "chi2_neighbours", "chi2_footprint",
+                                     "chi2_outside"))  # fmt: skip
+    chi2 = out[Col.CHI2].to_numpy()
+    np.testing.assert_allclose(total, chi2 * dof / n_used - 1, rtol=1e-3, atol=1e-3)
 
 
 def test_a_pack_that_cannot_be_sampled_becomes_error_rows(actor, tiny_survey):

@@ -9,6 +9,7 @@ gives a warning and NaN columns; no calibration gives NaN columns.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from d4a_batch.config import RunConfig, SamplerConfig, to_dict
 from d4a_batch.pipeline.actors import DeconvolveActor
 from d4a_batch.prior.artifact import PriorFormatError, load_prior, read_prior_config
 from d4a_batch.prior.calibration import Calibration, sampler_fingerprint, write_calibration
+from d4a_batch.sampling.calibrate import usable_calibration
 from d4a_batch.schema import PRIOR_CALIBRATION, Col, Status
 from d4a_batch.survey.output import OutputSpec, Provenance
 from d4a_batch.survey.tensors import tensor_numpy
@@ -61,13 +63,13 @@ def calibrated_prior(tiny_prior, tmp_path_factory):
 
 
 def test_calibration_round_trips_through_the_artifact(calibrated_prior, tiny_prior, tmp_path):
-    cal = load_prior(calibrated_prior).calibration
+    (cal,) = load_prior(calibrated_prior).calibrations
     assert cal == _calibration(CONFIG.sampler)
     assert cal.matches(CONFIG.sampler)
     # the seed, kept samples and flag thresholds do not change the samples' distribution
     assert cal.matches(SamplerConfig(steps=2, samples=3, seed=9, keep_samples=3))
     assert not cal.matches(SamplerConfig(steps=3, samples=3))
-    assert load_prior(tiny_prior).calibration is None
+    assert load_prior(tiny_prior).calibrations == ()
     bad = tmp_path / "bad"
     shutil.copytree(calibrated_prior, bad)
     (bad / PRIOR_CALIBRATION).write_text('{"format": "d4a-calibration/1", "snr_edges": [1, 0]}')
@@ -80,7 +82,29 @@ def test_calibration_round_trips_through_the_artifact(calibrated_prior, tiny_pri
         stale, dataclasses.replace(_calibration(CONFIG.sampler), prior_sha256="0" * 64)
     )
     with pytest.warns(UserWarning, match="fitted for weights"):
-        assert load_prior(stale).calibration is None
+        assert load_prior(stale).calibrations == ()
+
+
+def test_one_file_holds_a_calibration_per_sampler_config(calibrated_prior, tmp_path):
+    """A second sampler config (e.g. the demo's) adds an entry; refitting one replaces only
+    it; each run picks its own; a format-1 file (one calibration) still loads."""
+    folder = tmp_path / "two"
+    shutil.copytree(calibrated_prior, folder)
+    other = SamplerConfig(steps=3, samples=2, sampler="dds", cg_iterations=4)
+    write_calibration(folder, _calibration(other))
+    refit = dataclasses.replace(_calibration(CONFIG.sampler), lambdas={
+        "68": (1.1, 1.2, 1.3), "95": (2.1, 2.2, 2.3)})  # fmt: skip
+    write_calibration(folder, refit)
+    cals = load_prior(folder).calibrations
+    assert len(cals) == 2 and _calibration(other) in cals and refit in cals
+    assert usable_calibration(cals, CONFIG.sampler) == refit
+    assert usable_calibration(cals, other) == _calibration(other)
+    with pytest.warns(UserWarning, match="fitted for sampler config"):
+        assert usable_calibration(cals, SamplerConfig(steps=7)) is None
+    old = tmp_path / "format1"
+    shutil.copytree(calibrated_prior, old)
+    (old / PRIOR_CALIBRATION).write_text(json.dumps(_calibration(CONFIG.sampler).to_json()))
+    assert load_prior(old).calibrations == (_calibration(CONFIG.sampler),)
 
 
 def test_actor_writes_calibrated_columns_beside_the_raw_std(calibrated_prior, tiny_survey):

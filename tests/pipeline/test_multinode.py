@@ -34,10 +34,21 @@ STEPS, SAMPLES, SEED = 90, 2, 11  # enough steps that work is left after the fir
 
 
 def _ok_partitions(fs, output: str) -> int:
+    """Committed partitions in the run's ledger, read afresh at every poll.
+
+    s3fs caches directory listings: a poll that reuses a listing made by the previous poll
+    would not see (or would refuse to read, FileNotFoundError) a partition file committed
+    in between. So the cache is dropped first, and a file that vanishes between the listing
+    and the read (a rerun's superseded attempt) counts as not committed.
+    """
+    fs.invalidate_cache()
     n = 0
     for f in fs.find(f"{output}/{LEDGER_DIR}/partitions"):
         if f.endswith(".json"):
-            n += json.loads(fs.cat_file(f))["status"] == "ok"
+            try:
+                n += json.loads(fs.cat_file(f))["status"] == "ok"
+            except FileNotFoundError:
+                continue
     return n
 
 

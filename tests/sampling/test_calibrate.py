@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -96,3 +97,24 @@ def test_dps_rms_total_at_the_reference_steps_is_the_rms_rule():
     assert _cal(SamplerConfig(steps=25, guidance=0.02, guidance_rule="rms")).matches(
         SamplerConfig(steps=25, guidance=0.01, guidance_rule="rms_total")
     )
+
+
+def test_fields_a_sampler_does_not_read_do_not_change_its_calibration():
+    """DPS never reads cg_iterations or dds_randomize, DDS never reads the guidance: a
+    calibration of one applies whatever those fields say; the fields it reads still count."""
+    dps = _cal(SamplerConfig(steps=50, sampler="dps", cg_iterations=20))
+    assert dps.matches(SamplerConfig(steps=50, sampler="dps", cg_iterations=10))
+    assert sampler_fingerprint(SamplerConfig(cg_iterations=3)) == sampler_fingerprint(
+        SamplerConfig(cg_iterations=30)
+    )
+    dds = _cal(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10))
+    assert dds.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10,
+                                     guidance=0.5, guidance_rule="rms"))  # fmt: skip
+    assert not dds.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=5))
+    assert not dds.matches(SamplerConfig(steps=25, samples=4, sampler="dps"))
+    # a record without a field added later (dds_randomize) matches only its default
+    old_record = {k: v for k, v in dict(dds.sampler).items() if k != "dds_randomize"}
+    old = dataclasses.replace(dds, sampler=old_record)
+    assert old.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10))
+    assert not old.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10,
+                                         dds_randomize=False))  # fmt: skip

@@ -10,7 +10,12 @@ from d4a_batch.config import SamplerConfig
 from d4a_batch.sampling.daps import ResidualLikelihood
 from d4a_batch.sampling.dds import dds_sample, tweedie_variance
 from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
-from tests.sampling.conftest import galaxy_prior, gaussian_prior, observe
+from tests.sampling.conftest import (
+    assert_matches_gaussian_posterior,
+    galaxy_prior,
+    gaussian_prior,
+    observe,
+)
 from tests.sampling.test_daps import _linear_gaussian
 from tests.sampling.test_dps import _stamps
 
@@ -29,16 +34,7 @@ def test_randomised_samples_match_the_exact_linear_gaussian_posterior(sigma, ste
         clip_x0=False,
     )  # fmt: skip
     x = x.reshape(s, -1).double().numpy()
-    sd = np.sqrt(np.diag(cov))
-    z = (x.mean(0) - m_post) / (sd / np.sqrt(s))
-    ratio = x.var(0, ddof=1) / np.diag(cov)
-    print(
-        f"\n[dds] linear-Gaussian sigma={sigma}: |z| max {np.abs(z).max():.2f}, rms "
-        f"{np.sqrt(np.mean(z**2)):.2f}; var/exact var mean {ratio.mean():.3f} "
-        f"[{ratio.min():.2f}, {ratio.max():.2f}]"
-    )
-    assert np.abs(z).max() < 5 and np.sqrt(np.mean(z**2)) < 1.5
-    assert np.all((ratio > 0.65) & (ratio < 1.35)) and abs(ratio.mean() - 1) < 0.1
+    assert_matches_gaussian_posterior(x, m_post, cov, f"dds, linear-Gaussian sigma={sigma}")
 
 
 def test_the_mode_variant_lands_near_the_posterior_mean():

@@ -16,6 +16,7 @@ from d4a_batch.prior.calibration import z_score
 from d4a_batch.validation.calibration import (
     calibration_report,
     coverage_per_galaxy,
+    exact_gauss_coverage,
     fit_calibration,
     fit_lambda,
     hb_ucb,
@@ -25,6 +26,7 @@ from d4a_batch.validation.calibration import (
     pit_histogram,
     pit_ranks,
     tarp_curve,
+    wsr_ucb,
 )
 
 
@@ -113,6 +115,37 @@ def test_hoeffding_and_hoeffding_bentkus_bounds():
     assert hb_ucb(0.3, 2000, 0.1) - 0.3 < 0.03
 
 
+def test_exact_gauss_coverage_is_what_an_exact_posterior_gives_with_few_samples():
+    """S draws and the truth from one Gaussian: the measured coverage of mean ± z·std equals
+    the Student-t formula (and tends to the level as S grows)."""
+    for n_s in (4, 16):
+        samples, truth = gaussian_set(400, n_s, 1.0, seed=20 + n_s)
+        for level in (0.68, 0.95):
+            measured = coverage_per_galaxy(samples, truth, level, kind="gauss").mean()
+            assert measured == pytest.approx(exact_gauss_coverage(level, n_s), abs=0.01)
+    assert exact_gauss_coverage(0.68, 4) == pytest.approx(0.561, abs=0.002)
+    assert exact_gauss_coverage(0.95, 10_000) == pytest.approx(0.95, abs=1e-3)
+
+
+def test_wsr_bound_is_valid_and_adapts_to_the_losses_spread():
+    """Validity: over many draws of n losses with a known mean, the bound falls below the mean
+    at most a δ share of the time; tightness: for losses that spread little (std 0.05, like
+    per-galaxy miscovered fractions) its slack is a fraction of Hoeffding's worst-case one."""
+    rng = np.random.default_rng(12)
+    delta, n, trials = 0.1, 100, 300
+    # Beta(2, 6): mean 0.25, std 0.14
+    misses = sum(wsr_ucb(rng.beta(2, 6, n), delta) < 0.25 for _ in range(trials))
+    assert misses / trials <= delta + 3 * math.sqrt(delta * (1 - delta) / trials)
+    narrow = np.clip(0.3 + 0.05 * rng.standard_normal(n), 0, 1)
+    slack = wsr_ucb(narrow, delta) - narrow.mean()
+    assert 0 < slack < 0.4 * (hoeffding_ucb(narrow.mean(), n, delta) - narrow.mean()), slack
+    # degenerate inputs: all ones cannot be bounded below 1; the bound exceeds the mean
+    assert wsr_ucb(np.ones(20), delta) == 1.0
+    assert wsr_ucb(np.zeros(200), delta) < 0.03
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        wsr_ucb(np.array([0.2, 1.5]), delta)
+
+
 def test_lambda_of_too_narrow_samples_is_their_width_and_holds_on_held_out_data():
     calib = gaussian_set(600, 100, 1.5, seed=6)
     held_out = gaussian_set(600, 100, 1.5, seed=7)
@@ -120,11 +153,13 @@ def test_lambda_of_too_narrow_samples_is_their_width_and_holds_on_held_out_data(
         q = normalised_residuals(*calib, level)
         plug_in = fit_lambda(q, 1 - level, bound="none")
         assert plug_in.lam == pytest.approx(1.5, rel=0.04)
-        rcps = fit_lambda(q, 1 - level, delta=0.1, bound="hb")
-        assert rcps.lam >= plug_in.lam and rcps.ucb <= 1 - level
-        cov = coverage_per_galaxy(*held_out, level, lam=rcps.lam).mean()
-        # guaranteed side: at least nominal (up to the held-out set's own noise); not wasteful
-        assert level - 0.01 <= cov <= level + 0.04, (level, cov)
+        for bound in ("hb", "wsr"):
+            rcps = fit_lambda(q, 1 - level, delta=0.1, bound=bound)
+            assert rcps.lam >= plug_in.lam and rcps.ucb <= 1 - level
+            cov = coverage_per_galaxy(*held_out, level, lam=rcps.lam).mean()
+            # guaranteed side: at least nominal (up to the held-out set's own noise); not
+            # wasteful
+            assert level - 0.01 <= cov <= level + 0.04, (level, bound, cov)
         cov_hat = coverage_per_galaxy(*held_out, level, lam=plug_in.lam).mean()
         assert cov_hat == pytest.approx(level, abs=0.015)
 

@@ -1,0 +1,54 @@
+"""jobs/calibrate_prior.py end to end on the tiny prior: two sampler configs, one file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from d4a_batch.config import SamplerConfig, from_dict, to_dict
+from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampling.calibrate import usable_calibration
+from d4a_batch.testing import make_tiny_prior
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs" / "calibrate_prior.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("calibrate_prior", JOB)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_sampler_config_gets_its_own_entry_and_samples_are_never_mixed(tmp_path):
+    prior = make_tiny_prior(tmp_path / "prior")
+    job = _load()
+    dps = {"steps": 2, "samples": 4}
+    dds = {"steps": 2, "samples": 4, "sampler": "dds", "cg_iterations": 2}
+    common = ["--prior", str(prior), "--n-calib", "6", "--n-score", "4", "--batch-size", "4",
+              "--bound", "none", "--min-per-bin", "1", "--write"]  # fmt: skip
+    for name, fields in (("dps", dps), ("dds", dds)):
+        args = [*common, "--work", str(tmp_path / name), "--sampler", json.dumps(fields)]
+        assert job.main(args) == 0
+        report = json.loads((tmp_path / name / "calibration_report.json").read_text())
+        assert report["sampler"] == to_dict(
+            from_dict(SamplerConfig, to_dict(SamplerConfig()) | fields)
+        )
+        pooled = report["reports"]["score"]["pooled"]
+        assert pooled["n"] == 4 and 0 <= pooled["cov68_core_gauss"] <= 1
+    cals = load_prior(prior).calibrations
+    assert len(cals) == 2
+    for fields in (dps, dds):
+        sampler = from_dict(SamplerConfig, to_dict(SamplerConfig()) | fields)
+        cal = usable_calibration(cals, sampler)
+        assert cal is not None and cal.mocks["n_objects"] == 6
+        # the plug-in λ (bound "none") of the 68 % interval exists in every bin (the random
+        # tiny prior's intervals need λ ≈ 5; at 95 % some bins pass the grid's λ = 50)
+        assert all(v is not None and v > 1 for v in cal.lambdas["68"])
+    # the dps folder's cached samples are not reused for another sampler config
+    with pytest.raises(SystemExit, match="use another --work"):
+        job.main([*common, "--work", str(tmp_path / "dps"), "--sampler", json.dumps(dds)])
