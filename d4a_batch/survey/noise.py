@@ -243,7 +243,10 @@ def estimate_noise(
             gain_text = f"gain {gain:.3g} (±{fit[1] / fit[0]:.0%}) estimated from the stamp"
         else:
             gain, gain_source = math.inf, "not detected"
-            gain_text = "no source term (none detected in the stamp)"
+            gain_text = (
+                "no source term (the sources' Poisson noise is not significant in the stamp: "
+                f"1/gain {fit[0]:.2g} ± {fit[1]:.2g})"
+            )
     source_var = np.clip(resid, 0, None) / gain if math.isfinite(gain) else 0.0
     variance = np.where(good, sky_var + source_var, np.nan).astype(np.float32)
     reason = f"sky var {sky_var:.3g} from {n_sky} source-free pixels (sep background), {gain_text}"
