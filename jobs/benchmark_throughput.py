@@ -40,6 +40,7 @@ from d4a_batch.prior.artifact import Prior, load_prior
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
 from d4a_batch.validation.throughput import (
+    THROUGHPUT_SAMPLER,
     VARIANTS,
     PeakMemory,
     dps_step_flops,
@@ -152,7 +153,8 @@ def actor_sweep(prior_path: str, prior_cfg: PriorConfig, args, work: Path) -> li
         partition_rows=max(2, args.actor_objects // 4),
     ))  # fmt: skip
     ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-    config = RunConfig(sampler=SamplerConfig(steps=args.steps, samples=args.samples))
+    config = RunConfig(sampler=SamplerConfig(sampler=THROUGHPUT_SAMPLER, steps=args.steps,
+                                             samples=args.samples))  # fmt: skip
     rows = []
     try:
         for n in (int(v) for v in args.actors.split(",") if v):

@@ -51,9 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--galaxy-seed", type=int, default=MagnitudeConfig().galaxy_seed)
     p.add_argument("--magnitudes", default=",".join(f"{m:g}" for m in PAPER_MAGNITUDES))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | daps")
+    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | dds | daps")
     p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps, help="daps")
-    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations, help="daps")
+    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations, help="dds, daps")
     return p.parse_args(argv)
 
 

@@ -46,7 +46,7 @@ passes, ~1.7x a forward on CPU) plus ~``levels · (inner + 1 + 2 cg)`` operator 
 Status (docs/RESULTS.md, 2026-12-02): exact on Gaussian priors (tests/sampling/test_daps.py),
 but on the demo prior it under-fits bright objects (the Gaussian approximation of
 p(x0 | x_t) is too loose along the flux scale that the profiled likelihood leaves free), so
-"dps" stays the default sampler.
+"dds" (sampling/dds.py) is the default sampler, "dps" the paper's.
 Randomness: every draw of row (o, k) comes from its own generator seeded by
 ``(seed, object_id, k)``, so a sample does not depend on its batch (to float tolerance).
 """

@@ -1,5 +1,10 @@
 """Throughput measurements of the DPS sampler: timing, FLOPs, machine peak, memory.
 
+Every measurement here runs ``sampler = "dps"`` (``THROUGHPUT_SAMPLER``), whatever the
+engine's default sampler is, so that timings, FLOP counts and the earlier throughput tables
+describe the same computation (DDS, the default since 2026-12-03, costs 0.5-0.8x DPS per step:
+docs/RESULTS.md).
+
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around real DPS steps
   (``sampling.dps.dps_sample``: network forward, guidance backward, operator): it counts matmul / convolution / attention ops, forward and backward, and
   leaves out FFTs and elementwise ops, so achieved FLOP/s are a slight undercount.
@@ -42,6 +47,8 @@ from d4a_batch.physics.operator import (
 from d4a_batch.prior.artifact import Prior
 from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
 from d4a_batch.validation.magnitude import MagnitudeConfig, make_observations
+
+THROUGHPUT_SAMPLER = "dps"  # the sampler every measurement here runs (see above)
 
 
 class _GlobalOnly:
@@ -244,7 +251,7 @@ def sample_once(
     clock: str = "wall",
 ) -> float:
     """Seconds (``clock``) of one ``deconvolve`` call (B objects × ``samples``), synchronised."""
-    cfg = SamplerConfig(steps=steps, samples=samples, seed=seed)
+    cfg = SamplerConfig(sampler=THROUGHPUT_SAMPLER, steps=steps, samples=samples, seed=seed)
     seconds, _ = timed(lambda: deconvolve(obs, z, prior, cfg, ids), prior.device, clock)
     return seconds
 

@@ -130,7 +130,7 @@ def test_actor_writes_calibrated_columns_beside_the_raw_std(calibrated_prior, ti
 
 
 def test_a_calibration_for_another_sampler_config_is_not_applied(calibrated_prior, tiny_survey):
-    other = RunConfig(sampler=SamplerConfig(steps=2, samples=3, guidance=0.02))
+    other = RunConfig(sampler=SamplerConfig(steps=2, samples=3, cg_iterations=3))
     with pytest.warns(UserWarning, match="calibrated interval columns will be NaN"):
         actor = _actor(calibrated_prior, other)
     out = _run(actor, tiny_survey)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -92,10 +93,11 @@ def test_dps_rms_total_at_the_reference_steps_is_the_rms_rule():
 
     assert calibration._DPS_REFERENCE_STEPS == dps.TOTAL_REFERENCE_STEPS
     cal = _cal(SamplerConfig(steps=50, guidance=0.01, guidance_rule="rms", sampler="dps"))
-    assert cal.matches(SamplerConfig(steps=50, guidance=0.01, guidance_rule="rms_total"))
-    assert not cal.matches(SamplerConfig(steps=25, guidance=0.01, guidance_rule="rms_total"))
-    assert _cal(SamplerConfig(steps=25, guidance=0.02, guidance_rule="rms")).matches(
-        SamplerConfig(steps=25, guidance=0.01, guidance_rule="rms_total")
+    dps_cfg = functools.partial(SamplerConfig, sampler="dps")
+    assert cal.matches(dps_cfg(steps=50, guidance=0.01, guidance_rule="rms_total"))
+    assert not cal.matches(dps_cfg(steps=25, guidance=0.01, guidance_rule="rms_total"))
+    assert _cal(dps_cfg(steps=25, guidance=0.02, guidance_rule="rms")).matches(
+        dps_cfg(steps=25, guidance=0.01, guidance_rule="rms_total")
     )
 
 
@@ -104,8 +106,8 @@ def test_fields_a_sampler_does_not_read_do_not_change_its_calibration():
     calibration of one applies whatever those fields say; the fields it reads still count."""
     dps = _cal(SamplerConfig(steps=50, sampler="dps", cg_iterations=20))
     assert dps.matches(SamplerConfig(steps=50, sampler="dps", cg_iterations=10))
-    assert sampler_fingerprint(SamplerConfig(cg_iterations=3)) == sampler_fingerprint(
-        SamplerConfig(cg_iterations=30)
+    assert sampler_fingerprint(SamplerConfig(sampler="dps", cg_iterations=3)) == (
+        sampler_fingerprint(SamplerConfig(sampler="dps", cg_iterations=30))
     )
     dds = _cal(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10))
     assert dds.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10,

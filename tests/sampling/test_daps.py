@@ -170,7 +170,7 @@ def test_bright_galaxy_fits_the_data_and_conserves_flux():
     truth = dps_sample(prior, None, row_generators(1, [0], 1), steps=100, guidance=0.0)[0]
     alpha = 2.0e4
     obs, _ = observe(truth, prior, 0.3, alpha, 1.0, np.random.default_rng(3))
-    cfg = SamplerConfig(sampler="daps", steps=30, samples=8)
+    cfg = SamplerConfig(sampler="daps", steps=30, samples=8, cg_iterations=20)
     s = deconvolve(obs, [0.3], prior, cfg, [101])
     t = truth.numpy()
     true_flux = alpha * inverse_stretch(t).sum((1, 2))

@@ -104,7 +104,7 @@ def test_bright_mock_fits_where_dps_underfits():
     truth = dps_sample(prior, None, row_generators(1, [0], 1), steps=100, guidance=0.0)[0]
     obs, _ = observe(truth, prior, 0.3, 2000.0, 1.0, np.random.default_rng(3))
     chi2 = {}
-    for name, kw in (("dps", {}), ("dds", {"sampler": "dds", "cg_iterations": 10})):
+    for name, kw in (("dps", {"sampler": "dps"}), ("dds", {"sampler": "dds", "cg_iterations": 10})):
         cfg = SamplerConfig(steps=25, samples=8, **kw)
         chi2[name] = float(deconvolve(obs, [0.3], prior, cfg, [3]).chi2[0])
     print(f"\n[dds] bright mock chi2/dof at 25 steps: {chi2}")

@@ -40,7 +40,7 @@ def test_bright_resolved_galaxy_is_recovered_with_low_variance_ratio(prior, trut
     rng = np.random.default_rng(3)
     alpha = 2000.0
     obs, _ = observe(truth, prior, Z, alpha, 1.0, rng)
-    cfg = SamplerConfig(steps=100, samples=24, guidance=zeta, guidance_rule=rule)
+    cfg = SamplerConfig(sampler="dps", steps=100, samples=24, guidance=zeta, guidance_rule=rule)
     s = deconvolve(obs, [Z], prior, cfg, [101])
     t = truth.numpy()
     true_flux = alpha * inverse_stretch(t).sum((1, 2))
@@ -68,8 +68,9 @@ def _pure_noise(b: int = 3, c: int = 2, h: int = 24, sigma: float = 1e6) -> Obse
 
 def _noise_run(prior, rule: str, zeta: float):
     cfg = SamplerConfig(
-        steps=100, samples=32, guidance=zeta, guidance_rule=rule, aperture_radius_frac=0.25
-    )
+        sampler="dps", steps=100, samples=32, guidance=zeta, guidance_rule=rule,
+        aperture_radius_frac=0.25,
+    )  # fmt: skip
     s = deconvolve(_pure_noise(), [Z] * 3, prior, cfg, [1, 2, 3])
     print(
         f"\n[deconvolve] pure noise, {rule} zeta={zeta}: variance ratio mean"
@@ -100,7 +101,7 @@ def test_pure_noise_with_a_large_unit_rms_step_is_still_flagged(prior):
 def test_photoz_marginalisation_gives_each_sample_its_own_scale(prior, truth):
     rng = np.random.default_rng(5)
     obs, _ = observe(truth, prior, Z, 300.0, 1.0, rng)
-    base = SamplerConfig(steps=20, samples=4, keep_samples=4, guidance=0.02)
+    base = SamplerConfig(sampler="dps", steps=20, samples=4, keep_samples=4, guidance=0.02)
     marg = SamplerConfig(**{**base.__dict__, "marginalise_photoz": True})
     plain = deconvolve(obs, [Z], prior, base, [9]).samples_x
     point = deconvolve(obs, [Z], prior, marg, [9], photoz_err=[[Z, Z]]).samples_x

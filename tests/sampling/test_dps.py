@@ -161,7 +161,7 @@ def test_samples_do_not_depend_on_the_batch(tiny_unet_prior, rng):
     obs = _stamps(3, rng)
     z = np.array([0.3, 0.4, 0.5])
     ids = np.array([5, 7, 9])
-    cfg = SamplerConfig(steps=6, samples=3, keep_samples=3, guidance=0.05)
+    cfg = SamplerConfig(sampler="dps", steps=6, samples=3, keep_samples=3, guidance=0.05)
 
     def run(order, config=cfg):
         sub = type(obs)(*(getattr(obs, f)[order] for f in obs.__dataclass_fields__))
@@ -227,7 +227,8 @@ def test_rms_total_rule_pulls_as_far_at_25_and_100_steps():
     chi2 = {}
     for rule in ("rms_total", "rms"):
         for steps in (25, 100):
-            cfg = SamplerConfig(steps=steps, samples=8, guidance=0.01, guidance_rule=rule)
+            cfg = SamplerConfig(sampler="dps", steps=steps, samples=8, guidance=0.01,
+                                guidance_rule=rule)  # fmt: skip
             chi2[rule, steps] = float(deconvolve(obs, [0.3], prior, cfg, [3]).chi2[0])
     print(f"\n[dps] bright mock chi2/dof by (rule, steps): {chi2}")
     total = chi2["rms_total", 25] / chi2["rms_total", 100]
