@@ -249,7 +249,7 @@ class SamplerConfig:
     # sampling/dds.py; the default) | "dps" (guidance through the network, the paper's method,
     # kept to reproduce it) | "daps" (annealed decoupled sampling, no network gradient:
     # sampling/daps.py); steps = network calls per sample. DDS is the default since
-    # 2026-12-03: on 42 held-out mocks (two seeds) at 50 x 16 it cost 0.47-0.51x DPS, had the
+    # 2026-12-03: on 42 held-out mocks (two seeds) at 50 x 16 it cost 0.47-0.80x DPS, had the
     # same posterior-mean PSNR within 0.3 dB, raw coverage nearer nominal and a lower chi2/dof
     # at i = 18-19 (docs/RESULTS.md, "DDS becomes the engine default")
     sampler: str = "dds"

@@ -2,7 +2,7 @@
 
 Every measurement here runs ``sampler = "dps"`` (``THROUGHPUT_SAMPLER``), whatever the
 engine's default sampler is, so that timings, FLOP counts and the earlier throughput tables
-describe the same computation (DDS, the default since 2026-12-03, costs 0.5-0.8x DPS per step:
+describe the same computation (DDS, the default since 2026-12-03, took 0.47-0.80x DPS wall time:
 docs/RESULTS.md).
 
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around real DPS steps
