@@ -86,6 +86,7 @@ BAD = [
     (SamplerConfig, "aperture_radius_frac", 0.7, "must be <= 0.5"),
     (SamplerConfig, "keep_samples", -1, "must be >= 0"),
     (SamplerConfig, "seed", -1, "must be >= 0"),
+    (SamplerConfig, "gauss_newton", 0, "must be > 0"),
     (SamplerConfig, "clip_x0", "yes", "must be a bool"),
     (SamplerConfig, "flags", {"chi2_max": 3.0}, "must be a FlagThresholds"),
     (FlagThresholds, "chi2_max", 0.0, "must be > 0"),

@@ -55,10 +55,13 @@ _DPS_REFERENCE_STEPS = 50
 # SamplerConfig fields each sampler does not read (``sampling.dps.deconvolve``): they cannot
 # change its samples, so a calibration does not depend on them
 _UNUSED_BY = {
-    "dps": ("inner_steps", "cg_iterations", "dds_randomize"),
+    "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton"),
     "dds": ("guidance", "guidance_rule", "inner_steps"),
-    "daps": ("guidance", "guidance_rule", "dds_randomize"),
+    "daps": ("guidance", "guidance_rule", "dds_randomize", "gauss_newton"),
 }
+# fields added after calibrations were written, with the value that reproduces the sampler
+# as it was before them: at that value they are left out, so older entries keep matching
+_ADDED_LATER = {"gauss_newton": 1}
 
 
 def canonical_sampler(sampler: Any) -> dict[str, Any]:
@@ -74,6 +77,9 @@ def canonical_sampler(sampler: Any) -> dict[str, Any]:
     if kind == "dps" and d.get("guidance_rule") == "rms_total":
         d["guidance"] = d["guidance"] * _DPS_REFERENCE_STEPS / d["steps"]
         d["guidance_rule"] = "rms"
+    for key, before in _ADDED_LATER.items():
+        if d.get(key, before) == before:
+            d.pop(key, None)
     return {k: v for k, v in d.items() if k not in _UNUSED_BY.get(kind, ())}
 
 
@@ -153,8 +159,9 @@ class Calibration:
 
         Every distribution-changing field recorded in ``self.sampler`` must equal the run's;
         a field the record lacks (added to SamplerConfig later) must be at its default, which
-        by the config convention keeps the old behaviour. Without a record, the fingerprints
-        must match.
+        by the config convention keeps the old behaviour -- or, for the fields of
+        ``_ADDED_LATER``, at the value that reproduces the old sampler, whatever today's
+        default is. Without a record, the fingerprints must match.
         """
         from d4a_batch.config import SamplerConfig
 
@@ -169,7 +176,9 @@ class Calibration:
                 continue
             if k not in run or (k in rec and rec[k] != run[k]):
                 return False
-            if k not in rec and run[k] != defaults.get(k):
+            # a record without a field added later was fitted at the field's old value
+            implied = _ADDED_LATER[k] if k in _ADDED_LATER else defaults.get(k)
+            if k not in rec and run[k] != implied:
                 return False
         return True
 

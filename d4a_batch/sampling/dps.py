@@ -305,6 +305,7 @@ def deconvolve(
             cg=config.cg_iterations,
             randomize=config.dds_randomize,
             clip_x0=config.clip_x0,
+            gauss_newton=config.gauss_newton,
         )
     elif config.sampler == "dps":
         x = dps_sample(

@@ -29,16 +29,17 @@ from d4a_batch.config import RunConfig
 
 
 def parse_spec(spec: str) -> dict:
-    """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:mode]`` -> SamplerConfig field overrides.
+    """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:gnK][:mode]`` -> SamplerConfig overrides.
 
-    dds: STEPS, CG iterations, and ``mode`` for the deterministic (DDS) variant.
+    dds: STEPS, CG iterations, then in any order ``gnK`` (K Gauss-Newton iterations per
+    step, ``gauss_newton``) and ``mode`` for the deterministic (DDS) variant.
     """
     parts = spec.split(":")
     name = parts[0]
     if name not in ("dps", "daps", "dds") or len(parts) < 2:
         raise ValueError(
             f"sampler spec {spec!r}: expected dps:STEPS, daps:STEPS[:INNER[:CG]] or "
-            "dds:STEPS[:CG[:mode]]"
+            "dds:STEPS[:CG[:gnK][:mode]]"
         )
     out = {"sampler": name, "steps": int(parts[1])}
     if name == "daps":
@@ -49,10 +50,15 @@ def parse_spec(spec: str) -> dict:
     if name == "dds":
         if len(parts) > 2:
             out["cg_iterations"] = int(parts[2])
-        if len(parts) > 3:
-            if parts[3] != "mode":
-                raise ValueError(f"sampler spec {spec!r}: the 4th dds field can only be 'mode'")
-            out["dds_randomize"] = False
+        for extra in parts[3:]:
+            if extra == "mode":
+                out["dds_randomize"] = False
+            elif extra.startswith("gn") and extra[2:].isdigit() and int(extra[2:]) > 0:
+                out["gauss_newton"] = int(extra[2:])
+            else:
+                raise ValueError(
+                    f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode' and 'gnK' (K >= 1)"
+                )
     return out
 
 
@@ -61,7 +67,7 @@ def budget(cfg) -> tuple[int, int]:
     if cfg.sampler == "daps":
         return cfg.steps, cfg.steps * (cfg.inner_steps + 1 + 2 * cfg.cg_iterations)
     if cfg.sampler == "dds":
-        return cfg.steps, cfg.steps * (1 + 2 * cfg.cg_iterations)
+        return cfg.steps, cfg.steps * cfg.gauss_newton * (1 + 2 * cfg.cg_iterations)
     return cfg.steps, cfg.steps
 
 

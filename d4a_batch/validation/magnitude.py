@@ -105,15 +105,28 @@ def make_observations(
     aperture_radius_frac: float,
     physics: PhysicsConfig | None = None,
     staging: StagingConfig | None = None,
+    base: np.ndarray | None = None,
 ) -> MagnitudeObservations:
-    """Simulate the galaxy at every magnitude of ``cfg`` (see the module docstring)."""
+    """Simulate the galaxy at every magnitude of ``cfg`` (see the module docstring).
+
+    ``base[C,N,N]``: the galaxy (flux per model pixel, any scale; band ``cfg.mag_band`` must
+    have a positive total) instead of ``experiment_galaxy``'s (``validation.prior_truth``
+    observes prior draws this way).
+    """
     physics = physics or PhysicsConfig()
     staging = staging or StagingConfig()
     pcfg = PriorConfig(bands=bands, kpc_per_pixel=kpc_per_pixel, image_size=n_model)
     scale = float(model_pixel_scale(cfg.z, pcfg, physics))
     size = stamp_size(n_model * scale, staging)
-    base = experiment_galaxy(bands, kpc_per_pixel, n_model, cfg.galaxy_seed)
     band_index = bands.index(cfg.mag_band)
+    if base is None:
+        base = experiment_galaxy(bands, kpc_per_pixel, n_model, cfg.galaxy_seed)
+    else:
+        base = np.asarray(base, dtype=np.float64)
+        if base.shape != (len(bands), n_model, n_model):
+            raise ValueError(f"make_observations: base must be {(len(bands), n_model, n_model)}")
+        if not float(base[band_index].sum()) > 0:
+            raise ValueError(f"make_observations: base has no {cfg.mag_band}-band flux")
     truth = np.stack(
         [at_magnitude(base, band_index, m, physics.zeropoint_ab) for m in cfg.magnitudes]
     )

@@ -120,3 +120,25 @@ def test_fields_a_sampler_does_not_read_do_not_change_its_calibration():
     assert old.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10))
     assert not old.matches(SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10,
                                          dds_randomize=False))  # fmt: skip
+
+
+def test_gauss_newton_at_one_is_the_sampler_the_old_calibrations_were_fitted_for():
+    """``gauss_newton`` came after calibrations were written: at 1 (one linearisation, the
+    old DDS step) it leaves the fingerprint alone; another value is another sampler, and an
+    old record never matches it, whatever SamplerConfig's default is."""
+    dds = functools.partial(SamplerConfig, steps=25, samples=4, sampler="dds")
+    assert sampler_fingerprint(dds(gauss_newton=1)) == sampler_fingerprint(
+        {k: v for k, v in to_dict(dds()).items() if k != "gauss_newton"}
+    )
+    assert sampler_fingerprint(dds(gauss_newton=3)) != sampler_fingerprint(dds())
+    old_record = {k: v for k, v in to_dict(dds()).items() if k != "gauss_newton"}
+    old = _cal(dds())
+    old = dataclasses.replace(old, sampler=old_record)
+    assert old.matches(dds(gauss_newton=1))
+    assert not old.matches(dds(gauss_newton=3))
+    new = _cal(dds(gauss_newton=3))
+    assert new.matches(dds(gauss_newton=3)) and not new.matches(dds(gauss_newton=1))
+    # DPS and DAPS never read it
+    assert sampler_fingerprint(SamplerConfig(sampler="dps", gauss_newton=3)) == (
+        sampler_fingerprint(SamplerConfig(sampler="dps"))
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from d4a_batch.config import RunConfig
+from d4a_batch.config import RunConfig, SamplerConfig
 from d4a_batch.validation.frontier import budget, parse_spec, run_frontier
 
 
@@ -17,7 +17,11 @@ def test_specs_parse_to_sampler_fields():
     assert parse_spec("dds:25:10:mode") == {
         "sampler": "dds", "steps": 25, "cg_iterations": 10, "dds_randomize": False,
     }  # fmt: skip
-    for bad in ("dsp:50", "daps", "dps:x", "dds:25:10:draw"):
+    assert parse_spec("dds:50:10:gn3") == {
+        "sampler": "dds", "steps": 50, "cg_iterations": 10, "gauss_newton": 3,
+    }  # fmt: skip
+    assert parse_spec("dds:50:10:mode:gn2")["gauss_newton"] == 2
+    for bad in ("dsp:50", "daps", "dps:x", "dds:25:10:draw", "dds:25:10:gn0", "dds:25:10:gnx"):
         with pytest.raises(ValueError):
             parse_spec(bad)
 
@@ -41,5 +45,7 @@ def test_frontier_rows_per_spec_and_magnitude():
     assert list(table["objects"]) == [3, 2, 1] * 2
     assert table["time_ratio"].iloc[0] == 1.0
     assert budget(seen[1]) == (20, 20 * (2 + 1 + 10))
+    dds = SamplerConfig(steps=50, cg_iterations=10, gauss_newton=3)
+    assert budget(dds) == (50, 50 * 3 * (1 + 20))
     assert table[table["spec"] == "daps:20:2:5"]["chi2"].eq(2.0).all()
     assert table["coverage68_cal"].isna().all()
