@@ -7,7 +7,9 @@ benchmark that needs such a prior or survey builds it here.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -16,6 +18,7 @@ from d4a_batch.mock.survey import MockSurveyConfig, build_mock_survey
 from d4a_batch.prior.artifact import Prior, PriorStats, compute_prior_stats, save_prior
 from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
+from d4a_batch.schema import REPO_ROOT
 
 # 16x16 model images of 1 kpc: footprints of 12-25 HSC pixels over z 0.25-1 -> stamps 32 and 48
 TINY_PRIOR = PriorConfig(
@@ -100,3 +103,13 @@ def tiny_survey_config(n_objects: int = 8, seed: int = 1) -> MockSurveyConfig:
 def make_tiny_survey(folder: Path, n_objects: int = 8, seed: int = 1) -> Path:
     """A tiny mock HATS survey (``tiny_survey_config``) under ``folder``."""
     return build_mock_survey(folder, tiny_survey_config(n_objects, seed))
+
+
+def load_job(name: str) -> ModuleType:
+    """``jobs/<name>.py`` loaded from its file as a module (jobs/ is not a package), as a
+    scheduler's ``python jobs/<name>.py`` would run it."""
+    path = REPO_ROOT / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"job_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

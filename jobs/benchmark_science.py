@@ -42,7 +42,7 @@ from d4a_batch.survey.packs import IMAGE, SCALE, VALID, VARIANCE
 from d4a_batch.validation.calibration import engine_report, pack_inputs
 from d4a_batch.validation.frontier import frontier_figure, run_frontier
 from d4a_batch.validation.metrics import core_mask, reconvolve
-from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
+from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import (
     hsc_npz_rows,
@@ -235,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_real and REAL_NPZ.exists():
         real = real_hsc(args, out, config, prior_cfg, actor, spec)
     doc = {
-        "created": utc_now(),
-        "command": command(),
-        "machine": machine(),
+        **run_header(),
         "engine_path": "Stager -> make_packs -> DeconvolveActor.process in-process (no Ray)",
         "prior": {
             "path": str(Path(args.prior).resolve()),

@@ -38,7 +38,7 @@ from d4a_batch import testing
 from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, to_dict
 from d4a_batch.prior.artifact import Prior, load_prior
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
-from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
+from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.throughput import (
     THROUGHPUT_SAMPLER,
     VARIANTS,
@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{prior.prior_id} ({prior.metadata.get('training', {})})"
     log(f"prior: {label}; device {device}; {torch.get_num_threads()} torch threads")
     t0 = time.perf_counter()
-    doc: dict[str, Any] = {"created": utc_now(), "command": command(), "machine": machine(),
-                           "device": str(device), "prior": label,
+    doc: dict[str, Any] = {**run_header(), "device": str(device), "prior": label,
                            "prior_config": to_dict(prior.config)}  # fmt: skip
     doc["clock"] = args.clock
     doc["peak"] = measured_peak(device, clock=args.clock)

@@ -53,7 +53,7 @@ from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, Col, band_col
 from d4a_batch.survey.packs import SCALE
 from d4a_batch.validation.calibration import calibration_report, fit_calibration
 from d4a_batch.validation.metrics import core_mask
-from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
+from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import (
     make_actor,
@@ -300,7 +300,7 @@ def fit_and_score(args, prior_cfg, config: RunConfig) -> dict:
                   "chi2": float(data["chi2"][i])}  # fmt: skip
         reports[name] = rep
     doc = {
-        "command": command(), "machine": machine(), "created": utc_now(),
+        **run_header(),
         "sampler": to_dict(sampler), "sampler_fingerprint": cal.sampler_fingerprint,
         "calibration": cal.to_json(), "reports": reports,
         "score_mocks": to_dict(survey_config(args, prior_cfg, args.score_seed, args.n_score)),

@@ -33,7 +33,7 @@ from d4a_batch.validation.magnitude import (
     MagnitudeConfig,
     run_magnitude_experiment,
 )
-from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
+from d4a_batch.validation.report import markdown_table, run_header, write_json
 
 COLUMNS = ("mag", "snr", "snr_paper", "hallucination", "variance_ratio_mean", "chi2",
            "coverage68", "coverage95", "psnr", "psnr_asinh", "seconds")  # fmt: skip
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         res["mean_flux"], res["variance_ratio"], res["hallucination"], truth=data.truth,
     )  # fmt: skip
     doc = {
-        "created": utc_now(),
-        "command": command(),
-        "machine": machine(),
+        **run_header(),
         "device": device,
         "prior": {
             "path": str(Path(args.prior).resolve()),

@@ -20,7 +20,6 @@ runs/prior-truth-<time>, git-ignored).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -34,7 +33,7 @@ from d4a_batch.prior.artifact import load_prior
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.magnitude import MagnitudeConfig
 from d4a_batch.validation.prior_truth import run_prior_truth_check, summarise
-from d4a_batch.validation.report import command, machine, markdown_table, utc_now, write_json
+from d4a_batch.validation.report import markdown_table, run_header, write_json
 
 COLUMNS = ("mag", "n", "snr", "chi2_median", "chi2_max", "chi2_truth", "cov68", "cov95",
            "cal68", "cal95", "psnr", "psnr_minus_rl", "seconds")  # fmt: skip
@@ -123,14 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     prior = load_prior(args.prior, device=device)
     cfg = MagnitudeConfig(magnitudes=tuple(float(m) for m in args.magnitudes.split(",")), z=args.z)
     samplers = [sampler_from(args.sampler)] + ([sampler_from(args.compare)] if args.compare else [])
-    samplers = [dataclasses.replace(s, keep_samples=0) for s in samplers]
     runs = [run_one(prior, s, args, cfg) for s in samplers]
     labels = [label(s) for s in samplers]
     figure(out / "prior_truth.png", runs, labels)
     doc = {
-        "created": utc_now(),
-        "command": command(),
-        "machine": machine(),
+        **run_header(),
         "device": device,
         "prior": {
             "path": str(Path(args.prior).resolve()),

@@ -8,10 +8,12 @@ import importlib.util
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from d4a_batch.schema import REPO_ROOT
+from d4a_batch.testing import load_job
 
 SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 # the command -> the job file that runs the same main
@@ -43,10 +45,7 @@ def test_each_command_has_a_working_help(name, capsys):
 
 @pytest.mark.parametrize("name", sorted(JOB_FILES))
 def test_the_job_file_runs_the_commands_main(name):
-    path = REPO_ROOT / JOB_FILES[name]
-    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_job(Path(JOB_FILES[name]).stem)
     assert module.main is _target(SCRIPTS[name])
 
 

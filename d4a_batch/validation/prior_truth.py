@@ -47,7 +47,7 @@ from d4a_batch.physics.stretch import inverse_stretch
 from d4a_batch.prior.artifact import Prior
 from d4a_batch.sampling.calibrate import observed_snr, usable_calibration
 from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
-from d4a_batch.validation.baselines import richardson_lucy_stamps, stamp_to_model
+from d4a_batch.validation.baselines import tune_iterations
 from d4a_batch.validation.calibration import (
     coverage_per_galaxy,
     exact_gauss_coverage,
@@ -78,19 +78,13 @@ def draw_prior_truths(prior: Prior, n: int, steps: int, seed: int) -> np.ndarray
 
 
 def _rl_psnr(obs_row, truth: np.ndarray, scale: float) -> tuple[float, int]:
-    """Best PSNR of Richardson-Lucy over ``RL_ITERATIONS`` against ``truth[C,N,N]``."""
-    image = obs_row.image.double().numpy()
-    valid = obs_row.valid.numpy()
-    psf = obs_row.psf.double().numpy()
-    offset = obs_row.offset.double().numpy()
-    best = (-np.inf, 0)
-    for k in RL_ITERATIONS:
-        est = stamp_to_model(
-            richardson_lucy_stamps(image, valid, psf, k), np.array([scale]), offset,
-            truth.shape[-1],
-        )[0]  # fmt: skip
-        best = max(best, (psnr(est, truth), k))
-    return best
+    """(PSNR, iterations) of the Richardson-Lucy iteration count of ``RL_ITERATIONS`` that
+    scores best against ``truth[C,N,N]`` (``baselines.tune_iterations`` on this one object)."""
+    best, scores = tune_iterations(
+        obs_row.image.double().numpy(), obs_row.valid.numpy(), obs_row.psf.double().numpy(),
+        np.array([scale]), obs_row.offset.double().numpy(), truth[None], RL_ITERATIONS, psnr,
+    )  # fmt: skip
+    return scores[best], best
 
 
 def run_prior_truth_check(
@@ -148,11 +142,9 @@ def run_prior_truth_check(
                 if calibration is not None and p in calibration.levels
                 else np.full(len(mags), np.nan)
             )
-            cal_f[p] = np.array([
-                coverage_per_galaxy(flux[m : m + 1], data.truth[m : m + 1], p, core, lam=lam[m])[0]
-                if np.isfinite(lam[m]) else np.nan
-                for m in range(len(mags))
-            ])  # fmt: skip
+            ok = np.isfinite(lam)
+            cov = coverage_per_galaxy(flux, data.truth, p, core, lam=np.where(ok, lam, 1.0))
+            cal_f[p] = np.where(ok, cov, np.nan)
         for m, mag in enumerate(mags):
             ranks[mag].append(pit_ranks(flux[m : m + 1], data.truth[m : m + 1], core))
             rl, rl_iter = _rl_psnr(_row(data.obs, m), data.truth[m], data.scale)

@@ -43,6 +43,11 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def run_header() -> dict[str, Any]:
+    """The head of every benchmark's JSON record: when, which command, on what machine."""
+    return {"created": utc_now(), "command": command(), "machine": machine()}
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}

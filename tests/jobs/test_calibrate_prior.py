@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from d4a_batch.config import SamplerConfig, from_dict, to_dict
 from d4a_batch.prior.artifact import load_prior
 from d4a_batch.sampling.calibrate import usable_calibration
-from d4a_batch.testing import make_tiny_prior
-
-ROOT = Path(__file__).resolve().parents[2]
-JOB = ROOT / "jobs" / "calibrate_prior.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("calibrate_prior", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from d4a_batch.testing import load_job, make_tiny_prior
 
 
 def test_each_sampler_config_gets_its_own_entry_and_samples_are_never_mixed(tmp_path):
     prior = make_tiny_prior(tmp_path / "prior")
-    job = _load()
+    job = load_job("calibrate_prior")
     dps = {"steps": 2, "samples": 4}
     dds = {"steps": 2, "samples": 4, "sampler": "dds", "cg_iterations": 2}
     common = ["--prior", str(prior), "--n-calib", "6", "--n-score", "4", "--batch-size", "4",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,22 +9,16 @@ import numpy as np
 import pytest
 
 from d4a_batch.physics.cosmology import upsampling_factor
+from d4a_batch.testing import load_job
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "choose_field.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("choose_field", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_choice_meets_the_light_and_upsampling_rules(tmp_path):
     out = tmp_path / "field.json"
     args = ["--out-json", str(out), "--n-gal", "300", "--n-points", "300", "--z-step", "0.35"]
     args += ["--sizes", "32", "64", "--kpc", "0.5", "0.75", "--data", str(tmp_path / "none")]
-    assert _load().main(args) == 0
+    assert load_job("choose_field").main(args) == 0
     rep = json.loads(out.read_text())
     ch = rep["choice"]
     n, p = ch["N"], ch["kpc_per_pixel"]
@@ -43,7 +36,7 @@ def test_choice_meets_the_light_and_upsampling_rules(tmp_path):
 
 
 def test_real_cutout_sizes_with_sep(shared_data):
-    mod = _load()
+    mod = load_job("choose_field")
     rows = mod.measure_hsc_cutouts(shared_data)
     assert len(rows) >= 5
     r50 = np.array([r["r50_arcsec"] for r in rows])

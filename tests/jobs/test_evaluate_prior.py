@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from d4a_batch.testing import load_job
 from d4a_batch.training.evaluate import FEATURE_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
-JOB = ROOT / "jobs" / "evaluate_prior.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("evaluate_prior", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
@@ -28,7 +20,7 @@ def test_two_heldout_populations_quantiles_and_the_real_galaxy(tmp_path, shared_
     args = ["--prior", f"demo={ROOT / 'priors' / 'demo-64'}", "--n-samples", "3"]
     args += ["--steps", "2", "--n-heldout", "8", "--heldout-structure", "smooth"]
     args += ["--heldout-structure", "realistic", "--real", str(real), "--real-z", "0.3", "1.0"]
-    assert _load().main([*args, "--out-json", str(out)]) == 0
+    assert load_job("evaluate_prior").main([*args, "--out-json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert set(rep["heldout_sets"]) == {"smooth", "realistic"}
     assert rep["heldout"] == rep["heldout_sets"]["smooth"]

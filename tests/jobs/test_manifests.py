@@ -7,7 +7,6 @@ through the KubeRay ray.io/v1 API (RayJobSpec, RayClusterSpec, head and worker g
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import tomllib
@@ -18,6 +17,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from d4a_batch.survey.storage import is_absolute
+from d4a_batch.testing import load_job
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "deconvolve_survey.py"
@@ -120,9 +120,7 @@ def job():
     it runs ``d4a_batch.cli.deconvolve`` (the ``d4a-deconvolve`` command)."""
     from d4a_batch.cli import deconvolve
 
-    spec = importlib.util.spec_from_file_location("deconvolve_survey_cli", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_job("deconvolve_survey")
     assert module.main is deconvolve.main and module.parse_args is deconvolve.parse_args
     return deconvolve
 

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-JOB = Path(__file__).resolve().parents[2] / "jobs" / "prior_truth_check.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("prior_truth_check", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from d4a_batch.testing import load_job
 
 
 def test_job_writes_a_table_per_sampler(tmp_path):
     args = ["--out", str(tmp_path), "--n-truths", "1", "--magnitudes", "18,23", "--threads", "1",
             "--sampler", '{"steps": 2, "samples": 2}',
             "--compare", '{"steps": 2, "samples": 2, "gauss_newton": 2}']  # fmt: skip
-    assert _load().main(args) == 0
+    assert load_job("prior_truth_check").main(args) == 0
     doc = json.loads((tmp_path / "prior_truth.json").read_text())
     assert [r["sampler"]["gauss_newton"] for r in doc["runs"]] == [1, 2]
     for run in doc["runs"]:
@@ -34,7 +25,7 @@ def test_job_writes_a_table_per_sampler(tmp_path):
 def test_bad_sampler_overrides_are_refused(tmp_path):
     import pytest
 
-    mod = _load()
+    mod = load_job("prior_truth_check")
     with pytest.raises(SystemExit):
         mod.main(["--out", str(tmp_path), "--sampler", "[1, 2]"])
     with pytest.raises(ValueError, match="gauss_newton"):

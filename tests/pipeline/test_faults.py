@@ -12,7 +12,6 @@ the run to reach a state.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from d4a_batch.pipeline.lease import read_lease
 from d4a_batch.pipeline.ledger import OK, RUNNING, Ledger, describe_runs, pixel_name
 from d4a_batch.schema import LEDGER_DIR, REPO_ROOT, Col, Status
 from d4a_batch.survey.hats_io import open_input_catalog
-from d4a_batch.testing import tiny_survey_config
+from d4a_batch.testing import load_job, tiny_survey_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -198,11 +197,7 @@ def test_a_killed_driver_resumes_from_the_ledger(ray_local, survey, tiny_prior, 
         time.sleep(0.1)
 
     # the same command again (on the test's Ray cluster): it does only what is left
-    spec = importlib.util.spec_from_file_location(
-        "d4a_job", REPO_ROOT / "jobs/deconvolve_survey.py"
-    )
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("deconvolve_survey")
     assert job.main(argv) == 0
     runs = Ledger(str(out)).runs()
     assert len(runs) == 2 and runs[1].status == OK

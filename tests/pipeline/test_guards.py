@@ -5,7 +5,6 @@ work (exit 2), one writer per output (exit 4), a failing exit when most objects 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ from d4a_batch.pipeline.ledger import OK, Ledger
 from d4a_batch.schema import LEASE_FILE, LEDGER_DIR, REPO_ROOT, Col, Status
 from d4a_batch.survey.hats_io import open_input_catalog, read_partition
 from d4a_batch.survey.storage import resolve_uri
-from d4a_batch.testing import TINY_PRIOR, tiny_survey_config
+from d4a_batch.testing import TINY_PRIOR, load_job, tiny_survey_config
 
 JOB = [sys.executable, "jobs/deconvolve_survey.py"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -34,12 +33,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 def _job_module():
     """jobs/deconvolve_survey.py loaded from its file, as a scheduler's ``python jobs/...``."""
-    spec = importlib.util.spec_from_file_location(
-        "d4a_job", REPO_ROOT / "jobs/deconvolve_survey.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("deconvolve_survey")
 
 
 def _input_ids(survey) -> list[int]:

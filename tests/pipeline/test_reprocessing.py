@@ -7,7 +7,6 @@ the final catalog row by row and of the ledger; plus the job's exit codes.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 
@@ -33,8 +32,9 @@ from d4a_batch.pipeline.ledger import (
     describe_runs,
     pixel_name,
 )
-from d4a_batch.schema import REPO_ROOT, Col, Status
+from d4a_batch.schema import Col, Status
 from d4a_batch.survey.hats_io import open_input_catalog
+from d4a_batch.testing import load_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -43,12 +43,7 @@ OPTS = ExecutionOptions(batch_size=4, progress_interval_s=0.0)
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location(
-        "d4a_job", REPO_ROOT / "jobs/deconvolve_survey.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("deconvolve_survey")
 
 
 def _files(out) -> dict[str, int]:
