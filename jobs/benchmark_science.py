@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps)
     p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations)
     p.add_argument("--gauss-newton", type=int, default=SamplerConfig().gauss_newton, help="dds")
+    p.add_argument("--clip-data-step", choices=("true", "false"),
+                   default=str(SamplerConfig().clip_data_step).lower(),
+                   help="dds/daps: clip the data step's output to [-1, 1]")  # fmt: skip
     p.add_argument("--i-mag-range", default=None, help="mock i magnitudes lo,hi (e.g. 18,24)")
     p.add_argument("--compare", nargs="*", default=[],
                    help="sampler frontier specs, the first is the time reference, e.g. "
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{**r, Col.PHOTOZ: truth[int(r[Col.OBJECT_ID])]["z_true"]} for r in rows]
     sampler = SamplerConfig(steps=args.steps, samples=args.samples, guidance=args.guidance,
                             seed=args.seed, sampler=args.sampler, inner_steps=args.inner_steps,
-                            cg_iterations=args.cg, gauss_newton=args.gauss_newton)  # fmt: skip
+                            cg_iterations=args.cg, gauss_newton=args.gauss_newton,
+                            clip_data_step=args.clip_data_step == "true")  # fmt: skip
     config = RunConfig(sampler=sampler)
     objs = stage_objects(rows, str(survey), prior_cfg, config)
     errors = {int(o.ident[Col.OBJECT_ID]): o.error for o in objs if o.error}

@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | dds | daps")
     p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps, help="daps")
     p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations, help="dds, daps")
+    p.add_argument("--gauss-newton", type=int, default=SamplerConfig().gauss_newton, help="dds")
+    p.add_argument("--clip-data-step", choices=("true", "false"),
+                   default=str(SamplerConfig().clip_data_step).lower(),
+                   help="dds/daps: clip the data step's output to [-1, 1]")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     prior = load_prior(args.prior, device=device)
     sampler = SamplerConfig(steps=args.steps, samples=args.samples, guidance=args.guidance,
                             seed=args.seed, sampler=args.sampler, inner_steps=args.inner_steps,
-                            cg_iterations=args.cg)  # fmt: skip
+                            cg_iterations=args.cg, gauss_newton=args.gauss_newton,
+                            clip_data_step=args.clip_data_step == "true")  # fmt: skip
     cfg = MagnitudeConfig(
         magnitudes=tuple(float(m) for m in args.magnitudes.split(",")),
         z=args.z,

@@ -88,6 +88,7 @@ BAD = [
     (SamplerConfig, "seed", -1, "must be >= 0"),
     (SamplerConfig, "gauss_newton", 0, "must be > 0"),
     (SamplerConfig, "clip_x0", "yes", "must be a bool"),
+    (SamplerConfig, "clip_data_step", 1, "must be a bool"),
     (SamplerConfig, "flags", {"chi2_max": 3.0}, "must be a FlagThresholds"),
     (FlagThresholds, "chi2_max", 0.0, "must be > 0"),
     (FlagThresholds, "masked_fraction_max", 1.5, "must be <= 1"),

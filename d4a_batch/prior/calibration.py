@@ -55,13 +55,13 @@ _DPS_REFERENCE_STEPS = 50
 # SamplerConfig fields each sampler does not read (``sampling.dps.deconvolve``): they cannot
 # change its samples, so a calibration does not depend on them
 _UNUSED_BY = {
-    "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton"),
+    "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton", "clip_data_step"),
     "dds": ("guidance", "guidance_rule", "inner_steps"),
     "daps": ("guidance", "guidance_rule", "dds_randomize", "gauss_newton"),
 }
 # fields added after calibrations were written, with the value that reproduces the sampler
 # as it was before them: at that value they are left out, so older entries keep matching
-_ADDED_LATER = {"gauss_newton": 1}
+_ADDED_LATER = {"gauss_newton": 1, "clip_data_step": True}
 
 
 def canonical_sampler(sampler: Any) -> dict[str, Any]:

@@ -373,6 +373,7 @@ def daps_sample(
     clip_x0: bool = True,
     callback: StepCallback | None = None,
     diagnostics: dict | None = None,
+    clip_data_step: bool = True,
 ) -> torch.Tensor:
     """Posterior samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -383,7 +384,9 @@ def daps_sample(
     prior's diffusion; network calls per sample); ``inner``: MALA steps per level.
     ``prior_var[C,N,N]``: λ (default ``prior.stats_var``). ``callback(i, x0)`` after each
     level (i counts down to 0). ``diagnostics`` (a dict) receives the mean acceptance per
-    level and the final per-row step sizes.
+    level and the final per-row step sizes. ``clip_x0`` clips the network's x̂0 to [−1, 1];
+    ``clip_data_step`` clips the returned sample too (the likelihood steps are never clipped
+    between levels).
     """
     cfg = prior.config
     device = prior.device
@@ -436,4 +439,4 @@ def daps_sample(
     if diagnostics is not None:
         diagnostics["acceptance"] = acc_log
         diagnostics["step"] = step.detach().cpu().numpy()
-    return x0.clamp(-1.0, 1.0) if clip_x0 else x0.detach()
+    return x0.clamp(-1.0, 1.0) if clip_x0 and clip_data_step else x0.detach()

@@ -36,6 +36,18 @@ second one overshoots. On draws of the demo prior itself observed at i = 18 (S/N
 is 4.1-4.7 with one linearisation and 1.7-2.0 with three; 30 CG iterations in one
 linearisation reach 1.8-2.1 at about the same cost (docs/RESULTS.md, 2026-12-03).
 
+``clip_data_step`` (the clip after the data step). ``clip_x0`` clips the network's x̂0 to
+the prior's range [−1, 1]; clipping x̂0' as well was the only behaviour before 2026-12-03.
+It is not part of the derivation above, and it is biased where the data want what the
+prior's range excludes. In empty sky the demo network's x̂0 sits at x ≈ −0.99 (a trace of
+positive flux), and noise makes about half the pixels the data want lie below −1 (negative
+flux). Clipped, those are pinned at zero flux: a positive pedestal inside the model
+footprint that the background β, one constant over the whole stamp, cannot absorb. On the
+GalSim galaxy of the magnitude experiment at i = 18 (S/N ~950) the per-sample χ²/dof of x̂0'
+at the last step was 2.2 unclipped and 4.7 clipped. Unclipped, the sample keeps the negative-flux sky
+pixels that its noise implies, as any linear deconvolution does (docs/RESULTS.md,
+2026-12-03 "the clip after the data step").
+
 Cost per sample: ``steps`` network forward passes (DPS: forward + backward) plus
 ``steps · gauss_newton · (2·cg + 2)`` operator passes (and up to ``BACKTRACK + 2`` residual
 evaluations per Gauss-Newton iteration when ``gauss_newton`` > 1). Randomness: the perturbations of row (o, k) come from
@@ -125,6 +137,7 @@ def dds_sample(
     prior_var: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     gauss_newton: int = 1,
+    clip_data_step: bool = True,
 ) -> torch.Tensor:
     """Posterior samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -132,7 +145,8 @@ def dds_sample(
     data-consistency step of ``consistency_step`` on x̂0 at every step (module docstring).
     ``randomize``: x̂0' is a draw (re-noised with the q-posterior variance: exact for a
     Gaussian prior and a linear residual), else the mode (re-noised as the prior samples).
-    ``likelihood`` None samples the prior.
+    ``likelihood`` None samples the prior. ``clip_x0`` clips the network's x̂0 to [−1, 1];
+    ``clip_data_step`` clips x̂0' (and so the sample) too (module docstring).
     """
     consistency = None
     if likelihood is not None:
@@ -148,4 +162,5 @@ def dds_sample(
         callback=callback,
         consistency=consistency,
         posterior_variance=randomize and consistency is not None,
+        clip_consistent=clip_data_step,
     )

@@ -161,6 +161,7 @@ def dps_sample(
     callback: StepCallback | None = None,
     consistency: ConsistencyFn | None = None,
     posterior_variance: bool = False,
+    clip_consistent: bool = True,
 ) -> torch.Tensor:
     """DPS samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -173,7 +174,10 @@ def dps_sample(
 
     ``consistency(i, x̂0) -> x̂0'`` (``sampling.dds``): replaces Tweedie's estimate by a
     data-consistent one before the step, x' = coef1_i x̂0' + coef2_i x_t + σ_i z (no gradient
-    through the network; clipped to [−1, 1] when ``clip_x0``). None: the DPS step above,
+    through the network). ``clip_x0`` clips the network's x̂0 to [−1, 1] (the prior's range);
+    x̂0' and the final sample are clipped too only with ``clip_consistent`` (the data may
+    want what the prior's range excludes: negative flux where noise dips below an empty sky,
+    a core brighter than the normaliser; ``sampling.dds``). None: the DPS step above,
     unchanged. ``posterior_variance``: σ_i² is the variance of q(x_{t−1} | x_t, x0) whatever
     the prior's own choice -- the exact step when ``consistency`` draws x0 from
     p(x0 | x_t, y) (``dds_sample(randomize=True)``).
@@ -207,7 +211,7 @@ def dps_sample(
         else:
             with torch.no_grad():
                 x0c = consistency(i, step["pred_xstart"].detach())
-                if clip_x0:
+                if clip_x0 and clip_consistent:
                     x0c = x0c.clamp(-1.0, 1.0)
                 x_next, _, q_log_var = spaced.q_posterior_mean_variance(x0c, x.detach(), t)
             if posterior_variance:
@@ -220,7 +224,9 @@ def dps_sample(
         x = x_next.detach()
         if callback is not None:
             callback(i, x)
-    return x.clamp(-1.0, 1.0) if clip_x0 else x
+    if clip_x0 and (consistency is None or clip_consistent):
+        return x.clamp(-1.0, 1.0)
+    return x
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -292,6 +298,7 @@ def deconvolve(
             inner=config.inner_steps,
             cg=config.cg_iterations,
             clip_x0=config.clip_x0,
+            clip_data_step=config.clip_data_step,
         )
     elif config.sampler == "dds":
         from d4a_batch.sampling.daps import OperatorLikelihood
@@ -306,6 +313,7 @@ def deconvolve(
             randomize=config.dds_randomize,
             clip_x0=config.clip_x0,
             gauss_newton=config.gauss_newton,
+            clip_data_step=config.clip_data_step,
         )
     elif config.sampler == "dps":
         x = dps_sample(

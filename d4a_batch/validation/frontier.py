@@ -29,17 +29,19 @@ from d4a_batch.config import RunConfig
 
 
 def parse_spec(spec: str) -> dict:
-    """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:gnK][:mode]`` -> SamplerConfig overrides.
+    """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:gnK][:mode][:clip|:free]`` -> overrides.
 
-    dds: STEPS, CG iterations, then in any order ``gnK`` (K Gauss-Newton iterations per
-    step, ``gauss_newton``) and ``mode`` for the deterministic (DDS) variant.
+    Overrides of SamplerConfig fields. dds: STEPS, CG iterations, then in any order ``gnK``
+    (K Gauss-Newton iterations per step, ``gauss_newton``), ``mode`` for the deterministic
+    (DDS) variant, and ``clip`` / ``free`` for a clipped / unclipped data step
+    (``clip_data_step``).
     """
     parts = spec.split(":")
     name = parts[0]
     if name not in ("dps", "daps", "dds") or len(parts) < 2:
         raise ValueError(
             f"sampler spec {spec!r}: expected dps:STEPS, daps:STEPS[:INNER[:CG]] or "
-            "dds:STEPS[:CG[:gnK][:mode]]"
+            "dds:STEPS[:CG[:gnK][:mode][:clip|:free]]"
         )
     out = {"sampler": name, "steps": int(parts[1])}
     if name == "daps":
@@ -53,11 +55,14 @@ def parse_spec(spec: str) -> dict:
         for extra in parts[3:]:
             if extra == "mode":
                 out["dds_randomize"] = False
+            elif extra in ("clip", "free"):
+                out["clip_data_step"] = extra == "clip"
             elif extra.startswith("gn") and extra[2:].isdigit() and int(extra[2:]) > 0:
                 out["gauss_newton"] = int(extra[2:])
             else:
                 raise ValueError(
-                    f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode' and 'gnK' (K >= 1)"
+                    f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode', 'clip', 'free' and "
+                    "'gnK' (K >= 1)"
                 )
     return out
 

@@ -122,23 +122,35 @@ def test_fields_a_sampler_does_not_read_do_not_change_its_calibration():
                                          dds_randomize=False))  # fmt: skip
 
 
-def test_gauss_newton_at_one_is_the_sampler_the_old_calibrations_were_fitted_for():
-    """``gauss_newton`` came after calibrations were written: at 1 (one linearisation, the
-    old DDS step) it leaves the fingerprint alone; another value is another sampler, and an
-    old record never matches it, whatever SamplerConfig's default is."""
+@pytest.mark.parametrize(
+    ("field", "before", "other"), [("gauss_newton", 1, 3), ("clip_data_step", True, False)]
+)
+def test_a_field_added_later_at_its_old_value_is_the_sampler_old_calibrations_fitted(
+    field, before, other
+):
+    """``gauss_newton`` and ``clip_data_step`` came after calibrations were written: at the
+    old sampler's value (one linearisation; the data step clipped) they leave the
+    fingerprint alone; another value is another sampler, and an old record never matches
+    it, whatever SamplerConfig's default is."""
     dds = functools.partial(SamplerConfig, steps=25, samples=4, sampler="dds")
-    assert sampler_fingerprint(dds(gauss_newton=1)) == sampler_fingerprint(
-        {k: v for k, v in to_dict(dds()).items() if k != "gauss_newton"}
+    old_record = {k: v for k, v in to_dict(dds()).items() if k != field}
+    assert sampler_fingerprint(dds(**{field: before})) == sampler_fingerprint(old_record)
+    assert sampler_fingerprint(dds(**{field: other})) != sampler_fingerprint(old_record)
+    old = dataclasses.replace(_cal(dds()), sampler=old_record)
+    assert old.matches(dds(**{field: before}))
+    assert not old.matches(dds(**{field: other}))
+    new = _cal(dds(**{field: other}))
+    assert new.matches(dds(**{field: other})) and not new.matches(dds(**{field: before}))
+
+
+def test_samplers_that_never_read_a_field_ignore_it():
+    assert sampler_fingerprint(SamplerConfig(sampler="dps", clip_data_step=False)) == (
+        sampler_fingerprint(SamplerConfig(sampler="dps"))
     )
-    assert sampler_fingerprint(dds(gauss_newton=3)) != sampler_fingerprint(dds())
-    old_record = {k: v for k, v in to_dict(dds()).items() if k != "gauss_newton"}
-    old = _cal(dds())
-    old = dataclasses.replace(old, sampler=old_record)
-    assert old.matches(dds(gauss_newton=1))
-    assert not old.matches(dds(gauss_newton=3))
-    new = _cal(dds(gauss_newton=3))
-    assert new.matches(dds(gauss_newton=3)) and not new.matches(dds(gauss_newton=1))
-    # DPS and DAPS never read it
+    assert sampler_fingerprint(SamplerConfig(sampler="daps", clip_data_step=False)) != (
+        sampler_fingerprint(SamplerConfig(sampler="daps"))
+    )
+    # DPS and DAPS never read gauss_newton
     assert sampler_fingerprint(SamplerConfig(sampler="dps", gauss_newton=3)) == (
         sampler_fingerprint(SamplerConfig(sampler="dps"))
     )

@@ -21,6 +21,11 @@ def test_specs_parse_to_sampler_fields():
         "sampler": "dds", "steps": 50, "cg_iterations": 10, "gauss_newton": 3,
     }  # fmt: skip
     assert parse_spec("dds:50:10:mode:gn2")["gauss_newton"] == 2
+    assert parse_spec("dds:50:10:gn3:free") == {
+        "sampler": "dds", "steps": 50, "cg_iterations": 10, "gauss_newton": 3,
+        "clip_data_step": False,
+    }  # fmt: skip
+    assert parse_spec("dds:50:10:clip:gn1")["clip_data_step"] is True
     for bad in ("dsp:50", "daps", "dps:x", "dds:25:10:draw", "dds:25:10:gn0", "dds:25:10:gnx"):
         with pytest.raises(ValueError):
             parse_spec(bad)
