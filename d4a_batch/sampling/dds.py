@@ -44,7 +44,7 @@ positive flux), and noise makes about half the pixels the data want lie below �
 flux). Clipped, those are pinned at zero flux: a positive pedestal inside the model
 footprint that the background β, one constant over the whole stamp, cannot absorb. On the
 GalSim galaxy of the magnitude experiment at i = 18 (S/N ~950) the per-sample χ²/dof of x̂0'
-at the last step was 2.2 unclipped and 4.7 clipped. Unclipped, the sample keeps the negative-flux sky
+at the last step was 2.2 unclipped and 4.9 clipped. Unclipped, the sample keeps the negative-flux sky
 pixels that its noise implies, as any linear deconvolution does (docs/RESULTS.md,
 2026-12-03 "the clip after the data step").
 
