@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from d4a_batch.config import SamplerConfig
 from d4a_batch.testing import load_job
 
 
@@ -13,7 +14,7 @@ def test_job_writes_a_table_per_sampler(tmp_path):
             "--compare", '{"steps": 2, "samples": 2, "gauss_newton": 2}']  # fmt: skip
     assert load_job("prior_truth_check").main(args) == 0
     doc = json.loads((tmp_path / "prior_truth.json").read_text())
-    assert [r["sampler"]["gauss_newton"] for r in doc["runs"]] == [1, 2]
+    assert [r["sampler"]["gauss_newton"] for r in doc["runs"]] == [SamplerConfig().gauss_newton, 2]
     for run in doc["runs"]:
         assert [row["mag"] for row in run["rows"]] == [18.0, 23.0]
         assert len(run["records"]) == 2 and set(run["pit"]) == {"18", "23"}

@@ -145,10 +145,10 @@ def test_a_field_added_later_at_its_old_value_is_the_sampler_old_calibrations_fi
 
 def test_samplers_that_never_read_a_field_ignore_it():
     assert sampler_fingerprint(SamplerConfig(sampler="dps", clip_data_step=False)) == (
-        sampler_fingerprint(SamplerConfig(sampler="dps"))
+        sampler_fingerprint(SamplerConfig(sampler="dps", clip_data_step=True))
     )
     assert sampler_fingerprint(SamplerConfig(sampler="daps", clip_data_step=False)) != (
-        sampler_fingerprint(SamplerConfig(sampler="daps"))
+        sampler_fingerprint(SamplerConfig(sampler="daps", clip_data_step=True))
     )
     # DPS and DAPS never read gauss_newton
     assert sampler_fingerprint(SamplerConfig(sampler="dps", gauss_newton=3)) == (
