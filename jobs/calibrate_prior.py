@@ -29,14 +29,12 @@ arXiv 2202.05265):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from d4a_batch.config import RunConfig, from_dict, to_dict
@@ -59,8 +57,10 @@ from d4a_batch.validation.science import (
     make_actor,
     observations,
     read_rows,
+    read_sampled_pack,
     read_truth,
     run_packs,
+    save_sampled_pack,
     stage_objects,
     truth_snr,
 )
@@ -115,22 +115,6 @@ def survey_config(args, prior_cfg, seed: int, n: int) -> MockSurveyConfig:
     )  # fmt: skip
 
 
-def save_pack(path: Path, arrays: dict, df, maps: dict, truth: dict) -> None:
-    """One sampled pack: its arrays, output rows (beta per band), maps and truths, as .npz."""
-    ids = [int(v) for v in arrays[Col.OBJECT_ID]]
-    doc = {f"a__{k}": np.asarray(v) for k, v in arrays.items() if np.asarray(v).dtype != object}
-    doc |= {f"m__{k}": np.asarray(v) for k, v in maps.items()}
-    doc["truth"] = np.stack([truth[i]["truth"] for i in ids])
-    doc["z_true"] = np.array([truth[i]["z_true"] for i in ids])
-    doc["mag_i_true"] = np.array([truth[i]["i_mag_true"] for i in ids])
-    doc["rows_json"] = np.array(
-        df.to_json(orient="records", default_handler=str, date_format="iso")
-    )
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **doc)
-    tmp.replace(path)
-
-
 def sample_sets(args, prior_cfg, config: RunConfig) -> None:
     """Sample both mock sets pack by pack (alternating), caching each pack under --work."""
     sets = {}
@@ -158,7 +142,9 @@ def sample_sets(args, prior_cfg, config: RunConfig) -> None:
             truth = read_truth(root)
             chunk = chunks[name][k]
             for j, (arrays, df, maps) in enumerate(run_packs(actor, spec, chunk, len(chunk), log)):
-                save_pack(args.work / "packs" / f"{name}_{k:03d}_{j}.npz", arrays, df, maps, truth)
+                save_sampled_pack(
+                    args.work / "packs" / f"{name}_{k:03d}_{j}.npz", arrays, df, maps, truth
+                )
             done.write_text(f"{len(chunk)} objects\n")
             log(f"{name} chunk {k} saved")
 
@@ -221,11 +207,12 @@ def load_set(args, name: str, prior_cfg, config: RunConfig) -> dict[str, np.ndar
     out: dict[str, list] = {k: [] for k in ("flux", "truth", "snr", "snr_true", "mag_i", "z",
                                             "object_id", "chi2")}  # fmt: skip
     for path in sorted((args.work / "packs").glob(f"{name}_*.npz")):
-        with np.load(path) as f:
-            arrays = {k[3:]: f[k] for k in f.files if k.startswith("a__")}
-            samples_x = f[f"m__{Col.SAMPLES_X}"]
-            truth, z_true, mag = f["truth"], f["z_true"], f["mag_i_true"]
-            rows = pd.read_json(io.StringIO(str(f["rows_json"])), orient="records")
+        arrays, rows, maps, truths = read_sampled_pack(path)
+        samples_x = maps[Col.SAMPLES_X]
+        ids = [int(v) for v in arrays[Col.OBJECT_ID]]
+        truth = np.stack([truths[i]["truth"] for i in ids])
+        z_true = np.array([truths[i]["z_true"] for i in ids])
+        mag = np.array([truths[i]["i_mag_true"] for i in ids])
         obs = observations(arrays)
         flux, _ = flux_samples(samples_x, obs, arrays[SCALE], prior_cfg.stretch.a,
                                physics.profile_ridge)  # fmt: skip

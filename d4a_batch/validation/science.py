@@ -16,6 +16,7 @@ the noiseless truth seen through the object's operator at its true redshift).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -202,6 +203,52 @@ def run_packs(
                 f"pack of {pack['n_objects']} objects (stamp {pack['stamp_size']}): {seconds:.1f} s"
             )
     return results
+
+
+SampledPack = tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, np.ndarray], dict[int, dict]]
+
+
+def save_sampled_pack(
+    path: str | os.PathLike,
+    arrays: dict[str, np.ndarray],
+    rows: pd.DataFrame,
+    maps: dict[str, np.ndarray],
+    truth: dict[int, dict[str, Any]],
+) -> None:
+    """One sampled pack of ``run_packs`` with its objects' truths, as one ``.npz`` (atomic).
+
+    Keys: ``a__<array>`` (the pack's arrays), ``m__<map>`` (the output maps, all samples),
+    ``truth`` [B,C,N,N], ``z_true`` [B], ``mag_i_true`` [B] (in the pack's object order) and
+    ``rows_json`` (the output rows). ``read_sampled_pack`` reads it back.
+    """
+    path = Path(path)
+    ids = [int(v) for v in arrays[Col.OBJECT_ID]]
+    doc = {f"a__{k}": np.asarray(v) for k, v in arrays.items() if np.asarray(v).dtype != object}
+    doc |= {f"m__{k}": np.asarray(v) for k, v in maps.items()}
+    doc["truth"] = np.stack([truth[i]["truth"] for i in ids])
+    doc["z_true"] = np.array([truth[i]["z_true"] for i in ids])
+    doc["mag_i_true"] = np.array([truth[i]["i_mag_true"] for i in ids])
+    doc["rows_json"] = np.array(
+        rows.to_json(orient="records", default_handler=str, date_format="iso")
+    )
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **doc)
+    tmp.replace(path)
+
+
+def read_sampled_pack(path: str | os.PathLike) -> SampledPack:
+    """``(arrays, rows, maps, truth)`` of a ``save_sampled_pack`` file; ``truth`` as in
+    ``read_truth`` (object id -> truth, z_true, i_mag_true) for the pack's objects."""
+    with np.load(path) as f:
+        arrays = {k[3:]: f[k] for k in f.files if k.startswith("a__")}
+        maps = {k[3:]: f[k] for k in f.files if k.startswith("m__")}
+        truths, z_true, mag = f["truth"], f["z_true"], f["mag_i_true"]
+        rows = pd.read_json(io.StringIO(str(f["rows_json"])), orient="records")
+    truth = {
+        int(oid): {"truth": truths[i], "z_true": float(z_true[i]), "i_mag_true": float(mag[i])}
+        for i, oid in enumerate(arrays[Col.OBJECT_ID])
+    }
+    return arrays, rows, maps, truth
 
 
 def observations(arrays: dict[str, np.ndarray]) -> ObservationBatch:

@@ -12,6 +12,7 @@ the run to reach a state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from d4a_batch.config import RunConfig, SamplerConfig
+from d4a_batch.config import RunConfig, SamplerConfig, to_dict
 from d4a_batch.mock.survey import build_mock_survey
 from d4a_batch.pipeline.commit import Commits
 from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
@@ -37,7 +38,11 @@ from d4a_batch.testing import load_job, tiny_survey_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 N_OBJECTS = 16
-STEPS = 200  # long enough that a kill lands while batches are being sampled
+STEPS = 120  # long enough that batches are still being sampled when the kill lands
+# The engine's default sampler (DDS), at one Gauss-Newton iteration of 2 CG steps: these tests
+# are about kills, not the posterior, and every kill is gated on the ledger, not timed. At the
+# default 3 x 10 a step costs ~4x as much (the two tests took 5-8 min on the 2-core VM).
+SAMPLER = SamplerConfig(steps=STEPS, samples=2, gauss_newton=1, cg_iterations=2)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +101,7 @@ def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
 ):
     out = tmp_path / "out"
     reached, release = _gate_commits(monkeypatch)
-    config = RunConfig(sampler=SamplerConfig(steps=STEPS, samples=2), write_maps=False)
+    config = RunConfig(sampler=SAMPLER, write_maps=False)
     options = ExecutionOptions(batch_size=2, progress_interval_s=0.0)
     result: dict = {}
 
@@ -162,8 +167,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_a_killed_driver_resumes_from_the_ledger(ray_local, survey, tiny_prior, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "first-commit"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(to_dict(RunConfig(sampler=SAMPLER, write_maps=False))))
     argv = ["--catalog", str(survey), "--output", str(out), "--prior", str(tiny_prior)]
-    argv += ["--steps", str(STEPS), "--samples", "2", "--batch-size", "2", "--no-maps"]
+    argv += ["--config", str(config), "--batch-size", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     ttl = 2.0  # the killed driver's lease is stale this long after its last heartbeat
     command = [sys.executable, "-c", GATED_JOB, str(marker), *argv, "--num-cpus", "2"]

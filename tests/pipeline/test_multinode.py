@@ -31,6 +31,9 @@ from tests.cluster import Cluster, cluster_env, ray_cli_available
 from tests.faults import moto_s3
 
 STEPS, SAMPLES, SEED = 90, 2, 11  # enough steps that work is left after the first commit
+# the engine's default sampler (DDS) at one Gauss-Newton iteration of 2 CG steps: this test is
+# about a node dying, not the posterior (the default 3 x 10 costs ~4x as much per step)
+CONFIG = {"sampler": {"gauss_newton": 1, "cg_iterations": 2}}
 
 
 def _ok_partitions(fs, output: str) -> int:
@@ -64,6 +67,8 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
 
     workdir = tmp_path / "job"
     shutil.copytree(tiny_prior, workdir / "prior")
+    config = workdir / "config.json"  # travels with the working dir, like the prior
+    config.write_text(json.dumps(CONFIG))
     cluster = Cluster(cluster_env())
     t0 = time.monotonic()
     with moto_s3("survey") as s3:
@@ -73,20 +78,24 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
         n_parts = len(fs.glob("survey/in/dataset/Norder=*/Dir=*/Npix=*.parquet"))
         assert n_parts >= 3
 
-        def args(output: str, prior: str) -> list[str]:
+        def args(output: str, prior: str, config: str) -> list[str]:
             return ["--catalog", "s3://survey/in", "--output", output, "--prior", prior,
+                    "--config", config,
                     "--steps", str(STEPS), "--samples", str(SAMPLES), "--seed", str(SEED),
                     "--batch-size", "1", "--actors", "2", "--cpus-per-actor", "1",
                     "--storage-options", json.dumps(so)]  # fmt: skip
 
         def job(output: str) -> list[str]:
-            return ["python", "-m", "d4a_batch.cli.deconvolve", *args(output, "prior")]
+            return ["python", "-m", "d4a_batch.cli.deconvolve",
+                    *args(output, "prior", "config.json")]  # fmt: skip
 
         try:
             cluster.start("head", 0, head=True)
             with ThreadPoolExecutor(1) as pool:  # the cluster boots while the reference runs
                 # the single-node run: the same job on this process's one-node cluster
-                ref_run = pool.submit(deconvolve.main, args("s3://survey/ref", str(tiny_prior)))
+                ref_run = pool.submit(
+                    deconvolve.main, args("s3://survey/ref", str(tiny_prior), str(config))
+                )
                 cluster.wait_for(1)  # a worker gives up on a head that has not registered yet
                 cluster.start("a", 3)
                 cluster.start("b", 3)

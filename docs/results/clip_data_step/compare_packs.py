@@ -16,34 +16,23 @@ of the core pixels, flags). No sampling happens here.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from d4a_batch.config import RunConfig
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import DEMO_PRIOR_DIR
-from d4a_batch.validation.science import score_pack
+from d4a_batch.validation.science import read_sampled_pack, score_pack
 
 
 def score_work(work: Path, prior_cfg, config: RunConfig, rl_iterations: int) -> pd.DataFrame:
     records = []
     for path in sorted((work / "packs").glob("*.npz")):
-        with np.load(path) as f:
-            arrays = {k[3:]: f[k] for k in f.files if k.startswith("a__")}
-            maps = {k[3:]: f[k] for k in f.files if k.startswith("m__")}
-            truths, z_true, mag = f["truth"], f["z_true"], f["mag_i_true"]
-            rows = pd.read_json(io.StringIO(str(f["rows_json"])), orient="records")
-        ids = [int(v) for v in arrays["object_id"]]
-        truth = {
-            oid: {"truth": truths[i], "z_true": z_true[i], "i_mag_true": mag[i]}
-            for i, oid in enumerate(ids)
-        }
+        arrays, rows, maps, truth = read_sampled_pack(path)
         for rec in score_pack(arrays, rows, maps, truth, prior_cfg, config, rl_iterations):
             rec["set"] = path.name.split("_")[0]
             records.append(rec)
