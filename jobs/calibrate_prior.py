@@ -44,6 +44,7 @@ from d4a_batch.prior.calibration import (
     Calibration,
     level_key,
     sampler_fingerprint,
+    saved_sampler_dict,
     write_calibration,
 )
 from d4a_batch.sampling.calibrate import observed_snr
@@ -184,14 +185,16 @@ def sampled_config(work: Path, requested: RunConfig) -> RunConfig:
     sampling as ``requested``). Samples of another sampler config are never mixed in: a
     folder that holds them is an error (use another --work).
 
-    A record written before ``SamplerConfig.sampler`` existed was sampled by DPS.
+    A record written before ``SamplerConfig.sampler`` existed was sampled by DPS; one written
+    before ``gauss_newton`` / ``clip_data_step`` existed, with one Gauss-Newton iteration and a
+    clipped data step (``prior.calibration.saved_sampler_dict``), whatever today's defaults.
     """
     path = work / "run_config.json"
     if not path.exists():
         path.write_text(json.dumps(to_dict(requested), indent=2) + "\n")
         return requested
     doc = json.loads(path.read_text())
-    doc["sampler"].setdefault("sampler", "dps")
+    doc["sampler"] = saved_sampler_dict(doc["sampler"])
     config = from_dict(RunConfig, doc)
     if sampler_fingerprint(config.sampler) != sampler_fingerprint(requested.sampler):
         raise SystemExit(

@@ -64,6 +64,22 @@ _UNUSED_BY = {
 _ADDED_LATER = {"gauss_newton": 1, "clip_data_step": True}
 
 
+def saved_sampler_dict(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A sampler config dict as saved by an earlier version, completed as it ran then.
+
+    A field that the saved dict lacks did not exist when it was written: the fields of
+    ``_ADDED_LATER`` get the value that reproduces the sampler of that time (not today's
+    default, which ``config.from_dict`` would fill in), and a dict without ``sampler`` was
+    drawn by DPS. Other missing fields keep today's defaults, which by the config convention
+    are their old behaviour.
+    """
+    d = dict(saved)
+    d.setdefault("sampler", "dps")
+    for key, before in _ADDED_LATER.items():
+        d.setdefault(key, before)
+    return d
+
+
 def canonical_sampler(sampler: Any) -> dict[str, Any]:
     """The sampler config as a dict in one canonical form per sampling procedure.
 

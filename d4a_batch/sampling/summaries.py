@@ -1,4 +1,4 @@
-"""Posterior summaries of B objects from S DPS samples each (numpy, one entry per object).
+"""Posterior summaries of B objects from S posterior samples each (numpy, one entry per object).
 
 Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
 - ``mean_x``, ``std_x`` [C,N,N]: sample mean and standard deviation (ddof = 1) of x_k.
@@ -15,7 +15,16 @@ Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
   for interval coverage on mocks, per S/N bin, and absorbs the bias of the mean as well as
   the width (DESIGN.md §2b), so λ² is not a variance correction, and the
   ``hallucination_max`` threshold was set on the raw ratio. λ² · ratio bounds it from above
-  when needed.
+  when needed. Reading the map: the prior's own variance is close to zero where its training
+  images are nearly always empty (the sky of the stamp, its corners), so there a ratio far
+  above 1 is expected and says "these pixels are set by the data's noise, not by the prior",
+  not "the prior invents structure". With the unclipped data step (``clip_data_step``) the
+  samples keep the noise-driven sky the data imply. On the demo (32 objects, 2026-12-03) the
+  per-object median ratio outside 0.4 N of the centre is 1.4-1.9 (quartiles), the per-object
+  maximum 10-27 (quartiles), and one object reaches ~800 at a stamp edge where the samples
+  disagree about a masked neighbour's leaked light; in the core disc the median is 0.07-0.12.
+  The hallucination score averages only the core disc, where the prior's variance is large
+  and the ratio reads as intended.
 - ``chi2``: reduced chi² of the re-convolved posterior mean *flux* image:
   y ≈ PSF ⊛ R(mean_flux) + beta_c with the background beta_c profiled here (weighted mean
   of the residual per band) and the amplitude alpha_c fitted per sample (inside the flux
@@ -23,8 +32,9 @@ Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
   one rule of ``physics.operator.degrees_of_freedom`` (also ``reduced_chi2``'s).
 - ``flux``, ``flux_err`` [C]: mean and std over samples of sum(F_k) (counts); ``mag`` =
   zp − 2.5 log10(flux) (NaN when flux ≤ 0), ``mag_err`` = std of the per-sample
-  magnitudes. These stds are DPS posterior widths, known to be too narrow (DESIGN.md:
-  measure coverage on mocks).
+  magnitudes. These are the sampler's raw posterior widths; their coverage on mocks is
+  measured and the calibrated interval columns correct it per S/N bin (``calibration.json``,
+  DESIGN.md §2b).
 - ``alpha``, ``beta`` [C]: mean over samples of the profiled amplitude and background.
 """
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from d4a_batch.config import SamplerConfig, from_dict, to_dict
+from d4a_batch.config import RunConfig, SamplerConfig, from_dict, to_dict
 from d4a_batch.prior.artifact import load_prior
 from d4a_batch.sampling.calibrate import usable_calibration
 from d4a_batch.testing import load_job, make_tiny_prior
@@ -41,3 +42,18 @@ def test_each_sampler_config_gets_its_own_entry_and_samples_are_never_mixed(tmp_
     # the dps folder's cached samples are not reused for another sampler config
     with pytest.raises(SystemExit, match="use another --work"):
         job.main([*common, "--work", str(tmp_path / "dps"), "--sampler", json.dumps(dds)])
+
+
+def test_a_record_older_than_a_sampler_field_is_read_as_it_was_sampled(tmp_path):
+    """A work folder sampled before ``gauss_newton`` / ``clip_data_step`` existed (one
+    Gauss-Newton iteration, clipped data step) is not taken for today's default sampler."""
+    job = load_job("calibrate_prior")
+    old = to_dict(RunConfig())
+    for key in ("gauss_newton", "clip_data_step"):
+        del old["sampler"][key]
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="use another --work"):
+        job.sampled_config(tmp_path, RunConfig())
+    as_sampled = replace(RunConfig().sampler, gauss_newton=1, clip_data_step=True)
+    config = job.sampled_config(tmp_path, RunConfig(sampler=as_sampled))
+    assert config.sampler == as_sampled
