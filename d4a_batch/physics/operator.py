@@ -17,7 +17,6 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 from d4a_batch.config import PhysicsConfig, PriorConfig
-from d4a_batch.physics.cosmology import model_pixel_arcsec
 from d4a_batch.physics.psf import convolve_otf, convolve_otf_adjoint, psf_otf
 from d4a_batch.physics.resample import (
     apply_separable,
@@ -299,6 +298,8 @@ def model_pixel_scale(
     z: ArrayLike, prior_cfg: PriorConfig, physics_cfg: PhysicsConfig | None = None
 ) -> NDArray[np.float64]:
     """Model pixel width in HSC pixels, θ(z)/0.168″ = 1/u, per redshift (numpy, shape of z)."""
+    from d4a_batch.physics.cosmology import model_pixel_arcsec  # astropy.cosmology: ~2 s import
+
     physics_cfg = physics_cfg or PhysicsConfig()
     theta = model_pixel_arcsec(z, prior_cfg.kpc_per_pixel, physics_cfg.cosmology)
     return theta / physics_cfg.hsc_pixel_arcsec

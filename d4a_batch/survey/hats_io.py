@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hats
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from hats.catalog import PartitionInfo, TableProperties
-from hats.catalog.dataset.hats_properties import HatsProperties
-from hats.io import paths as hats_paths
-from hats.io.file_io import get_upath
-from hats.pixel_math import HealpixPixel
-from hats.pixel_math.spatial_index import SPATIAL_INDEX_ORDER, compute_spatial_index
 
 from d4a_batch import __version__
 from d4a_batch.config import ColumnMap
 from d4a_batch.schema import Col
 from d4a_batch.survey.storage import filesystem, hats_storage_options
+
+if TYPE_CHECKING:
+    from hats.pixel_math import HealpixPixel
+
+# ``hats`` is imported inside the functions that use it: importing it costs ~3.5 s of CPU
+# (it loads pandas, nested-pandas, mocpy, numba, matplotlib), and the sampling actors and
+# staging tasks that import this module for its names and ``read_partition`` never call
+# hats; every new Ray worker would pay it (tests/pipeline/test_actors.py checks).
 
 ORDER = "Norder"
 PIXEL = "Npix"
@@ -60,6 +61,8 @@ class Partition:
 
     @property
     def healpix(self) -> HealpixPixel:
+        from hats.pixel_math import HealpixPixel
+
         return HealpixPixel(self.order, self.pixel)
 
 
@@ -76,6 +79,9 @@ class InputCatalog:
 
 def open_input_catalog(uri: str, storage_options: dict[str, Any] | None = None) -> InputCatalog:
     """Read a HATS catalog's metadata (a collection resolves to its main catalog)."""
+    import hats
+    from hats.io import paths as hats_paths
+
     cat = hats.read_hats(uri, storage_options=hats_storage_options(uri, storage_options))
     if hasattr(cat, "main_catalog"):
         cat = cat.main_catalog
@@ -160,6 +166,8 @@ def read_partition(
     if healpix_column and healpix_column in table.column_names:
         out[Col.HEALPIX] = table[healpix_column].combine_chunks().cast(pa.int64())
     else:
+        from hats.pixel_math.spatial_index import compute_spatial_index
+
         ra = out[Col.RA].to_numpy(zero_copy_only=False)
         dec = out[Col.DEC].to_numpy(zero_copy_only=False)
         out[Col.HEALPIX] = pa.array(compute_spatial_index(ra, dec), pa.int64())
@@ -171,6 +179,10 @@ def read_partition(
 # --------------------------------------------------------------------------- output catalog
 def partition_uri(root: str, order: int, pixel: int) -> str:
     """URI of the Parquet file of partition (order, pixel) under catalog ``root``."""
+    from hats.io import paths as hats_paths
+    from hats.io.file_io import get_upath
+    from hats.pixel_math import HealpixPixel
+
     return str(hats_paths.pixel_catalog_file(get_upath(root), HealpixPixel(order, pixel)))
 
 
@@ -201,6 +213,14 @@ def write_catalog_metadata(
 
     Call after every partition file exists. Returns the catalog's total row count.
     """
+    import hats.io
+    from hats.catalog import PartitionInfo, TableProperties
+    from hats.catalog.dataset.hats_properties import HatsProperties
+    from hats.io import paths as hats_paths
+    from hats.io.file_io import get_upath
+    from hats.pixel_math import HealpixPixel
+    from hats.pixel_math.spatial_index import SPATIAL_INDEX_ORDER
+
     base = get_upath(root, **hats_storage_options(root, storage_options))
     total = hats.io.write_parquet_metadata(base, create_per_partition_stats=True)
     healpix = [HealpixPixel(o, p) for o, p in pixels]

@@ -42,7 +42,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from astropy.io import fits
-from hats.pixel_math import HealpixPixel
 
 from d4a_batch import __version__
 from d4a_batch.config import PriorConfig, RunConfig, config_hash
@@ -54,7 +53,9 @@ from d4a_batch.survey.packs import SCALE, pack_id
 from d4a_batch.survey.storage import filesystem, join_uri, safe_join
 from d4a_batch.survey.tensors import tensor_array, tensor_numpy, tensor_type
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # HealpixPixel: not at run time, the write tasks need no hats (see hats_io)
+    from hats.pixel_math import HealpixPixel
+
     from d4a_batch.sampling.flags import ObjectFlags
     from d4a_batch.sampling.summaries import PosteriorSummaries
 
@@ -259,7 +260,11 @@ def fits_maps_bytes(row: dict[str, Any], bands: tuple[str, ...], zeropoint: floa
 
 def fits_maps_uri(root: str, pixel: HealpixPixel, object_id: int) -> str:
     """Where an object's FITS maps go under the output catalog root."""
-    name = f"{int(pixel.order)}_{int(pixel.pixel)}"
+    return _fits_maps_uri(root, pixel.order, pixel.pixel, object_id)
+
+
+def _fits_maps_uri(root: str, order: int, pixel: int, object_id: int) -> str:
+    name = f"{int(order)}_{int(pixel)}"
     return safe_join(root, FITS_DIR, name, f"{int(object_id)}.fits")
 
 
@@ -277,10 +282,8 @@ def write_fits_maps(
         if row[Col.STATUS] != Status.OK:
             continue
         row |= {name: arr[i] for name, arr in maps.items()}
-        pixel = HealpixPixel(row[ORDER], row[PIXEL])
-        fs, path = filesystem(
-            fits_maps_uri(output_root, pixel, row[Col.OBJECT_ID]), storage_options
-        )
+        uri = _fits_maps_uri(output_root, row[ORDER], row[PIXEL], row[Col.OBJECT_ID])
+        fs, path = filesystem(uri, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(fits_maps_bytes(row, spec.bands, zeropoint))
@@ -290,7 +293,11 @@ def write_fits_maps(
 
 # --------------------------------------------------------------------------- chunks
 def chunk_dir(work_root: str, pixel: HealpixPixel) -> str:
-    return safe_join(work_root, f"{ORDER}={int(pixel.order)}", f"{PIXEL}={int(pixel.pixel)}")
+    return _chunk_dir(work_root, pixel.order, pixel.pixel)
+
+
+def _chunk_dir(work_root: str, order: int, pixel: int) -> str:
+    return safe_join(work_root, f"{ORDER}={int(order)}", f"{PIXEL}={int(pixel)}")
 
 
 def write_chunks(
@@ -306,7 +313,7 @@ def write_chunks(
         o, p = int(key[ORDER]), int(key[PIXEL])
         part = table.filter(pc.and_(pc.equal(table[ORDER], o), pc.equal(table[PIXEL], p)))
         ids = part[Col.OBJECT_ID].to_pylist()
-        uri = safe_join(chunk_dir(work_root, HealpixPixel(o, p)), f"{pack_id(ids)}.parquet")
+        uri = safe_join(_chunk_dir(work_root, o, p), f"{pack_id(ids)}.parquet")
         fs, path = filesystem(uri, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         pq.write_table(part.drop_columns([ORDER, PIXEL]), path, filesystem=fs)
