@@ -397,15 +397,7 @@ def contains(text: str) -> Rule:
     return lambda v: None if text in v else f"must contain {text!r}"
 
 
-# realizations every supported astropy ships (tests/test_config.py checks them): accepted
-# without importing astropy.cosmology (~2 s), which the processes that only build configs
-# (drivers, read and write tasks) then never import
-KNOWN_COSMOLOGIES = ("WMAP9", "Planck13", "Planck15", "Planck18")
-
-
 def cosmology_name(v: Any) -> str | None:
-    if v in KNOWN_COSMOLOGIES:
-        return None
     from astropy.cosmology import realizations
 
     names = tuple(realizations.available)

@@ -152,15 +152,6 @@ def test_good_values_of_other_types_pass():
     assert PhysicsConfig(cosmology="Planck18").cosmology == "Planck18"
 
 
-def test_cosmologies_accepted_without_astropy_are_astropys_realizations():
-    from astropy.cosmology import realizations
-
-    from d4a_batch.config import KNOWN_COSMOLOGIES
-
-    assert set(KNOWN_COSMOLOGIES) <= set(realizations.available)
-    assert PhysicsConfig(cosmology="WMAP7").cosmology == "WMAP7"  # checked with astropy
-
-
 def test_a_retired_field_in_a_saved_config_is_dropped_with_a_warning():
     """An older output's run config (with ``blend_fraction_max``) still loads."""
     doc = to_dict(RunConfig())
