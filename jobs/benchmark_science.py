@@ -33,21 +33,19 @@ import pandas as pd
 import torch
 
 from d4a_batch.config import RunConfig, SamplerConfig, to_dict
-from d4a_batch.figures import object_figure, run_report, science_figure
+from d4a_batch.figures import run_report, science_figure
 from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
-from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, SHARED_DATA_DIR, Col
-from d4a_batch.survey.packs import IMAGE, SCALE, VALID, VARIANCE
+from d4a_batch.survey.packs import SCALE
 from d4a_batch.validation.calibration import engine_report, pack_inputs
 from d4a_batch.validation.frontier import frontier_figure, run_frontier
-from d4a_batch.validation.metrics import core_mask, reconvolve
+from d4a_batch.validation.metrics import core_mask
 from d4a_batch.validation.report import markdown_table, run_header, write_json
-from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import (
     hsc_npz_rows,
     make_actor,
-    observations,
+    object_plots,
     read_rows,
     read_truth,
     run_packs,
@@ -98,35 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[science] {msg}", flush=True)
-
-
-def object_plots(folder: Path, arrays, maps, rows, scale, cfg, truth=None, k: int = 4) -> list:
-    """Per-object figures of a pack's first k objects; returns the paths."""
-    obs = observations(arrays)
-    flux, _ = flux_samples(maps[Col.SAMPLES_X][:k], _head(obs, k), scale[:k], cfg.stretch.a)
-    model = reconvolve(maps[Col.MEAN_FLUX][:k], _head(obs, k), scale[:k])
-    paths = []
-    for i in range(min(k, len(rows))):
-        row = rows.iloc[i]
-        oid = int(row[Col.OBJECT_ID])
-        notes = [f"chi2/dof {row[Col.CHI2]:.2f}", f"score {row[Col.HALLUCINATION]:.3f}",
-                 f"u {row[Col.UPSAMPLING]:.2f}", f"flags {row[Col.FLAG_NAMES] or '-'}"]  # fmt: skip
-        if truth is not None:
-            notes.append(f"z_true {truth[oid]['z_true']:.3f}, i {truth[oid]['i_mag_true']:.2f}")
-        paths.append(object_figure(
-            folder / f"{oid}.png", observation=arrays[IMAGE][i], variance=arrays[VARIANCE][i],
-            valid=arrays[VALID][i].astype(bool), reconvolved=model[i],
-            mean_flux=maps[Col.MEAN_FLUX][i], std_flux=maps[Col.STD_FLUX][i],
-            variance_ratio=maps[Col.VARIANCE_RATIO][i], samples_flux=flux[i],
-            truth=None if truth is None else truth[oid]["truth"], title=f"object {oid}",
-            notes=notes,
-        ))  # fmt: skip
-    return paths
-
-
-def _head(obs: ObservationBatch, k: int) -> ObservationBatch:
-    return ObservationBatch(obs.image[:k], obs.variance[:k], obs.valid[:k], obs.psf[:k],
-                            obs.offset[:k])  # fmt: skip
 
 
 def summarise(df: pd.DataFrame) -> dict:

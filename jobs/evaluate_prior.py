@@ -41,13 +41,13 @@ import torch
 from d4a_batch.config import PriorConfig
 from d4a_batch.physics.cosmology import model_pixel_arcsec
 from d4a_batch.prior.artifact import load_prior
-from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
 from d4a_batch.training.data import mock_images
 from d4a_batch.training.evaluate import (
     FEATURE_NAMES,
     QUANTILES,
     ROBUST_FEATURE_NAMES,
+    draw_samples,
     feature_quantiles,
     frechet_distance,
     image_on_prior_grid,
@@ -120,19 +120,6 @@ def robust_quantiles(r: np.ndarray) -> dict[str, dict[str, float]]:
     }
 
 
-@torch.no_grad()
-def draw_samples(model, cfg: PriorConfig, n: int, steps: int, seed: int, batch: int) -> np.ndarray:
-    """``n`` ancestral samples ``[n, C, N, N]`` of the prior, respaced to ``steps``."""
-    spaced = build_diffusion(cfg, steps)
-    gen = torch.Generator().manual_seed(seed)
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    out = [
-        spaced.p_sample_loop(model, (min(batch, n - i), *shape), generator=gen).numpy()
-        for i in range(0, n, batch)
-    ]
-    return np.concatenate(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prior", action="append", required=True, help="[label=]path (repeatable)")
@@ -155,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=Path, default=DEFAULT_REAL, help="real galaxy FITS (HST)")
     p.add_argument("--real-z", type=float, nargs="+", default=[0.3, 0.6, 1.0])
     p.add_argument("--save-samples", type=Path, help="npz of the last prior's samples (x)")
+    p.add_argument(
+        "--samples",
+        type=Path,
+        help="npz (x [n, C, N, N]) of samples of the one --prior drawn elsewhere (e.g. on a"
+        " GPU with training.evaluate.draw_samples) instead of drawing them here",
+    )
     args = p.parse_args(argv)
 
     priors = []
@@ -190,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         ):
             raise ValueError(f"{path}: priors to compare must share image size, bands, kpc/pixel")
         t0 = time.perf_counter()
-        x = draw_samples(model, cfg, args.n_samples, args.steps, args.seed, args.batch_size)
+        if args.samples is not None:
+            if len(priors) != 1:
+                raise ValueError("--samples goes with exactly one --prior")
+            x = np.load(args.samples)["x"].astype(np.float32)
+            shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+            if x.ndim != 4 or x.shape[1:] != shape:
+                raise ValueError(f"{args.samples}: samples {x.shape} do not fit the prior {shape}")
+            args.n_samples = len(x)
+        else:
+            x = draw_samples(model, cfg, args.n_samples, args.steps, args.seed, args.batch_size)
         f = morphology_features(x, cfg.stretch.a, cfg.bands)
         fds = {st: frechet_distance(*standardise(fh, f)) for st, fh, _ in heldout_sets}
         fd = fds[structures[0]]

@@ -29,6 +29,17 @@ checkpoint, up to ``--max-failures`` times; the same command again resumes it to
         --placement-strategy SPREAD --storage s3://bucket/train --name hsc-64 \
         --storage-options '{"client_kwargs": {"endpoint_url": "https://..."}}' ...
 
+Without Ray (``--single-process``): the same model, step, schedule, EMA and checkpoints in
+this one process on one device (``--device``, default CUDA when present), with the training
+images from a file written by ``jobs/make_training_set.py`` (``--data mocks.npy.xz``) or
+generated here. It is the path for training ``priors/hsc-64`` on a lent GPU machine that has
+PyTorch but neither Ray nor GalSim (nothing can be installed there; ``jobs/configs/hsc-64-gpu.sh``):
+
+    python jobs/make_training_set.py --prior-config jobs/configs/hsc-64.json \
+        --n-images 20000 --processes 2 --out .gpu/mocks.npy.xz        # here, with GalSim
+    python jobs/train_prior.py --single-process --data .gpu/mocks.npy.xz \
+        --prior-config jobs/configs/hsc-64.json --storage /tmp/train --name hsc-64 ...
+
 ``jobs/configs/demo-64.json`` is the demo architecture (``PriorConfig()``) with a
 v-predicting network and posterior-variance reverse steps; without
 ``--prior-config`` the network predicts ε, as improved-diffusion's do (see
@@ -111,7 +122,119 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stats-samples", type=int, default=256)
     p.add_argument("--stats-steps", type=int, default=100)
     p.add_argument("--export-checkpoint", type=Path, help="only export this checkpoint folder")
+    p.add_argument(
+        "--single-process",
+        action="store_true",
+        help="train in this process without Ray (local --storage; --data: a .npy[.xz] file)",
+    )
+    p.add_argument("--device", help="--single-process: torch device (default: cuda if present)")
+    p.add_argument("--log-every", type=int, default=50, help="--single-process: steps per log line")
+    p.add_argument(
+        "--samples-out",
+        type=Path,
+        help="--single-process: after export, draw --n-samples-out ancestral samples of the"
+        " exported prior (--stats-steps steps) on the training device into this .npz (x,"
+        " float16) for jobs/evaluate_prior.py --samples",
+    )
+    p.add_argument("--n-samples-out", type=int, default=512)
     return p.parse_args(argv)
+
+
+def load_image_file(path: Path):
+    """Training images ``[K, C, N, N]`` (uint8 or float32) of a .npy or .npy.xz file."""
+    import lzma
+
+    import numpy as np
+    import torch
+
+    opener = lzma.open if path.name.endswith(".xz") else open
+    with opener(path, "rb") as f:
+        return torch.from_numpy(np.load(f))
+
+
+def main_single_process(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """``--single-process``: train without Ray, then export (stats drawn on the same device)."""
+    import platform
+
+    import torch
+
+    from d4a_batch.training.data import quantise_u8
+    from d4a_batch.training.loop import train_single_process
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.cpus_per_worker)
+    else:
+        torch.backends.cudnn.benchmark = True
+    t0 = time.perf_counter()
+    if args.data:
+        images = load_image_file(Path(args.data))
+        source = {"file": str(args.data)}
+        recipe = Path(str(args.data) + ".json")
+        if recipe.exists():
+            source["recipe"] = json.loads(recipe.read_text())
+    else:
+        from d4a_batch.training.data import mock_images
+
+        images = torch.from_numpy(
+            quantise_u8(mock_images(range(args.n_images), args.data_seed, cfg.prior))
+        )
+        source = {"generated": args.n_images, "data_seed": args.data_seed}
+    print(f"[data] {tuple(images.shape)} {images.dtype} in {time.perf_counter() - t0:.0f} s")
+    t_fit = time.perf_counter()
+    last = train_single_process(
+        cfg, images, Path(args.storage) / args.name, device, log_every=args.log_every
+    )
+    fit_seconds = time.perf_counter() - t_fit
+    print(f"[train] finished in {fit_seconds:.0f} s: {last}", flush=True)
+    if args.out is not None:
+        job = {
+            "job_fit_seconds": fit_seconds,
+            "n_training_images": int(images.shape[0]),
+            "training_images": source,
+            "single_process": True,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+        }
+        out = export_prior(
+            last, args.out, args.stats_samples, args.stats_steps, record_extra=job, device=device
+        )
+        print(f"[export] wrote {out}", flush=True)
+        if args.samples_out is not None:
+            import numpy as np
+
+            from d4a_batch.prior.artifact import load_prior
+            from d4a_batch.training.evaluate import draw_samples
+
+            t0 = time.perf_counter()
+            prior = load_prior(out)
+            x = draw_samples(
+                prior.model, prior.config, args.n_samples_out, args.stats_steps, args.seed + 1,
+                batch=256, device=device,
+            )  # fmt: skip
+            args.samples_out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(args.samples_out, x=x.astype(np.float16))
+            print(f"[samples] {len(x)} in {time.perf_counter() - t0:.0f} s -> {args.samples_out}")
+    return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    prior = PriorConfig()
+    if args.prior_config is not None:
+        prior = from_dict(PriorConfig, json.loads(args.prior_config.read_text()))
+    return TrainConfig(
+        prior=prior,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        max_steps=args.steps,
+        max_train_seconds=args.max_train_seconds,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         out = export_prior(args.export_checkpoint, args.out, args.stats_samples, args.stats_steps)
         print(f"[export] wrote {out}", flush=True)
         return 0
+    if args.single_process:
+        return main_single_process(args, train_config(args))
 
     import ray
     import ray.data
@@ -135,20 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(num_cpus=args.num_cpus, include_dashboard=False)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    prior = PriorConfig()
-    if args.prior_config is not None:
-        prior = from_dict(PriorConfig, json.loads(args.prior_config.read_text()))
-    cfg = TrainConfig(
-        prior=prior,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
-        max_steps=args.steps,
-        max_train_seconds=args.max_train_seconds,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )
+    cfg = train_config(args)
+    prior = cfg.prior
     t_job = time.perf_counter()
     so = json.loads(args.storage_options) if args.storage_options else None
     data = args.data or join_uri(

@@ -218,6 +218,7 @@ def _job(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             bands=tuple(prior_cfg.bands),
             kpc_per_pixel=prior_cfg.kpc_per_pixel,
             n_model=prior_cfg.image_size,
+            mock_structure=prior_cfg.mock_structure,
             **DEMO_REAL_DATA_MIX,  # neighbours, image-only cutouts, too-large galaxies
         )
         catalog = str(ensure_mock_survey(DEMO_SURVEY_DIR, survey_cfg))

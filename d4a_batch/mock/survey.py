@@ -71,6 +71,10 @@ class MockSurveyConfig:
     bands: tuple[str, ...] = ("g", "r", "i")
     kpc_per_pixel: float = 0.5  # the prior's physical scale
     n_model: int = 64  # the prior's image side
+    # galaxy population (mock.galaxies.sample_params): "smooth" (bulge + disk + knots) or
+    # "realistic" (arms, bars, dust; what the hsc-64 prior is trained on); the demo uses
+    # its prior's
+    mock_structure: str = "smooth"
     field_radius_deg: float = 0.6  # objects uniform in a square of this half-side
     z_range: tuple[float, float] = (0.25, 1.0)
     i_mag_range: tuple[float, float] = (20.0, 23.5)
@@ -136,7 +140,7 @@ def _scale_to_mag(img: np.ndarray, band_index: int, mag: float, zp: float) -> np
 
 
 def _galaxy(rng: np.random.Generator, cfg: MockSurveyConfig, mag_i: float) -> np.ndarray:
-    params = sample_params(rng, 1)[0]
+    params = sample_params(rng, 1, cfg.mock_structure)[0]
     img = draw_galaxy(params, cfg.kpc_per_pixel, cfg.n_model, cfg.bands).astype(np.float64)
     return _scale_to_mag(img, cfg.bands.index("i") if "i" in cfg.bands else -1, mag_i, 27.0)
 

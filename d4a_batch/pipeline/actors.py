@@ -202,8 +202,15 @@ def actor_resources(
     gpus_per_actor: float | None,
     cpus_per_actor: float | None,
     task_cpus: float,
+    max_packs: int | None = None,
 ) -> tuple[int, float, float]:
     """(actors, cpus per actor, gpus per actor) for a cluster's resources.
+
+    ``max_packs``: an upper bound on the run's useful actors (its objects / batch size):
+    with ``actors`` None, no more actors are started than that, each keeping the CPU share
+    (and torch threads) it would have had, so a small run (a rerun of a few objects, a test
+    survey) does not start a process per CPU (each imports torch and loads the prior) that
+    would get no pack.
 
     With GPUs: one actor per GPU, one GPU and one CPU each. Without: about one
     single-threaded actor per CPU, sharing the CPUs minus a headroom of
@@ -217,6 +224,7 @@ def actor_resources(
     n_gpu = float(cluster.get("GPU", 0.0))
     gpus = (1.0 if n_gpu >= 1 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
     headroom = max(2 * task_cpus, 0.1 * n_cpu)
+    auto = actors is None
     if actors is None:
         actors = max(1, int(n_gpu // gpus)) if gpus > 0 else max(1, round(n_cpu - headroom))
     if cpus_per_actor is None:
@@ -228,6 +236,8 @@ def actor_resources(
         )
     if gpus > 0 and actors * gpus > n_gpu + 1e-9:
         raise ValueError(f"{actors} actors x {gpus} GPUs exceed the cluster's {n_gpu:g} GPUs")
+    if auto and max_packs is not None:
+        actors = max(1, min(actors, int(max_packs)))
     return int(actors), float(cpus_per_actor), gpus
 
 

@@ -186,11 +186,12 @@ def _staged(plan: RunPlan, gpus: float) -> ray.data.Dataset:
 def _written(plan: RunPlan) -> ray.data.Dataset:
     """Chunk counts (``stages.CHUNK_SCHEMA`` rows) of the whole graph."""
     job, opts = plan.job, plan.job.options
+    expected = plan.expected_rows
+    packs = None if not expected else -(-sum(expected.values()) // opts.batch_size)
     actors, cpus, gpus = actor_resources(
         ray.cluster_resources(), opts.actors, opts.gpus_per_actor, opts.cpus_per_actor,
-        opts.task_cpus,
+        opts.task_cpus, max_packs=packs,
     )  # fmt: skip
-    expected = plan.expected_rows
     log.info("%d partitions, %s objects, %d actors x (%g CPU, %g GPU)", len(plan.todo),
              sum(expected.values()) if expected else None, actors, cpus, gpus)  # fmt: skip
     results = _staged(plan, gpus).map_batches(

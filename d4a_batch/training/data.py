@@ -1,5 +1,10 @@
 """Training images: TNG idealised-image reader, normalisation/stretch, augmentation, Ray datasets.
 
+Only numpy and torch are imported at module level (astropy for the TNG reader, GalSim for
+the mocks and Ray for the datasets are imported where used), so a training process on a
+machine without them (``jobs/train_prior.py --single-process`` on a lent GPU) can use the
+augmentation and the 8-bit training-set helpers.
+
 Every training image goes through one path (DESIGN.md section 2):
 flux per pixel ``I[C,N,N]`` at the prior's kpc/pixel -> ``v = I / m`` with
 ``m[c] = max_pixels I[c]`` (per image, per band: the brightest pixel maps to
@@ -19,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from astropy.io import fits
 
 from d4a_batch.config import PriorConfig
-from d4a_batch.mock.galaxies import draw_galaxy, sample_params
 from d4a_batch.physics.resample import overlap_matrix
 from d4a_batch.physics.stretch import stretch
 
@@ -45,6 +48,8 @@ def read_tng_idealized(
     the flux in each pixel, the same constant for every band and pixel (the
     per-band normaliser removes it). mu >= 99 or non-finite means no light.
     """
+    from astropy.io import fits
+
     planes = []
     scale = kpc_per_pixel_in
     with fits.open(path) as hdul:
@@ -114,6 +119,17 @@ def to_model_space(img: np.ndarray, a: float) -> np.ndarray:
     return stretch(v, a).astype(np.float32)
 
 
+def quantise_u8(x: np.ndarray) -> np.ndarray:
+    """x-space images in [-1, 1] -> uint8 ``q = round((x + 1) * 127.5)`` (8-bit, as image
+    datasets are stored; the error is at most 1/255 in x)."""
+    return np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def dequantise_u8(q: np.ndarray) -> np.ndarray:
+    """uint8 ``q`` -> x = q / 127.5 - 1 (float32); the inverse of ``quantise_u8`` on its grid."""
+    return (np.asarray(q, dtype=np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- augmentation
 def default_max_shift(image_size: int) -> int:
     """Largest random shift in pixels: the paper's ±10 px at 256, scaled with the image."""
@@ -123,25 +139,31 @@ def default_max_shift(image_size: int) -> int:
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
     """Random integer shift (|d| <= max_shift, fill x = -1, i.e. no light), flip, 90° rotation.
 
-    x: ``[B, C, N, N]``; each image gets its own draw from ``generator`` (CPU).
-    The 4 rotations times an optional flip cover the 8 symmetries of the square.
+    x: ``[B, C, N, N]`` on any device; each image gets its own draw from ``generator``
+    (CPU), applied to the whole batch at once (one gather, one flip, three rotations), so
+    it keeps up with a GPU. The 4 rotations times an optional flip cover the 8 symmetries
+    of the square.
     """
     if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"expected [B, C, N, N], got {tuple(x.shape)}")
-    b, _, n, _ = x.shape
+    b, c, n, _ = x.shape
     s = int(max_shift)
-    rot = torch.randint(0, 4, (b,), generator=generator).tolist()
-    flip = torch.randint(0, 2, (b,), generator=generator).tolist()
-    shift = torch.randint(-s, s + 1, (b, 2), generator=generator).tolist()
+    rot = torch.randint(0, 4, (b,), generator=generator).to(x.device)
+    flip = torch.randint(0, 2, (b,), generator=generator).to(x.device)
+    shift = torch.randint(-s, s + 1, (b, 2), generator=generator).to(x.device)
     padded = torch.nn.functional.pad(x, (s, s, s, s), value=-1.0)
-    out = []
-    for k in range(b):
-        dy, dx = shift[k]
-        img = padded[k, :, s - dy : s - dy + n, s - dx : s - dx + n]
-        if flip[k]:
-            img = img.flip(-1)
-        out.append(torch.rot90(img, rot[k], dims=(-2, -1)))
-    return torch.stack(out)
+    ar = torch.arange(n, device=x.device)
+    rows = (s - shift[:, 0])[:, None] + ar  # [B, N]
+    cols = (s - shift[:, 1])[:, None] + ar
+    p = n + 2 * s
+    flat = (rows[:, :, None] * p + cols[:, None, :]).reshape(b, 1, n * n).expand(b, c, n * n)
+    out = torch.gather(padded.reshape(b, c, p * p), 2, flat).reshape(b, c, n, n)
+    out = torch.where(flip[:, None, None, None].bool(), out.flip(-1), out)
+    for k in (1, 2, 3):
+        sel = rot == k
+        if bool(sel.any()):
+            out[sel] = torch.rot90(out[sel], k, dims=(-2, -1))
+    return out
 
 
 # --------------------------------------------------------------------------- mock images
@@ -152,6 +174,8 @@ def mock_images(ids: Sequence[int] | np.ndarray, seed: int, cfg: PriorConfig) ->
     come from a generator seeded by ``[seed, id]``, so any subset can be rebuilt. The
     population is ``cfg.mock_structure`` ("smooth" or "realistic").
     """
+    from d4a_batch.mock.galaxies import draw_galaxy, sample_params  # GalSim: only here
+
     out = np.empty((len(ids), cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
     for k, i in enumerate(np.asarray(ids, dtype=np.int64)):
         rng = np.random.default_rng([int(seed), int(i)])
@@ -160,6 +184,11 @@ def mock_images(ids: Sequence[int] | np.ndarray, seed: int, cfg: PriorConfig) ->
         img = draw_galaxy(params, cfg.kpc_per_pixel, cfg.image_size, cfg.bands, offset)
         out[k] = to_model_space(img, cfg.stretch.a)
     return out
+
+
+def mock_images_u8(ids: Sequence[int] | np.ndarray, seed: int, cfg: PriorConfig) -> np.ndarray:
+    """``mock_images`` stored as 8 bits (``quantise_u8``): ``[K, C, N, N]`` uint8."""
+    return quantise_u8(mock_images(ids, seed, cfg))
 
 
 def mock_dataset(n_images: int, cfg: PriorConfig, seed: int, num_blocks: int | None = None):

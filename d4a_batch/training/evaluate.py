@@ -16,9 +16,12 @@ and the colours are not in them; what is:
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import linalg
 
+from d4a_batch.config import PriorConfig
 from d4a_batch.physics.stretch import inverse_stretch
+from d4a_batch.prior.diffusion import build_diffusion
 
 FEATURE_NAMES = (
     "log_ratio_g_r",
@@ -132,6 +135,32 @@ def sample_grid_rgb(
 
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@torch.no_grad()
+def draw_samples(
+    model: torch.nn.Module,
+    cfg: PriorConfig,
+    n: int,
+    steps: int,
+    seed: int,
+    batch: int,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """``n`` ancestral samples ``[n, C, N, N]`` (float32) of the prior, respaced to ``steps``,
+    drawn on ``device`` (the model is moved there) from a generator seeded by ``seed``."""
+    model.to(device)
+    spaced = build_diffusion(cfg, steps)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    out = [
+        spaced.p_sample_loop(model, (min(batch, n - i), *shape), generator=gen, device=device)
+        .float()
+        .cpu()
+        .numpy()
+        for i in range(0, n, batch)
+    ]
+    return np.concatenate(out)
 
 
 def feature_quantiles(

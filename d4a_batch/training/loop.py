@@ -108,6 +108,38 @@ def load_checkpoint_dir(folder: str | Path) -> tuple[dict[str, Any], TrainConfig
     return state, cfg
 
 
+def train_step(
+    model: torch.nn.Module,
+    net: torch.nn.Module,
+    ema: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    diffusion: Any,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    lr: float,
+    cfg: TrainConfig,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step, shared by the Ray Train worker and ``train_single_process``.
+
+    ``model``: what is called (``net`` itself, or its DDP wrapper); ``x0`` [B, C, N, N] and
+    ``t`` [B] on the model's device. The loss runs under bf16 autocast on CUDA (fp32
+    elsewhere); gradients are clipped to ``cfg.grad_clip``; the EMA decay is ramped as
+    min(decay, (1 + step) / (10 + step)). Returns (loss, grad norm) as 0-d tensors on the
+    device, unsynchronised.
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        loss = diffusion.training_losses(model, x0, t)["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    return loss.detach(), grad_norm.detach()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; ``config = {"train": to_dict(TrainConfig), "threads": int}``."""
     import ray.train
@@ -118,7 +150,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    use_bf16 = device.type == "cuda"
     torch.manual_seed(cfg.seed + 1000 * rank)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
 
@@ -164,15 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             x0 = augment(x0.cpu(), gen, max_shift).to(device)
             t = torch.randint(0, T, (x0.shape[0],), generator=gen).to(device)
             lr = lr_at(cfg, step, train_seconds)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = diffusion.training_losses(model, x0, t)["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
-            ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            loss, grad_norm = train_step(model, net, ema, opt, diffusion, x0, t, lr, cfg, step)
             step += 1
             dt = time.perf_counter() - t0
             train_seconds += dt
@@ -219,6 +242,125 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             if done:
                 break
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint_*`` folder (with a state file) under ``run_dir``, or None."""
+    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).exists())
+    return found[-1] if found else None
+
+
+def train_single_process(
+    cfg: TrainConfig,
+    images: torch.Tensor,
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    log_every: int = 50,
+) -> Path:
+    """Train in this process on one device, without Ray; returns the last checkpoint folder.
+
+    For a machine where Ray cannot run (a lent GPU with no package registry) or a quick
+    local run. The same model, ``train_step``, augmentation, learning-rate schedule, EMA
+    and checkpoint folders (``run_dir/checkpoint_<step>``: state.pt + config.json, which
+    ``export_prior`` reads) as the Ray Train worker; a second call with the same
+    ``run_dir`` resumes from its latest checkpoint.
+
+    images: ``[K, C, N, N]``, uint8 (``quantise_u8``: x = q / 127.5 - 1) or float x-space;
+    held on ``device`` whole. Each epoch visits them in a fresh random order; the last
+    partial batch of an epoch is dropped (as ``drop_last`` in the Ray worker).
+    """
+    device = torch.device(device)
+    C, N = cfg.prior.in_channels, cfg.prior.image_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (C, N, N):
+        raise ValueError(
+            f"training images of shape {tuple(images.shape)} do not fit [K, {C}, {N}, {N}]"
+        )
+    if images.shape[0] < cfg.batch_size:
+        raise ValueError(f"{images.shape[0]} training images < batch size {cfg.batch_size}")
+    images = images.to(device)
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = build_unet(cfg.prior).to(device)
+    ema = build_unet(cfg.prior).to(device)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history, train_seconds = 0, [], 0.0
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        state, _ = load_checkpoint_dir(last)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), list(state["history"])
+        train_seconds = float(state["train_seconds"])
+        gen.manual_seed(cfg.seed + step)  # a resumed run does not replay the first batches
+        print(f"[train] resumed from {last.name} at step {step}", flush=True)
+    ema.eval().requires_grad_(False)
+    net.train()
+    diffusion = build_diffusion(cfg.prior)
+    max_shift = default_max_shift(N) if cfg.max_shift < 0 else cfg.max_shift
+    T, B, K = diffusion.num_timesteps, cfg.batch_size, images.shape[0]
+
+    def to_x(batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype == torch.uint8:
+            return batch.float() / 127.5 - 1.0
+        return batch.float()
+
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back
+
+    def flush(seconds: float, n_steps: int) -> None:
+        if not pending:
+            return
+        losses = torch.stack([v for _, v in pending]).float().cpu().tolist()
+        rate = n_steps * B / max(seconds, 1e-9)
+        history.extend([s, loss, rate] for (s, _), loss in zip(pending, losses, strict=True))
+        pending.clear()
+
+    done = progress(cfg, step, train_seconds) >= 1.0
+    t_window, steps_window = time.perf_counter(), 0
+    while not done:
+        order = torch.randperm(K, generator=gen).to(device)
+        for start in range(0, K - B + 1, B):
+            x0 = augment(to_x(images[order[start : start + B]]), gen, max_shift)
+            t = torch.randint(0, T, (B,), generator=gen).to(device)
+            lr = lr_at(cfg, step, train_seconds)
+            loss, _ = train_step(net, net, ema, opt, diffusion, x0, t, lr, cfg, step)
+            step += 1
+            steps_window += 1
+            pending.append((step, loss))
+            now = time.perf_counter()
+            # the clock reads the host; the device is synchronised at every log line
+            done = progress(cfg, step, train_seconds + now - t_window) >= 1.0
+            if step % log_every == 0 or done or step % cfg.checkpoint_every == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                train_seconds += now - t_window
+                flush(now - t_window, steps_window)
+                t_window, steps_window = now, 0
+                print(
+                    f"[train] step {step}/{cfg.max_steps} loss {history[-1][1]:.4f} "
+                    f"{history[-1][2]:.0f} img/s lr {lr:.2e} train {train_seconds:.0f} s",
+                    flush=True,
+                )
+            if step % cfg.checkpoint_every == 0 or done:
+                state = {
+                    "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                    "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "train_seconds": train_seconds,
+                    "world_size": 1,
+                }
+                last = save_checkpoint_dir(run_dir / f"checkpoint_{step:07d}", state, cfg)
+                t_window = time.perf_counter()  # checkpoint writing is not training time
+            if done:
+                break
+    if last is None:
+        raise RuntimeError(f"{run_dir}: no checkpoint written (max_steps {cfg.max_steps})")
+    return last
 
 
 def train_storage(
@@ -351,15 +493,17 @@ def export_prior(
     seed: int = 0,
     extra_meta: dict[str, Any] | None = None,
     record_extra: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Write the prior artifact of a checkpoint: EMA weights, config, stats, training record.
 
-    ``record_extra`` (JSON-serialisable) is merged into training_record.json.
+    ``record_extra`` (JSON-serialisable) is merged into training_record.json. The prior
+    statistics (ancestral samples) are drawn on ``device``.
     """
     state, cfg = load_checkpoint_dir(checkpoint_dir)
     model = build_unet(cfg.prior)
     model.load_state_dict(state["ema"])
-    model.eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     C, N = cfg.prior.in_channels, cfg.prior.image_size
     t0 = time.perf_counter()
     stats = compute_prior_stats(
@@ -368,7 +512,7 @@ def export_prior(
         (C, N, N),
         n=n_stats,
         steps=stats_steps,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(device=device).manual_seed(seed),
     )
     record = training_record(state, cfg)
     record["stats_seconds"] = time.perf_counter() - t0

@@ -72,6 +72,7 @@ from d4a_batch.validation.metrics import (
     coverage,
     image_scores,
     psnr,
+    reconvolve,
     reduced_chi2,
 )
 from d4a_batch.validation.samples import flux_samples
@@ -390,3 +391,38 @@ def baselines_for(
         stamp_to_model(rl, arrays[SCALE], arrays[OFFSET], n),
         stamp_to_model(raw, arrays[SCALE], arrays[OFFSET], n),
     )
+
+
+# --------------------------------------------------------------------------- figures
+def object_plots(folder: Path, arrays, maps, rows, scale, cfg, truth=None, k: int = 4) -> list:
+    """Per-object figures (``figures.object_figure``) of a sampled pack's first k objects:
+    ``arrays``/``maps``/``rows`` as ``run_packs`` returns them; returns the paths."""
+    from d4a_batch.figures import object_figure  # matplotlib: only when drawing
+
+    obs = observations(arrays)
+    flux, _ = flux_samples(
+        maps[Col.SAMPLES_X][:k], head_observations(obs, k), scale[:k], cfg.stretch.a
+    )
+    model = reconvolve(maps[Col.MEAN_FLUX][:k], head_observations(obs, k), scale[:k])
+    paths = []
+    for i in range(min(k, len(rows))):
+        row = rows.iloc[i]
+        oid = int(row[Col.OBJECT_ID])
+        notes = [f"chi2/dof {row[Col.CHI2]:.2f}", f"score {row[Col.HALLUCINATION]:.3f}",
+                 f"u {row[Col.UPSAMPLING]:.2f}", f"flags {row[Col.FLAG_NAMES] or '-'}"]  # fmt: skip
+        if truth is not None:
+            notes.append(f"z_true {truth[oid]['z_true']:.3f}, i {truth[oid]['i_mag_true']:.2f}")
+        paths.append(object_figure(
+            folder / f"{oid}.png", observation=arrays[IMAGE][i], variance=arrays[VARIANCE][i],
+            valid=arrays[VALID][i].astype(bool), reconvolved=model[i],
+            mean_flux=maps[Col.MEAN_FLUX][i], std_flux=maps[Col.STD_FLUX][i],
+            variance_ratio=maps[Col.VARIANCE_RATIO][i], samples_flux=flux[i],
+            truth=None if truth is None else truth[oid]["truth"], title=f"object {oid}",
+            notes=notes,
+        ))  # fmt: skip
+    return paths
+
+
+def head_observations(obs: ObservationBatch, k: int) -> ObservationBatch:
+    return ObservationBatch(obs.image[:k], obs.variance[:k], obs.valid[:k], obs.psf[:k],
+                            obs.offset[:k])  # fmt: skip

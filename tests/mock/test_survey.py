@@ -130,3 +130,22 @@ def test_masks_mark_cosmic_rays_bad_columns_and_saturation(tmp_path):
     assert saturated >= 1
     extras = pq.read_table(root / TRUTH_FILE)["extras"].to_pylist()
     assert all("star" in e and "cosmic ray" in e and "bad column" in e for e in extras)
+
+
+def test_galaxy_population_follows_mock_structure():
+    """``mock_structure`` picks the population; "smooth" (the default) draws exactly what the
+    survey drew before the field existed, so existing surveys and their truths are unchanged."""
+    from d4a_batch.mock.galaxies import draw_galaxy, sample_params
+    from d4a_batch.mock.survey import _galaxy
+
+    cfg = MockSurveyConfig(n_objects=4, kpc_per_pixel=0.75)
+    smooth = _galaxy(np.random.default_rng(3), cfg, 21.0)
+    params = sample_params(np.random.default_rng(3), 1)[0]
+    expected = draw_galaxy(params, 0.75, 64, cfg.bands).astype(np.float64)
+    np.testing.assert_allclose(smooth / smooth[2].sum(), expected / expected[2].sum(), rtol=1e-12)
+    real_cfg = dataclasses.replace(cfg, mock_structure="realistic")
+    realistic = _galaxy(np.random.default_rng(3), real_cfg, 21.0)
+    p_real = sample_params(np.random.default_rng(3), 1, "realistic")[0]
+    want = draw_galaxy(p_real, 0.75, 64, cfg.bands).astype(np.float64)
+    np.testing.assert_allclose(realistic / realistic[2].sum(), want / want[2].sum(), rtol=1e-12)
+    assert not np.allclose(realistic, smooth)

@@ -61,6 +61,19 @@ def test_actor_resources_keep_cpu_headroom_for_tasks():
     assert [torch_threads_for(c) for c in (0.3, 0.75, 1.03, 1.5, 4.8)] == [1, 1, 1, 1, 5]
 
 
+def test_actor_resources_start_no_more_actors_than_packs():
+    # 8 objects in packs of 4 on 4 CPUs: 2 actors, each with the share it had among 4
+    assert actor_resources({"CPU": 4.0}, None, None, None, 0.25) == (4, 0.875, 0.0)
+    assert actor_resources({"CPU": 4.0}, None, None, None, 0.25, max_packs=2) == (2, 0.875, 0.0)
+    assert actor_resources({"CPU": 4.0}, None, None, None, 0.25, max_packs=9) == (4, 0.875, 0.0)
+    assert actor_resources({"CPU": 16.0, "GPU": 4.0}, None, None, None, 0.25, max_packs=1) == (
+        1, 1.0, 1.0,
+    )  # fmt: skip
+    assert actor_resources({"CPU": 4.0}, None, None, None, 0.25, max_packs=0)[0] == 1
+    # an explicit actor count is the user's: kept
+    assert actor_resources({"CPU": 4.0}, 3, None, None, 0.25, max_packs=1)[0] == 3
+
+
 @pytest.fixture(scope="module")
 def actor(tiny_prior):
     cfg, meta = read_prior_config(tiny_prior)

@@ -1,16 +1,10 @@
-"""The survey run on a local Ray cluster: local files, S3 (moto) and ``ray job submit``."""
+"""The survey run on a local Ray cluster: local files and S3 (moto); `ray job submit` of the
+README's entrypoint on a started cluster is in test_multinode.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.request
 
 import lsdb
 import numpy as np
@@ -27,7 +21,7 @@ from d4a_batch.config import RunConfig, SamplerConfig, config_hash, from_dict
 from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
 from d4a_batch.pipeline.figures import write_object_figures, write_run_report
 from d4a_batch.prior.artifact import read_prior_config
-from d4a_batch.schema import FIGURES_DIR, REPO_ROOT, RUN_CONFIG_FILE, Col, Flag, Status
+from d4a_batch.schema import FIGURES_DIR, RUN_CONFIG_FILE, Col, Flag, Status
 from d4a_batch.survey.hats_io import open_input_catalog
 from tests.faults import reset_moto
 
@@ -214,70 +208,6 @@ def test_inputs_and_outputs_on_s3(ray_local, tiny_survey, tiny_prior, s3):
     assert sorted(out.object_id) == sorted(_input("s3://survey/in", signed).object_id)
     assert fs.exists(f"survey/out/{RUN_CONFIG_FILE}") and not fs.exists("survey/out/_d4a_work")
     assert len(fs.glob("survey/out/fits/*/*.fits")) == 8
-
-
-# --------------------------------------------------------------------------- ray job submit
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ray_job_submit_against_a_started_head(tiny_survey, tiny_prior, tmp_path):
-    gcs, dash, agent, client, node, obj, metrics = _free_ports(7)
-    # a private temp dir: `ray start` records its address there, where no other
-    # `ray.init()` on this machine looks (short path: Ray's unix sockets live under it)
-    ray_tmp = tempfile.mkdtemp(prefix="d4a-ray-", dir="/tmp")
-    env = dict(
-        os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), RAY_TMPDIR=ray_tmp
-    )
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-         f"--ray-client-server-port={client}", f"--node-manager-port={node}",
-         f"--object-manager-port={obj}", f"--metrics-export-port={metrics}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dash}"
-    out = tmp_path / "job_out"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > deadline or head.poll() is not None:
-                    raise
-                time.sleep(2)
-        job = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT), "--",
-             "python", "jobs/deconvolve_survey.py", "--catalog", str(tiny_survey),
-             "--output", str(out), "--prior", str(tiny_prior), "--samples", "2", "--steps", "2",
-             "--batch-size", "4"],
-            env=env, capture_output=True, text=True, timeout=700,
-        )  # fmt: skip
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert f"output HATS catalog: {out}" in job.stdout
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert is_valid_catalog(out, strict=True)
-    assert len(pd.read_parquet(out / "dataset")) == 8
 
 
 @pytest.mark.ray

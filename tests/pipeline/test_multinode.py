@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from d4a_batch.schema import LEDGER_DIR, Col
+from d4a_batch.schema import LEDGER_DIR, REPO_ROOT, Col
 from tests.cluster import Cluster, cluster_env, ray_cli_available
 from tests.faults import moto_s3
 
@@ -67,6 +67,8 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
 
     workdir = tmp_path / "job"
     shutil.copytree(tiny_prior, workdir / "prior")
+    (workdir / "jobs").mkdir()  # the README's entrypoint, as `--working-dir .` ships it
+    shutil.copy(REPO_ROOT / "jobs" / "deconvolve_survey.py", workdir / "jobs")
     config = workdir / "config.json"  # travels with the working dir, like the prior
     config.write_text(json.dumps(CONFIG))
     cluster = Cluster(cluster_env())
@@ -86,7 +88,7 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
                     "--storage-options", json.dumps(so)]  # fmt: skip
 
         def job(output: str) -> list[str]:
-            return ["python", "-m", "d4a_batch.cli.deconvolve",
+            return ["python", "jobs/deconvolve_survey.py",
                     *args(output, "prior", "config.json")]  # fmt: skip
 
         try:
@@ -122,14 +124,17 @@ def test_a_node_dies_mid_run_and_every_object_ends_once_as_on_one_node(
             cluster.kill(victim)
             t_kill = time.monotonic() - t0
             state = cluster.wait_job("d4a-multinode-1", 600)
-            print(cluster.logs("d4a-multinode-1"))
+            logs = cluster.logs("d4a-multinode-1")
+            print(logs)
             reruns = 0
             if state != "SUCCEEDED":  # a rerun on the survivor finishes it
                 reruns = 1
                 cluster.submit("d4a-multinode-2", workdir, job("s3://survey/out"))
                 state = cluster.wait_job("d4a-multinode-2", 600)
-                print(cluster.logs("d4a-multinode-2"))
+                logs = cluster.logs("d4a-multinode-2")
+                print(logs)
             assert state == "SUCCEEDED"
+            assert "output HATS catalog: s3://survey/out" in logs
         finally:
             cluster.stop()
         print(f"[multinode] 3 nodes up at {t_up:.0f} s, reference done at {t_ref:.0f} s, node {victim} "

@@ -11,9 +11,11 @@ from d4a_batch.physics.stretch import inverse_stretch
 from d4a_batch.training.data import (
     augment,
     default_max_shift,
+    dequantise_u8,
     load_tng_image,
     mock_images,
     normaliser,
+    quantise_u8,
     read_tng_idealized,
     rebin,
     to_model_space,
@@ -125,6 +127,35 @@ def test_augment_is_a_shift_plus_symmetry_of_the_square():
     assert coords.min() < 7 and coords.max() > 8  # shifts do occur
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(augment(x, gen_a, s), augment(x, gen_b, s))
+
+
+def test_augment_applies_each_images_own_draw_in_one_batched_pass():
+    """The batched augmentation equals, image by image, its definition: crop the padded
+    image at the drawn shift, flip if drawn, rotate by the drawn quarter turns; the draws
+    come from the generator in the order rot [B], flip [B], shift [B, 2]."""
+    b, n, s = 32, 12, 3
+    x = torch.randn(b, 3, n, n, generator=torch.Generator().manual_seed(1))
+    out = augment(x, torch.Generator().manual_seed(5), s)
+    g = torch.Generator().manual_seed(5)
+    rot = torch.randint(0, 4, (b,), generator=g).tolist()
+    flip = torch.randint(0, 2, (b,), generator=g).tolist()
+    shift = torch.randint(-s, s + 1, (b, 2), generator=g).tolist()
+    padded = torch.nn.functional.pad(x, (s, s, s, s), value=-1.0)
+    for k in range(b):
+        dy, dx = shift[k]
+        img = padded[k, :, s - dy : s - dy + n, s - dx : s - dx + n]
+        img = img.flip(-1) if flip[k] else img
+        assert torch.equal(out[k], torch.rot90(img, rot[k], dims=(-2, -1))), k
+    assert len(set(rot)) == 4 and len(set(flip)) == 2
+
+
+def test_quantise_u8_round_trip():
+    x = np.linspace(-1.0, 1.0, 1001, dtype=np.float32)
+    q = quantise_u8(x)
+    assert q.dtype == np.uint8 and q.min() == 0 and q.max() == 255
+    assert np.abs(dequantise_u8(q) - x).max() <= 1 / 255 + 1e-7
+    grid = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(quantise_u8(dequantise_u8(grid)), grid)
 
 
 def test_mock_images_deterministic_per_id():

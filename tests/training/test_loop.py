@@ -23,7 +23,6 @@ from d4a_batch.training.loop import (
     list_checkpoints,
     load_checkpoint_dir,
     lr_at,
-    run_training,
     training_record,
 )
 
@@ -56,46 +55,6 @@ def _run_log(storage: Path, name: str) -> list[list[float]]:
     return state["history"]
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_two_cpu_workers_train_checkpoint_and_export(ray_local, tmp_path):
-    from d4a_batch.training.data import mock_dataset
-
-    cfg = TrainConfig(
-        prior=TINY, batch_size=8, lr=2e-3, warmup_steps=5, max_steps=40, checkpoint_every=20
-    )
-    ds = mock_dataset(2 * 8 * 40, TINY, seed=1).materialize()  # one epoch
-    result = run_training(cfg, ds, tmp_path, "tiny", num_workers=2, cpus_per_worker=1)
-    assert result.metrics["step"] == 40
-    ckpts = list_checkpoints(tmp_path, "tiny")
-    assert [c.name for c in ckpts] == ["checkpoint_0000020", "checkpoint_0000040"]
-    state, saved_cfg = load_checkpoint_dir(ckpts[-1])
-    assert saved_cfg == cfg
-    assert state["step"] == 40 and state["world_size"] == 2
-    assert set(state) >= {"model", "ema", "optimizer", "history", "train_seconds"}
-    hist = state["history"]
-    assert [h[0] for h in hist] == list(range(1, 41))
-    first, last = sum(h[1] for h in hist[:5]) / 5, sum(h[1] for h in hist[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
-    # the EMA differs from the raw weights and is what gets exported
-    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
-    out = export_prior(ckpts[-1], tmp_path / "artifact", n_stats=256, stats_steps=5)
-    prior = load_prior(out)
-    assert prior.config == TINY
-    for k, v in prior.model.state_dict().items():
-        torch.testing.assert_close(v, state["ema"][k])
-    assert prior.stats_var.shape == (3, 16, 16) and float(prior.stats_var.mean()) > 0
-    record = json.loads((out / "training_record.json").read_text())
-    assert record == json.loads(
-        json.dumps(
-            training_record(state, cfg)
-            | {"stats_seconds": record["stats_seconds"], "stats_samples": 256, "stats_steps": 5}
-        )
-    )
-    assert record["steps"] == 40 and record["images_seen"] == 640
-
-
 def _wait_for_dead_job_actors(ray, timeout_s: float = 300.0) -> None:
     """Block until no actor of another (the killed) job is alive in the test cluster.
 
@@ -124,7 +83,9 @@ def _wait_for_dead_job_actors(ray, timeout_s: float = 300.0) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
 def test_killed_driver_resumes_from_last_checkpoint(ray_local, tmp_path):
-    """Kill the training job (SIGKILL) after its first checkpoint, run it again: it resumes."""
+    """Two CPU workers (DDP over gloo) train the tiny prior; the job is killed (SIGKILL)
+    after its first checkpoint and run again: it resumes there, finishes the run once,
+    learns, and exports the EMA weights as a prior artifact with its training record."""
     prior_json = tmp_path / "tiny.json"
     prior_json.write_text(json.dumps(to_dict(TINY)))
     address = ray_local.get_runtime_context().gcs_address
@@ -132,8 +93,8 @@ def test_killed_driver_resumes_from_last_checkpoint(ray_local, tmp_path):
         sys.executable, str(REPO_ROOT / "jobs" / "train_prior.py"),
         "--address", address, "--storage", str(tmp_path), "--name", "killme",
         "--prior-config", str(prior_json), "--n-images", "128", "--steps", "30",
-        "--checkpoint-every", "10", "--batch-size", "8", "--workers", "2", "--lr", "1e-3",
-        "--warmup-steps", "5",
+        "--checkpoint-every", "10", "--batch-size", "8", "--workers", "2", "--lr", "2e-3",
+        "--warmup-steps", "5", "--out", str(tmp_path / "artifact"), "--stats-steps", "5",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     snapshot = tmp_path / "killme" / "checkpoint_manager_snapshot.json"
@@ -166,3 +127,103 @@ def test_killed_driver_resumes_from_last_checkpoint(ray_local, tmp_path):
     hist = _run_log(tmp_path, "killme")
     # continuous: the steps before the checkpoint are kept, none is counted twice
     assert [h[0] for h in hist] == list(range(1, 31))
+    ckpts = list_checkpoints(tmp_path, "killme")
+    assert [c.name for c in ckpts][-1] == "checkpoint_0000030"
+    state, saved_cfg = load_checkpoint_dir(ckpts[-1])
+    assert saved_cfg.prior == TINY and saved_cfg.batch_size == 8 and saved_cfg.max_steps == 30
+    assert state["step"] == 30 and state["world_size"] == 2
+    assert set(state) >= {"model", "ema", "optimizer", "history", "train_seconds"}
+    first, last = sum(h[1] for h in hist[:5]) / 5, sum(h[1] for h in hist[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    # the EMA differs from the raw weights and is what gets exported
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    prior = load_prior(tmp_path / "artifact")
+    assert prior.config == TINY
+    for k, v in prior.model.state_dict().items():
+        torch.testing.assert_close(v, state["ema"][k])
+    assert prior.stats_var.shape == (3, 16, 16) and float(prior.stats_var.mean()) > 0
+    record = json.loads((tmp_path / "artifact" / "training_record.json").read_text())
+    expect = training_record(state, saved_cfg)
+    assert {k: record[k] for k in expect} == json.loads(json.dumps(expect))
+    assert record["steps"] == 30 and record["images_seen"] == 480
+    assert record["stats_samples"] == 256 and record["stats_steps"] == 5
+
+
+def test_single_process_training_checkpoints_resumes_and_exports(tmp_path, capsys):
+    """``train_single_process`` (no Ray): the same step, schedule, EMA and checkpoint folders
+    as the Ray Train worker; a second call continues the run; the export loads as a prior."""
+    import numpy as np
+
+    from d4a_batch.training.data import mock_images, quantise_u8
+    from d4a_batch.training.loop import latest_checkpoint, train_single_process
+
+    images = torch.from_numpy(quantise_u8(mock_images(range(40), 1, TINY)))
+    assert images.dtype == torch.uint8 and images.shape == (40, 3, 16, 16)
+    cfg = TrainConfig(
+        prior=TINY, batch_size=8, lr=2e-3, warmup_steps=5, max_steps=30, checkpoint_every=10
+    )
+    run = tmp_path / "run"
+    last = train_single_process(cfg, images, run, log_every=5)
+    assert [p.name for p in sorted(run.glob("checkpoint_*"))] == [
+        "checkpoint_0000010", "checkpoint_0000020", "checkpoint_0000030",
+    ]  # fmt: skip
+    assert last == latest_checkpoint(run) == run / "checkpoint_0000030"
+    state, saved = load_checkpoint_dir(last)
+    assert saved == cfg and state["world_size"] == 1
+    hist = state["history"]
+    assert [h[0] for h in hist] == list(range(1, 31))
+    assert all(np.isfinite(h[1]) and h[2] > 0 for h in hist)
+    first, final = np.mean([h[1] for h in hist[:5]]), np.mean([h[1] for h in hist[-5:]])
+    assert final < 0.8 * first, (first, final)
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+
+    # the same run folder with more steps continues from step 30, not from scratch
+    more = dataclasses.replace(cfg, max_steps=40)
+    last = train_single_process(more, images, run, log_every=5)
+    assert "resumed from checkpoint_0000030 at step 30" in capsys.readouterr().out
+    state2, _ = load_checkpoint_dir(last)
+    assert [h[0] for h in state2["history"]] == list(range(1, 41))
+    assert state2["history"][:30] == hist
+    with pytest.raises(ValueError, match="do not fit"):
+        train_single_process(cfg, images[:, :2], tmp_path / "bad")
+
+    out = export_prior(last, tmp_path / "artifact", n_stats=256, stats_steps=3)
+    prior = load_prior(out)
+    for k, v in prior.model.state_dict().items():
+        torch.testing.assert_close(v, state2["ema"][k])
+    assert json.loads((out / "training_record.json").read_text())["steps"] == 40
+
+
+def test_train_prior_job_single_process_from_an_image_file(tmp_path):
+    """``jobs/train_prior.py --single-process --data FILE``: the path the GPU machine ran
+    (no Ray): a .npy.xz of 8-bit mocks from ``jobs/make_training_set.py`` in, an artifact
+    and a sample file out."""
+    import numpy as np
+
+    from d4a_batch.testing import load_job
+
+    cfg_json = tmp_path / "tiny.json"
+    cfg_json.write_text(json.dumps(to_dict(TINY)))
+    data = tmp_path / "mocks.npy.xz"
+    make = load_job("make_training_set")
+    assert make.main(["--prior-config", str(cfg_json), "--n-images", "24", "--chunk", "10",
+                      "--out", str(data)]) == 0  # fmt: skip
+    recipe = json.loads(Path(str(data) + ".json").read_text())
+    assert recipe["shape"] == [24, 3, 16, 16] and recipe["seed"] == 0
+    job = load_job("train_prior")
+    images = job.load_image_file(data)
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (24, 3, 16, 16)
+    args = ["--single-process", "--data", str(data), "--prior-config", str(cfg_json),
+            "--storage", str(tmp_path / "train"), "--name", "t", "--steps", "6",
+            "--batch-size", "8", "--checkpoint-every", "3", "--warmup-steps", "2",
+            "--device", "cpu", "--stats-samples", "256", "--stats-steps", "2",
+            "--out", str(tmp_path / "prior"), "--samples-out", str(tmp_path / "s.npz"),
+            "--n-samples-out", "5"]  # fmt: skip
+    assert job.main(args) == 0
+    prior = load_prior(tmp_path / "prior")
+    assert prior.config == TINY
+    record = json.loads((tmp_path / "prior" / "training_record.json").read_text())
+    assert record["steps"] == 6 and record["single_process"] is True
+    assert record["training_images"]["recipe"]["shape"] == [24, 3, 16, 16]
+    x = np.load(tmp_path / "s.npz")["x"]
+    assert x.shape == (5, 3, 16, 16) and x.dtype == np.float16 and np.all(np.abs(x) <= 1.01)
