@@ -208,9 +208,9 @@ def _written(plan: RunPlan) -> ray.data.Dataset:
         batch_format="pyarrow",
         num_cpus=cpus,
         num_gpus=gpus,
-        # an actor that dies (node lost, OOM, killed) is restarted and its batch retried
-        max_restarts=-1,
-        max_task_retries=-1,
+        # an actor that dies (node lost, OOM, killed) is restarted and its batch retried:
+        # Ray Data's actor pools default to max_restarts = max_task_retries = -1 (passing
+        # them is deprecated for Ray 2.64); tests/pipeline/test_faults.py kills one
     )
     return results.map_batches(
         write_results,
