@@ -222,6 +222,18 @@ class FlagThresholds:
     # i > 23 below it: 0.13 for 0.25, 0.29 for 0.34), and 0.1 flags all 6 with more than
     # 0.15 outside at i < 23 and none with less than 0.05
     truncated_fraction_max: float = 0.1
+    # TRUNCATED also in noise units: the fit's excess chi2/dof outside the model footprint
+    # (sampling/residuals.py, "outside") above truncated_chi2_max while the target's own
+    # symmetric light there is at least truncated_light_min of its flux (so the misfit is
+    # its light, not an undetected neighbour's alone). A bright galaxy can lose little of
+    # its flux and still leave many sigma beyond the field: the HST galaxy of
+    # jobs/real_hst_check.py (i = 20, demo-64) at z = 0.5 / 0.8 has 1.6 % / 4.0 % outside,
+    # which adds 0.88 / 1.66 to chi2/dof (71 % / 87 % of the excess), and was flagged by
+    # neither the 10 % share nor POOR_FIT (chi2/dof 2.24 / 2.91); at z = 0.3 (0.3 %
+    # outside, chi2/dof 1.40) it is not. 0.2 mirrors contamination_max: light the model
+    # cannot hold may raise a perfect fit's chi2/dof to about 1.2 unflagged
+    truncated_chi2_max: float = 0.2
+    truncated_light_min: float = 0.01
     # where a poor fit's excess chi2 lies (sampling/residuals.py): the core is the disc of
     # core_radius_fwhm x the PSF FWHM around the object (HSC seeing 3.5-5 px: 5-8 px);
     # CORE_MISFIT when POOR_FIT and the core holds at least core_misfit_share of the
@@ -515,6 +527,8 @@ FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "contamination_max": (non_negative, finite),
         "asymmetry_max": (non_negative,),
         "truncated_fraction_max": (between(0, 1),),
+        "truncated_chi2_max": (non_negative, finite),
+        "truncated_light_min": (between(0, 1),),
         "core_radius_fwhm": (positive, finite),
         "core_misfit_share": (between(0, 1),),
     },

@@ -262,24 +262,43 @@ def check_truncated(
     thresholds: FlagThresholds,
     field_kpc: float | None = None,
     footprint: float | None = None,
+    chi2_outside: float | None = None,
 ) -> FlagResult:
-    """The target's flux outside the model footprint above ``truncated_fraction_max`` (its
-    point-symmetric light on its segment and Kron ellipse, ``survey.detection.outskirts_light``:
-    a neighbour merged into its segment does not count, faint outskirts do)
-    (NaN: target not detected, does not fire). ``field_kpc``/``footprint`` (HSC pixels)
-    only word the reason."""
-    if not _finite(truncated_fraction) or truncated_fraction <= thresholds.truncated_fraction_max:
+    """The target's light runs out of the model field: its flux outside the model footprint
+    above ``truncated_fraction_max`` (its point-symmetric light on its segment and Kron
+    ellipse, ``survey.detection.outskirts_light``: a neighbour merged into its segment does
+    not count, faint outskirts do), or, in noise units, the fit's excess χ²/dof outside the
+    footprint (``chi2_outside``, ``sampling.residuals``) above ``truncated_chi2_max`` while at
+    least ``truncated_light_min`` of the target's flux lies there (a bright galaxy leaves
+    many σ beyond the field with a few % of its flux). NaN: not measured, does not fire.
+    ``field_kpc``/``footprint`` (HSC pixels) only word the reason."""
+    if not _finite(truncated_fraction):
+        return Flag.TRUNCATED, None
+    by_share = truncated_fraction > thresholds.truncated_fraction_max
+    by_noise = (
+        _finite(chi2_outside)
+        and chi2_outside > thresholds.truncated_chi2_max
+        and truncated_fraction >= thresholds.truncated_light_min
+    )
+    if not (by_share or by_noise):
         return Flag.TRUNCATED, None
     where = "the model field"
     if _finite(field_kpc):
         where = f"the {field_kpc:.3g} kpc model field"
     if _finite(footprint):
         where += f" ({footprint:.0f} HSC px)"
-    return Flag.TRUNCATED, (
-        f"{100 * truncated_fraction:.0f} % of the target's flux (its symmetric light on its "
-        f"segment and Kron ellipse) lies outside {where} "
-        f"(> {100 * thresholds.truncated_fraction_max:.0f} %)"
+    why = (
+        f"{100 * truncated_fraction:.{0 if truncated_fraction >= 0.1 else 1}f} % of the target's flux (its symmetric light on its "
+        f"segment and Kron ellipse) lies outside {where}"
     )
+    if by_share:
+        why += f" (> {100 * thresholds.truncated_fraction_max:.0f} %)"
+    if by_noise:
+        why += (
+            f", and the fit's misfit there adds {chi2_outside:.2f} to χ²/dof "
+            f"(> {thresholds.truncated_chi2_max:g})"
+        )
+    return Flag.TRUNCATED, why
 
 
 def check_input_error(error: str | None) -> FlagResult:
@@ -350,7 +369,9 @@ def evaluate_flags(
             )
         )
     if truncated_fraction is not None:
-        results.append(check_truncated(truncated_fraction, thresholds, field_kpc, footprint))
+        results.append(
+            check_truncated(truncated_fraction, thresholds, field_kpc, footprint, chi2_outside)
+        )
     bits = 0
     reasons: list[str] = []
     for bit, reason in results:

@@ -125,3 +125,29 @@ def test_single_checks_return_their_bit_when_quiet():
         F.check_input_error(None),
     ):
         assert isinstance(bit, Flag) and reason is None
+
+
+def test_truncated_also_in_noise_units():
+    """A bright galaxy with a few % of its flux beyond the field leaves many σ there: the
+    misfit outside the footprint fires TRUNCATED when the target's own light is there;
+    misfit outside with no target light there (an undetected neighbour) does not, nor
+    target light there that the noise hides."""
+    # the HST galaxy at z = 0.8 with demo-64: 4.0 % outside, 1.66 of chi2/dof there
+    bright = {**CLEAN, "chi2_reduced": 2.91, "truncated_fraction": 0.040, "chi2_outside": 1.66}
+    bits, reasons = F.evaluate_flags(T, **bright)
+    assert bits == Flag.TRUNCATED, flag_names(bits)
+    assert "4.0 % of the target's flux" in reasons[0] and "adds 1.66 to χ²/dof" in reasons[0]
+    # boundaries: at the thresholds nothing fires
+    edge = {**bright, "chi2_outside": T.truncated_chi2_max}
+    assert F.evaluate_flags(T, **edge) == (0, [])
+    neighbour = {**bright, "truncated_fraction": 0.5 * T.truncated_light_min}
+    assert F.evaluate_flags(T, **neighbour) == (0, [])
+    faint = {**bright, "chi2_outside": 0.05}
+    assert F.evaluate_flags(T, **faint) == (0, [])
+    assert F.evaluate_flags(T, **{**bright, "chi2_outside": math.nan}) == (0, [])
+    # the flux share alone still fires, with both reasons when both hold
+    both = {**bright, "truncated_fraction": 0.25}
+    bits, reasons = F.evaluate_flags(T, **both)
+    assert bits == Flag.TRUNCATED
+    assert "25 % of the target's flux" in reasons[0] and "(> 10 %)" in reasons[0]
+    assert "adds 1.66" in reasons[0]
