@@ -8,7 +8,8 @@
 # It trains for SECONDS of training time (the learning rate's cosine follows the clock),
 # exports the artifact (prior statistics drawn on the GPU), draws 512 samples for
 # jobs/evaluate_prior.py --samples, and leaves in OUTDIR: the log, prior.tar, samples.npz
-# and the last checkpoint (model, EMA, optimizer: resumable) as tar parts of 15 MB.
+# and the last checkpoint (model, EMA, optimizer: resumable) as tar parts of 15 MB;
+# jobs/unpack_gpu_prior.py rebuilds the artifact (weights = the checkpoint's EMA) here.
 # PY overrides the interpreter (a local dry run: PY="python /tmp/blocked_run.py").
 set -uo pipefail
 secs=${1:-400}

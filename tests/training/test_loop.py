@@ -229,3 +229,40 @@ def test_train_prior_job_single_process_from_an_image_file(tmp_path):
     assert record["training_images"]["recipe"]["shape"] == [24, 3, 16, 16]
     x = np.load(tmp_path / "s.npz")["x"]
     assert x.shape == (5, 3, 16, 16) and x.dtype == np.float16 and np.all(np.abs(x) <= 1.01)
+
+
+def test_unpack_gpu_prior_rebuilds_the_artifact_from_the_calls_files(tmp_path):
+    """What hsc-64-gpu.sh returns (the artifact without its weights, the last checkpoint as
+    tar parts) is rebuilt by jobs/unpack_gpu_prior.py into the same artifact."""
+    import io
+    import tarfile
+
+    from d4a_batch.testing import load_job
+    from d4a_batch.training.data import mock_images, quantise_u8
+    from d4a_batch.training.loop import train_single_process
+
+    images = torch.from_numpy(quantise_u8(mock_images(range(16), 2, TINY)))
+    cfg = TrainConfig(prior=TINY, batch_size=8, warmup_steps=1, max_steps=3, checkpoint_every=3)
+    last = train_single_process(cfg, images, tmp_path / "run")
+    export_prior(last, tmp_path / "prior", n_stats=256, stats_steps=2)
+    returned = tmp_path / "returned"
+    returned.mkdir()
+    with tarfile.open(returned / "prior.tar", "w") as t:  # as the script: weights left out
+        t.add(tmp_path / "prior", "prior", filter=lambda m: None if m.name.endswith(
+            "weights.safetensors") else m)  # fmt: skip
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        t.add(last, last.name)
+    data = buf.getvalue()
+    for k, i in enumerate(range(0, len(data), 100_000)):  # `split -b`: parts in order
+        (returned / f"ckpt.tar.part-a{chr(97 + k)}").write_bytes(data[i : i + 100_000])
+    assert len(list(returned.glob("ckpt.tar.part-*"))) > 1
+    job = load_job("unpack_gpu_prior")
+    report = job.unpack(returned, tmp_path / "rebuilt", tmp_path / "ckpts")
+    assert report["steps"] == 3 and report["sha256_matches"]
+    a, b = load_prior(tmp_path / "prior"), load_prior(tmp_path / "rebuilt")
+    assert a.sha256 == b.sha256 and a.config == b.config
+    torch.testing.assert_close(a.stats_var, b.stats_var)
+    assert (tmp_path / "rebuilt" / "training_record.json").exists()
+    state, _ = load_checkpoint_dir(tmp_path / "ckpts" / last.name)  # resumable where it landed
+    assert state["step"] == 3
