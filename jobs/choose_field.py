@@ -97,21 +97,15 @@ def measure_hsc_cutouts(data_dir: Path) -> list[dict]:
 
 def measure_hst_galaxy(data_dir: Path) -> dict | None:
     """Radii (arcsec) holding 50 / 90 % of the HST galaxy's light: circles and centred squares."""
-    from astropy.io import fits
+    from d4a_batch.validation.real_hst import hst_galaxy_and_centre
 
     path = data_dir / "galsim" / "cosmos_147246_f814w.fits"
     if not path.exists():
         return None
-    hst = fits.getdata(path).astype(np.float64)
-    n = hst.shape[0]
-    y, x = np.indices(hst.shape)
-    r0 = np.hypot(y - (n - 1) / 2, x - (n - 1) / 2)
-    gal = hst - np.median(hst[r0 > 200])
-    core = r0 < 60
-    gy, gx = ((gal * c)[core].sum() / gal[core].sum() for c in (y, x))
+    img, (gy, gx) = hst_galaxy_and_centre(path)  # sky-subtracted, cut to 3.5''
+    y, x = np.indices(img.shape)
     r = np.hypot(y - gy, x - gx)
     inside = r < 3.5 / HST_PIXEL_ARCSEC
-    img = np.where(inside, gal, 0.0)
     out = {"file": path.name, "aperture_arcsec": 3.5}
     for kind, dist in (("circle", r), ("square", np.maximum(np.abs(y - gy), np.abs(x - gx)))):
         order = np.argsort(dist[inside])

@@ -83,21 +83,13 @@ def load_model(path: Path) -> tuple[torch.nn.Module, PriorConfig, dict]:
 def real_galaxy_x(path: Path, cfg: PriorConfig, z: float) -> np.ndarray:
     """The HST galaxy at ``path`` on the prior's grid at redshift z, in x space ``[1, C, N, N]``.
 
-    Sky from the median beyond 200 HST pixels of the centre, light beyond 3.5" of the
-    centroid cut (its neighbours are masked with noise there), as in the physics tests.
+    Sky-subtracted and cut to 3.5" of its centroid (its neighbours are masked with noise
+    beyond), as in the physics tests: ``validation.real_hst.hst_galaxy``.
     """
-    from astropy.io import fits
-
     from d4a_batch.training.data import to_model_space
+    from d4a_batch.validation.real_hst import hst_galaxy
 
-    hst = fits.getdata(path).astype(np.float64)
-    n = hst.shape[0]
-    y, x = np.indices(hst.shape)
-    r0 = np.hypot(y - (n - 1) / 2, x - (n - 1) / 2)
-    gal = hst - np.median(hst[r0 > 200])
-    core = r0 < 60
-    gy, gx = ((gal * c)[core].sum() / gal[core].sum() for c in (y, x))
-    gal = np.where(np.hypot(y - gy, x - gx) < 3.5 / HST_PIXEL_ARCSEC, gal, 0.0)
+    gal = hst_galaxy(path)
     theta = float(model_pixel_arcsec(z, cfg.kpc_per_pixel))
     img = np.clip(image_on_prior_grid(gal, HST_PIXEL_ARCSEC, theta, cfg.image_size), 0, None)
     return to_model_space(np.repeat(img[None], cfg.in_channels, axis=0), cfg.stretch.a)[None]

@@ -24,10 +24,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from d4a_batch.config import PriorConfig, from_dict
-from d4a_batch.prior.artifact import PriorStats, load_prior, save_prior
+from d4a_batch.prior.artifact import load_prior, load_stats, save_prior
 from d4a_batch.schema import PRIOR_CONFIG, PRIOR_STATS
 from d4a_batch.training.loop import load_checkpoint_dir
 
@@ -53,15 +51,7 @@ def unpack(src: Path, out: Path, checkpoints: Path) -> dict:
         prior_cfg = from_dict(PriorConfig, doc)
         if prior_cfg != cfg.prior:
             raise ValueError(f"{src}: the artifact's config is not the checkpoint's")
-        st = load_file(exported / PRIOR_STATS)
-        from safetensors import safe_open
-
-        with safe_open(exported / PRIOR_STATS, "pt") as f:
-            info = f.metadata() or {}
-        stats = PriorStats(
-            mean=st["mean"], var=st["var"], n_samples=int(info.get("n_samples", 0)),
-            steps=int(info.get("steps", 0)),
-        )  # fmt: skip
+        stats = load_stats(exported / PRIOR_STATS, prior_cfg)
         if out.exists():
             shutil.rmtree(out)
         save_prior(out, state["ema"], prior_cfg, stats, meta)

@@ -357,7 +357,8 @@ def read_prior_config(folder: str | Path) -> tuple[PriorConfig, dict[str, Any]]:
         raise PriorFormatError(f"{folder}/{PRIOR_CONFIG}: {e}") from e
 
 
-def _load_stats(path: Path, cfg: PriorConfig) -> PriorStats:
+def load_stats(path: Path, cfg: PriorConfig) -> PriorStats:
+    """The prior statistics of a stats.safetensors file, checked against ``cfg``."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         names = set(f.keys())
@@ -420,7 +421,7 @@ def load_prior(
                 f"{weights_path}: sha256 {sha} differs from config.json's record"
             )
         model = _build_model(_load_checkpoint(weights_path), cfg, device, str(weights_path))
-        stats = _load_stats(path / PRIOR_STATS, cfg) if (path / PRIOR_STATS).exists() else None
+        stats = load_stats(path / PRIOR_STATS, cfg) if (path / PRIOR_STATS).exists() else None
         try:
             calibrations = read_calibrations(path)
         except CalibrationError as e:

@@ -125,8 +125,11 @@ def quantise_u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def dequantise_u8(q: np.ndarray) -> np.ndarray:
-    """uint8 ``q`` -> x = q / 127.5 - 1 (float32); the inverse of ``quantise_u8`` on its grid."""
+def dequantise_u8(q: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """uint8 ``q`` -> x = q / 127.5 - 1 (float32, numpy or torch as given, on its device);
+    the inverse of ``quantise_u8`` on its grid."""
+    if isinstance(q, torch.Tensor):
+        return q.float() / 127.5 - 1.0
     return (np.asarray(q, dtype=np.float32) / 127.5 - 1.0).astype(np.float32)
 
 

@@ -33,7 +33,7 @@ from d4a_batch.prior.artifact import compute_prior_stats, save_prior
 from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
 from d4a_batch.survey.storage import filesystem, has_scheme, join_uri
-from d4a_batch.training.data import X_COLUMN, augment, default_max_shift
+from d4a_batch.training.data import X_COLUMN, augment, default_max_shift, dequantise_u8
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -108,6 +108,37 @@ def load_checkpoint_dir(folder: str | Path) -> tuple[dict[str, Any], TrainConfig
     return state, cfg
 
 
+def checkpoint_state(
+    net: torch.nn.Module,
+    ema: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    history: list,
+    train_seconds: float,
+    world_size: int,
+) -> dict[str, Any]:
+    """What a checkpoint's state.pt holds (weights on the CPU); ``restore_state`` reads it."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "history": history,
+        "train_seconds": train_seconds,
+        "world_size": world_size,
+    }
+
+
+def restore_state(
+    state: dict[str, Any], net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer
+) -> tuple[int, list, float]:
+    """Load a checkpoint state into the model, EMA and optimizer: (step, history, seconds)."""
+    net.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"]), float(state["train_seconds"])
+
+
 def train_step(
     model: torch.nn.Module,
     net: torch.nn.Module,
@@ -162,11 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state, _ = load_checkpoint_dir(d)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), list(state["history"])
-        train_seconds = float(state["train_seconds"])
+        step, history, train_seconds = restore_state(state, net, ema, opt)
         resumed_from = step
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {step}", flush=True)
@@ -224,15 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if rank == 0:
-                        state = {
-                            "model": net.state_dict(),
-                            "ema": ema.state_dict(),
-                            "optimizer": opt.state_dict(),
-                            "step": step,
-                            "history": history,
-                            "train_seconds": train_seconds,
-                            "world_size": world,
-                        }
+                        state = checkpoint_state(net, ema, opt, step, history, train_seconds, world)
                         save_checkpoint_dir(Path(tmp), state, cfg)
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                     ray.train.report(
@@ -289,11 +308,7 @@ def train_single_process(
     last = latest_checkpoint(run_dir)
     if last is not None:
         state, _ = load_checkpoint_dir(last)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), list(state["history"])
-        train_seconds = float(state["train_seconds"])
+        step, history, train_seconds = restore_state(state, net, ema, opt)
         gen.manual_seed(cfg.seed + step)  # a resumed run does not replay the first batches
         print(f"[train] resumed from {last.name} at step {step}", flush=True)
     ema.eval().requires_grad_(False)
@@ -303,9 +318,7 @@ def train_single_process(
     T, B, K = diffusion.num_timesteps, cfg.batch_size, images.shape[0]
 
     def to_x(batch: torch.Tensor) -> torch.Tensor:
-        if batch.dtype == torch.uint8:
-            return batch.float() / 127.5 - 1.0
-        return batch.float()
+        return dequantise_u8(batch) if batch.dtype == torch.uint8 else batch.float()
 
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back
 
@@ -345,15 +358,7 @@ def train_single_process(
                     flush=True,
                 )
             if step % cfg.checkpoint_every == 0 or done:
-                state = {
-                    "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "train_seconds": train_seconds,
-                    "world_size": 1,
-                }
+                state = checkpoint_state(net, ema, opt, step, history, train_seconds, 1)
                 last = save_checkpoint_dir(run_dir / f"checkpoint_{step:07d}", state, cfg)
                 t_window = time.perf_counter()  # checkpoint writing is not training time
             if done:

@@ -36,8 +36,12 @@ TRUTH_RADIUS_ARCSEC = 3.5
 ZEROPOINT = 27.0  # the scarlet cutouts' counts
 
 
-def hst_galaxy(path: str | Path = HST_FILE) -> np.ndarray:
-    """The HST galaxy ``[H, W]`` (float64, 0.03''/px): sky-subtracted, cut to 3.5''."""
+def hst_galaxy_and_centre(
+    path: str | Path = HST_FILE,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """The HST galaxy ``[H, W]`` (float64, 0.03''/px), sky-subtracted (median beyond 200 HST
+    pixels of the array centre) and cut to 3.5'' around its light centroid (measured within
+    60 pixels of the array centre), and that centroid (y, x) in HST pixels."""
     from astropy.io import fits
 
     hst = fits.getdata(path).astype(np.float64)
@@ -47,7 +51,13 @@ def hst_galaxy(path: str | Path = HST_FILE) -> np.ndarray:
     gal = hst - np.median(hst[r0 > 200])
     core = r0 < 60
     gy, gx = ((gal * c)[core].sum() / gal[core].sum() for c in (y, x))
-    return np.where(np.hypot(y - gy, x - gx) < TRUTH_RADIUS_ARCSEC / HST_PIXEL_ARCSEC, gal, 0.0)
+    inside = np.hypot(y - gy, x - gx) < TRUTH_RADIUS_ARCSEC / HST_PIXEL_ARCSEC
+    return np.where(inside, gal, 0.0), (float(gy), float(gx))
+
+
+def hst_galaxy(path: str | Path = HST_FILE) -> np.ndarray:
+    """The HST galaxy ``[H, W]`` (float64, 0.03''/px): sky-subtracted, cut to 3.5''."""
+    return hst_galaxy_and_centre(path)[0]
 
 
 def resample_only(
