@@ -70,10 +70,10 @@ def load_model(path: Path) -> tuple[torch.nn.Module, PriorConfig, dict]:
     """(eval-mode UNet, PriorConfig, info) of an artifact folder or a training checkpoint."""
     if (path / STATE_FILE).exists():
         state, cfg = load_checkpoint_dir(path)
-        model = build_unet(cfg.prior)
+        model = build_unet(cfg.trained_prior)
         model.load_state_dict(state["ema"])
         info = {"kind": "checkpoint", "steps_trained": int(state["step"])}
-        return model.eval().requires_grad_(False), cfg.prior, info
+        return model.eval().requires_grad_(False), cfg.trained_prior, info
     prior = load_prior(path)
     steps = prior.metadata.get("training", {}).get("steps")
     info = {"kind": "artifact", "prior_id": prior.prior_id, "steps_trained": steps}

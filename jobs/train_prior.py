@@ -59,11 +59,13 @@ from pathlib import Path
 from d4a_batch.config import PriorConfig, from_dict
 from d4a_batch.survey.storage import filesystem, join_uri
 from d4a_batch.training.loop import (
+    LR_SCHEDULES,
     TrainConfig,
     export_prior,
     list_checkpoints,
     run_training,
 )
+from d4a_batch.training.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 
 
 def data_folder_name(prior: PriorConfig, n_images: int, seed: int) -> str:
@@ -137,6 +139,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " float16) for jobs/evaluate_prior.py --samples",
     )
     p.add_argument("--n-samples-out", type=int, default=512)
+    o = p.add_argument_group("objective (training.objective; issue 29)")
+    o.add_argument("--loss-weighting", default="uniform", choices=LOSS_WEIGHTINGS)
+    o.add_argument("--min-snr-gamma", type=float, default=5.0)
+    o.add_argument("--timestep-sampling", default="uniform", choices=TIMESTEP_SAMPLINGS)
+    o.add_argument("--logsnr-loc", type=float, default=0.0)
+    o.add_argument("--logsnr-scale", type=float, default=2.0)
+    o.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
+    o.add_argument(
+        "--downsample", type=int, default=1,
+        help="progressive resolution: train at image size / this on binned images",
+    )  # fmt: skip
+    r = p.add_argument_group("sessions (--single-process)")
+    r.add_argument(
+        "--checkpoint-every-seconds", type=float, default=0.0,
+        help="also checkpoint every this many seconds of training",
+    )  # fmt: skip
+    r.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest N (0: all)")
+    r.add_argument(
+        "--resume-state", type=Path,
+        help="a checkpoint folder to resume from when --storage/--name has none (the"
+        " committed training/<name>/state)",
+    )  # fmt: skip
+    r.add_argument(
+        "--stop-after-seconds", type=float, default=0.0,
+        help="end this call (with a checkpoint) after this many seconds of its own training",
+    )  # fmt: skip
+    r.add_argument(
+        "--save-state", type=Path,
+        help="after training (or alone, with --export-checkpoint as the source), write the"
+        " compact resumable state (Adam moments in bfloat16) to this folder",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -159,7 +192,7 @@ def main_single_process(args: argparse.Namespace, cfg: TrainConfig) -> int:
     import torch
 
     from d4a_batch.training.data import quantise_u8
-    from d4a_batch.training.loop import train_single_process
+    from d4a_batch.training.single import save_resumable_state, train_single_process
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -183,10 +216,13 @@ def main_single_process(args: argparse.Namespace, cfg: TrainConfig) -> int:
     print(f"[data] {tuple(images.shape)} {images.dtype} in {time.perf_counter() - t0:.0f} s")
     t_fit = time.perf_counter()
     last = train_single_process(
-        cfg, images, Path(args.storage) / args.name, device, log_every=args.log_every
-    )
+        cfg, images, Path(args.storage) / args.name, device, log_every=args.log_every,
+        resume_from=args.resume_state, stop_after_seconds=args.stop_after_seconds,
+    )  # fmt: skip
     fit_seconds = time.perf_counter() - t_fit
     print(f"[train] finished in {fit_seconds:.0f} s: {last}", flush=True)
+    if args.save_state is not None:
+        print(f"[state] wrote {save_resumable_state(last, args.save_state)}", flush=True)
     if args.out is not None:
         job = {
             "job_fit_seconds": fit_seconds,
@@ -234,11 +270,25 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         max_train_seconds=args.max_train_seconds,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        loss_weighting=args.loss_weighting,
+        min_snr_gamma=args.min_snr_gamma,
+        timestep_sampling=args.timestep_sampling,
+        logsnr_loc=args.logsnr_loc,
+        logsnr_scale=args.logsnr_scale,
+        lr_schedule=args.lr_schedule,
+        downsample=args.downsample,
+        checkpoint_every_seconds=args.checkpoint_every_seconds,
+        keep_checkpoints=args.keep_checkpoints,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.export_checkpoint is not None and args.save_state is not None and args.out is None:
+        from d4a_batch.training.single import save_resumable_state
+
+        print(f"[state] wrote {save_resumable_state(args.export_checkpoint, args.save_state)}")
+        return 0
     if args.export_checkpoint is not None:
         if args.out is None:
             sys.exit("--export-checkpoint needs --out")

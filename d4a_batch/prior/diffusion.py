@@ -69,6 +69,20 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     raise ValueError(f"unknown beta schedule {schedule_name!r} (expected 'linear' or 'cosine')")
 
 
+def shift_log_snr(betas: np.ndarray, shift: float) -> np.ndarray:
+    """β[T] of the schedule whose log-SNR is the given one's plus ``shift`` at every t.
+
+    ᾱ' = sigmoid(logit(ᾱ) + shift), β'_t = 1 − ᾱ'_t / ᾱ'_{t-1} ("simple diffusion"'s
+    shifted schedule: +2 ln 2 for an image of half the size).
+    """
+    if shift == 0.0:
+        return np.asarray(betas, dtype=np.float64)
+    ac = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    logit = np.log(ac) - np.log1p(-ac) + shift
+    ac_new = 1.0 / (1.0 + np.exp(-logit))
+    return np.clip(1.0 - ac_new / np.append(1.0, ac_new[:-1]), 1e-12, 0.999)
+
+
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> set[int]:
     """Original timesteps kept when respacing, as improved-diffusion's ``respace.space_timesteps``.
 
@@ -504,7 +518,9 @@ def build_diffusion(
 ) -> GaussianDiffusion:
     """The base diffusion of a prior config, or it respaced to ``steps`` (see space_timesteps)."""
     base = GaussianDiffusion(
-        get_named_beta_schedule(cfg.noise_schedule, cfg.diffusion_steps),
+        shift_log_snr(
+            get_named_beta_schedule(cfg.noise_schedule, cfg.diffusion_steps), cfg.logsnr_shift
+        ),
         learn_sigma=cfg.learn_sigma,
         sigma_small=cfg.sigma_small,
         rescale_timesteps=cfg.rescale_timesteps,

@@ -33,9 +33,11 @@ from d4a_batch.prior.artifact import compute_prior_stats, save_prior
 from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
 from d4a_batch.survey.storage import filesystem, has_scheme, join_uri
-from d4a_batch.training.data import X_COLUMN, augment, default_max_shift, dequantise_u8
+from d4a_batch.training.data import X_COLUMN, augment, default_max_shift
+from d4a_batch.training.objective import loss_weights, sample_timesteps
 
 STATE_FILE = "state.pt"
+LR_SCHEDULES = ("cosine", "constant")
 CONFIG_FILE = "config.json"
 
 
@@ -57,6 +59,44 @@ class TrainConfig:
     max_shift: int = -1  # random shift in pixels; -1: default_max_shift(image_size)
     shuffle_buffer: int = 256
     seed: int = 0
+    # what a step optimises (training.objective): Min-SNR-γ weighting, log-SNR-centred
+    # timestep sampling, progressive resolution (train at image_size / downsample on binned
+    # images, schedule shifted by 2 ln(downsample)); the defaults are the plain DDPM recipe
+    loss_weighting: str = "uniform"  # "uniform" | "min_snr"
+    min_snr_gamma: float = 5.0
+    timestep_sampling: str = "uniform"  # "uniform" | "logsnr_normal" | "logsnr_laplace"
+    logsnr_loc: float = 0.0
+    logsnr_scale: float = 2.0
+    lr_schedule: str = "cosine"  # "cosine" | "constant" (after warmup: every EMA usable)
+    downsample: int = 1
+    # single-process runs: also checkpoint every this many seconds of training (0: steps
+    # only), keep only the newest keep_checkpoints folders (0: all)
+    checkpoint_every_seconds: float = 0.0
+    keep_checkpoints: int = 0
+
+    def __post_init__(self) -> None:
+        from d4a_batch.training.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
+
+        for name, allowed in (
+            ("loss_weighting", LOSS_WEIGHTINGS),
+            ("timestep_sampling", TIMESTEP_SAMPLINGS),
+            ("lr_schedule", LR_SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")  # fmt: skip
+        if not (self.min_snr_gamma > 0 and self.logsnr_scale > 0 and self.downsample >= 1):
+            raise ValueError(
+                "TrainConfig: min_snr_gamma and logsnr_scale must be > 0, downsample >= 1"
+            )
+
+    @property
+    def trained_prior(self) -> PriorConfig:
+        """The PriorConfig of the network this run trains (``prior`` itself, or its
+        half-size pre-training phase when ``downsample > 1``)."""
+        from d4a_batch.training.objective import phase_prior
+
+        return phase_prior(self.prior, self.downsample)
 
 
 def progress(cfg: TrainConfig, step: int, seconds: float) -> float:
@@ -68,12 +108,15 @@ def progress(cfg: TrainConfig, step: int, seconds: float) -> float:
 
 
 def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
-    """Learning rate of step ``step`` (0-based): linear warmup, then cosine to min_lr_fraction.
+    """Learning rate of step ``step`` (0-based): linear warmup, then cosine to min_lr_fraction
+    (or constant, ``lr_schedule = "constant"``).
 
     The cosine follows ``progress`` (steps or time), rescaled to start after the warmup.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     start = cfg.warmup_steps / cfg.max_steps
     frac = min(1.0, max(0.0, (progress(cfg, step, seconds) - start) / max(1e-9, 1 - start)))
     return cfg.lr * (
@@ -154,15 +197,20 @@ def train_step(
     """One optimisation step, shared by the Ray Train worker and ``train_single_process``.
 
     ``model``: what is called (``net`` itself, or its DDP wrapper); ``x0`` [B, C, N, N] and
-    ``t`` [B] on the model's device. The loss runs under bf16 autocast on CUDA (fp32
+    ``t`` [B] on the model's device. The per-sample losses are weighted as
+    ``cfg.loss_weighting`` says (``objective.loss_weights``). The loss runs under bf16 autocast on CUDA (fp32
     elsewhere); gradients are clipped to ``cfg.grad_clip``; the EMA decay is ramped as
     min(decay, (1 + step) / (10 + step)). Returns (loss, grad norm) as 0-d tensors on the
     device, unsynchronised.
     """
     for g in opt.param_groups:
         g["lr"] = lr
+    weights = loss_weights(
+        diffusion.alphas_cumprod, t, cfg.loss_weighting, cfg.min_snr_gamma,
+        diffusion.parameterization,
+    )  # fmt: skip
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
-        loss = diffusion.training_losses(model, x0, t)["loss"].mean()
+        loss = (diffusion.training_losses(model, x0, t)["loss"] * weights).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -184,6 +232,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
 
+    if cfg.downsample != 1:
+        raise ValueError("progressive resolution (downsample > 1) runs in train_single_process")
     net = build_unet(cfg.prior)
     ema = build_unet(cfg.prior)
     ema.load_state_dict(net.state_dict())
@@ -202,7 +252,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     diffusion = build_diffusion(cfg.prior)
     max_shift = default_max_shift(cfg.prior.image_size) if cfg.max_shift < 0 else cfg.max_shift
     shard = ray.train.get_dataset_shard("train")
-    T = diffusion.num_timesteps
 
     done = step >= cfg.max_steps
     while not done:
@@ -220,7 +269,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"training batch of shape {tuple(x0.shape)} does not fit the prior"
                 )
             x0 = augment(x0.cpu(), gen, max_shift).to(device)
-            t = torch.randint(0, T, (x0.shape[0],), generator=gen).to(device)
+            t = sample_timesteps(
+                diffusion.alphas_cumprod, x0.shape[0], gen, cfg.timestep_sampling,
+                cfg.logsnr_loc, cfg.logsnr_scale,
+            ).to(device)  # fmt: skip
             lr = lr_at(cfg, step, train_seconds)
             loss, grad_norm = train_step(model, net, ema, opt, diffusion, x0, t, lr, cfg, step)
             step += 1
@@ -261,111 +313,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             if done:
                 break
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint_*`` folder (with a state file) under ``run_dir``, or None."""
-    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).exists())
-    return found[-1] if found else None
-
-
-def train_single_process(
-    cfg: TrainConfig,
-    images: torch.Tensor,
-    run_dir: str | Path,
-    device: str | torch.device = "cpu",
-    log_every: int = 50,
-) -> Path:
-    """Train in this process on one device, without Ray; returns the last checkpoint folder.
-
-    For a machine where Ray cannot run (a lent GPU with no package registry) or a quick
-    local run. The same model, ``train_step``, augmentation, learning-rate schedule, EMA
-    and checkpoint folders (``run_dir/checkpoint_<step>``: state.pt + config.json, which
-    ``export_prior`` reads) as the Ray Train worker; a second call with the same
-    ``run_dir`` resumes from its latest checkpoint.
-
-    images: ``[K, C, N, N]``, uint8 (``quantise_u8``: x = q / 127.5 - 1) or float x-space;
-    held on ``device`` whole. Each epoch visits them in a fresh random order; the last
-    partial batch of an epoch is dropped (as ``drop_last`` in the Ray worker).
-    """
-    device = torch.device(device)
-    C, N = cfg.prior.in_channels, cfg.prior.image_size
-    if images.ndim != 4 or tuple(images.shape[1:]) != (C, N, N):
-        raise ValueError(
-            f"training images of shape {tuple(images.shape)} do not fit [K, {C}, {N}, {N}]"
-        )
-    if images.shape[0] < cfg.batch_size:
-        raise ValueError(f"{images.shape[0]} training images < batch size {cfg.batch_size}")
-    images = images.to(device)
-    run_dir = Path(run_dir)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    net = build_unet(cfg.prior).to(device)
-    ema = build_unet(cfg.prior).to(device)
-    ema.load_state_dict(net.state_dict())
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history, train_seconds = 0, [], 0.0
-    last = latest_checkpoint(run_dir)
-    if last is not None:
-        state, _ = load_checkpoint_dir(last)
-        step, history, train_seconds = restore_state(state, net, ema, opt)
-        gen.manual_seed(cfg.seed + step)  # a resumed run does not replay the first batches
-        print(f"[train] resumed from {last.name} at step {step}", flush=True)
-    ema.eval().requires_grad_(False)
-    net.train()
-    diffusion = build_diffusion(cfg.prior)
-    max_shift = default_max_shift(N) if cfg.max_shift < 0 else cfg.max_shift
-    T, B, K = diffusion.num_timesteps, cfg.batch_size, images.shape[0]
-
-    def to_x(batch: torch.Tensor) -> torch.Tensor:
-        return dequantise_u8(batch) if batch.dtype == torch.uint8 else batch.float()
-
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back
-
-    def flush(seconds: float, n_steps: int) -> None:
-        if not pending:
-            return
-        losses = torch.stack([v for _, v in pending]).float().cpu().tolist()
-        rate = n_steps * B / max(seconds, 1e-9)
-        history.extend([s, loss, rate] for (s, _), loss in zip(pending, losses, strict=True))
-        pending.clear()
-
-    done = progress(cfg, step, train_seconds) >= 1.0
-    t_window, steps_window = time.perf_counter(), 0
-    while not done:
-        order = torch.randperm(K, generator=gen).to(device)
-        for start in range(0, K - B + 1, B):
-            x0 = augment(to_x(images[order[start : start + B]]), gen, max_shift)
-            t = torch.randint(0, T, (B,), generator=gen).to(device)
-            lr = lr_at(cfg, step, train_seconds)
-            loss, _ = train_step(net, net, ema, opt, diffusion, x0, t, lr, cfg, step)
-            step += 1
-            steps_window += 1
-            pending.append((step, loss))
-            now = time.perf_counter()
-            # the clock reads the host; the device is synchronised at every log line
-            done = progress(cfg, step, train_seconds + now - t_window) >= 1.0
-            if step % log_every == 0 or done or step % cfg.checkpoint_every == 0:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                train_seconds += now - t_window
-                flush(now - t_window, steps_window)
-                t_window, steps_window = now, 0
-                print(
-                    f"[train] step {step}/{cfg.max_steps} loss {history[-1][1]:.4f} "
-                    f"{history[-1][2]:.0f} img/s lr {lr:.2e} train {train_seconds:.0f} s",
-                    flush=True,
-                )
-            if step % cfg.checkpoint_every == 0 or done:
-                state = checkpoint_state(net, ema, opt, step, history, train_seconds, 1)
-                last = save_checkpoint_dir(run_dir / f"checkpoint_{step:07d}", state, cfg)
-                t_window = time.perf_counter()  # checkpoint writing is not training time
-            if done:
-                break
-    if last is None:
-        raise RuntimeError(f"{run_dir}: no checkpoint written (max_steps {cfg.max_steps})")
-    return last
 
 
 def train_storage(
@@ -506,14 +453,15 @@ def export_prior(
     statistics (ancestral samples) are drawn on ``device``.
     """
     state, cfg = load_checkpoint_dir(checkpoint_dir)
-    model = build_unet(cfg.prior)
+    prior = cfg.trained_prior  # a pre-training phase exports as its half-size prior
+    model = build_unet(prior)
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)
-    C, N = cfg.prior.in_channels, cfg.prior.image_size
+    C, N = prior.in_channels, prior.image_size
     t0 = time.perf_counter()
     stats = compute_prior_stats(
         model,
-        build_diffusion(cfg.prior),
+        build_diffusion(prior),
         (C, N, N),
         n=n_stats,
         steps=stats_steps,
@@ -524,6 +472,6 @@ def export_prior(
     record["stats_samples"], record["stats_steps"] = n_stats, stats_steps
     record.update(record_extra or {})
     meta = {"training": {"steps": record["steps"], "checkpoint": Path(checkpoint_dir).name}}
-    out = save_prior(out_dir, state["ema"], cfg.prior, stats, {**meta, **(extra_meta or {})})
+    out = save_prior(out_dir, state["ema"], prior, stats, {**meta, **(extra_meta or {})})
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -157,7 +157,7 @@ def test_single_process_training_checkpoints_resumes_and_exports(tmp_path, capsy
     import numpy as np
 
     from d4a_batch.training.data import mock_images, quantise_u8
-    from d4a_batch.training.loop import latest_checkpoint, train_single_process
+    from d4a_batch.training.single import latest_checkpoint, train_single_process
 
     images = torch.from_numpy(quantise_u8(mock_images(range(40), 1, TINY)))
     assert images.dtype == torch.uint8 and images.shape == (40, 3, 16, 16)
@@ -239,7 +239,7 @@ def test_unpack_gpu_prior_rebuilds_the_artifact_from_the_calls_files(tmp_path):
 
     from d4a_batch.testing import load_job
     from d4a_batch.training.data import mock_images, quantise_u8
-    from d4a_batch.training.loop import train_single_process
+    from d4a_batch.training.single import train_single_process
 
     images = torch.from_numpy(quantise_u8(mock_images(range(16), 2, TINY)))
     cfg = TrainConfig(prior=TINY, batch_size=8, warmup_steps=1, max_steps=3, checkpoint_every=3)
