@@ -173,7 +173,7 @@ def train_single_process(
     ema = build_unet(trained).to(device)
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history, train_seconds = 0, [], 0.0
+    step, history, train_seconds, cpu_seconds = 0, [], 0.0, 0.0
     K, B = images.shape[0], cfg.batch_size
     order, pos = None, 0
     last = latest_checkpoint(run_dir)
@@ -183,6 +183,7 @@ def train_single_process(
     if source is not None:
         state, _ = load_checkpoint_dir(source)
         step, history, train_seconds = restore_state(state, net, ema, opt)
+        cpu_seconds = float(state.get("cpu_seconds", train_seconds))
         rng = state.get("rng")
         if rng is not None:  # exact resume: RNG states and the data order
             torch.set_rng_state(rng["torch"])
@@ -213,8 +214,13 @@ def train_single_process(
         history.extend([s, loss, rate] for (s, _), loss in zip(pending, losses, strict=True))
         pending.clear()
 
+    cpu_start = time.process_time()
+
     def checkpoint() -> Path:
         state = checkpoint_state(net, ema, opt, step, history, train_seconds, 1)
+        # CPU seconds of this process (all its threads) spent training, over all calls:
+        # what a run on a shared machine costs, where wall time also counts the neighbours
+        state["cpu_seconds"] = cpu_seconds + time.process_time() - cpu_start
         state["rng"] = {"torch": torch.get_rng_state(), "data": gen.get_state()}
         state["data_order"] = order.to(torch.int32)
         state["data_pos"] = pos
@@ -296,6 +302,7 @@ def save_resumable_state(checkpoint_dir: str | Path, dest: str | Path) -> Path:
         "from_checkpoint": Path(checkpoint_dir).name,
         "step": int(state["step"]),
         "train_seconds": float(state["train_seconds"]),
+        "cpu_seconds": float(state.get("cpu_seconds", state["train_seconds"])),
         "images_seen": int(state["step"]) * cfg.batch_size,
         "downsample": cfg.downsample,
         "bytes": (dest / STATE_FILE).stat().st_size,

@@ -1,0 +1,116 @@
+"""Where a sampler's time goes: network, operator passes, and the rest (CG, Python).
+
+    python jobs/profile_sampler.py                       # default sampler, demo prior
+    python jobs/profile_sampler.py --mags 18 20 22 24 --samples 8 --steps 50 \
+        --sampler dds --gauss-newton 3 --cg 10 --out docs/results/profile_sampler
+
+The magnitude experiment's galaxy (``validation.magnitude``) at each ``--mags`` is one object
+of one batch, deconvolved by ``sampling.dps.deconvolve`` exactly as the engine does it. The
+network (``prior.model``'s forward), the operator's linear map and adjoint
+(``ForwardOperator.linear`` / ``adjoint``) are timed around every call (single-threaded CPU
+ops are synchronous, so wall time inside a call is that call's), and counted; the remainder
+of the sampler's wall time is CG and Gauss-Newton arithmetic, the profiled amplitudes,
+backtracking objectives and Python. Prints a table and writes profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from d4a_batch.config import SamplerConfig
+from d4a_batch.physics.operator import ForwardOperator
+from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.schema import DEMO_PRIOR_DIR
+from d4a_batch.validation.magnitude import MagnitudeConfig, make_observations
+from d4a_batch.validation.report import markdown_table, run_header, write_json
+
+
+class Timers:
+    """Wall-time and call counters around named callables."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        return timed
+
+
+def profile(prior, cfg: SamplerConfig, mags, z: float) -> dict:
+    """Run ``deconvolve`` on the magnitude galaxy at ``mags`` with timers installed."""
+    pcfg = prior.config
+    obs = make_observations(
+        pcfg.bands, pcfg.kpc_per_pixel, pcfg.image_size,
+        dataclasses.replace(MagnitudeConfig(), magnitudes=tuple(mags), z=z),
+        cfg.aperture_radius_frac,
+    )  # fmt: skip
+    timers = Timers()
+    net_forward = prior.model.forward
+    lin, adj = ForwardOperator.linear, ForwardOperator.adjoint
+    prior.model.forward = timers.wrap("network", net_forward)
+    ForwardOperator.linear = timers.wrap("operator (linear)", lin)
+    ForwardOperator.adjoint = timers.wrap("operator (adjoint)", adj)
+    try:
+        t0 = time.perf_counter()
+        deconvolve(obs.obs, [z] * len(mags), prior, cfg, list(range(1, len(mags) + 1)))
+        total = time.perf_counter() - t0
+    finally:
+        prior.model.forward = net_forward
+        ForwardOperator.linear, ForwardOperator.adjoint = lin, adj
+    rows = []
+    for name in ("network", "operator (linear)", "operator (adjoint)"):
+        rows.append({"part": name, "seconds": timers.seconds[name], "calls": timers.calls[name],
+                     "share": timers.seconds[name] / total})  # fmt: skip
+    rest = total - sum(r["seconds"] for r in rows)
+    rows.append({"part": "rest (CG, GN, amplitudes, Python)", "seconds": rest, "calls": 0,
+                 "share": rest / total})  # fmt: skip
+    rows.append({"part": "total", "seconds": total, "calls": 0, "share": 1.0})
+    return {"rows": rows, "objects": len(mags), "rows_per_batch": len(mags) * cfg.samples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prior", default=str(DEMO_PRIOR_DIR))
+    p.add_argument("--mags", type=float, nargs="+", default=[18.0, 20.0, 22.0, 24.0])
+    p.add_argument("--z", type=float, default=0.5)
+    p.add_argument("--sampler", default=SamplerConfig().sampler)
+    p.add_argument("--steps", type=int, default=SamplerConfig().steps)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations)
+    p.add_argument("--gauss-newton", type=int, default=SamplerConfig().gauss_newton)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, help="folder for profile.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prior = load_prior(args.prior)
+    cfg = dataclasses.replace(
+        SamplerConfig(), sampler=args.sampler, steps=args.steps, samples=args.samples,
+        cg_iterations=args.cg, gauss_newton=args.gauss_newton,
+    )  # fmt: skip
+    result = profile(prior, cfg, args.mags, args.z)
+    print(markdown_table(result["rows"], ("part", "seconds", "calls", "share"), ".3g"))
+    if args.out is not None:
+        doc = {**run_header(), "sampler": dataclasses.asdict(cfg), "mags": args.mags,
+               "threads": args.threads, **result}  # fmt: skip
+        print(f"wrote {write_json(args.out / 'profile.json', doc)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
