@@ -10,10 +10,12 @@ docstring; add fields there (with defaults, so old JSON still loads).
 
 Checks: every dataclass of this module checks its values when built (also through
 ``dataclasses.replace`` and ``from_dict``) and raises ``ConfigError`` (a ``ValueError``)
-naming the class and field: each field's annotated type, then its rules in ``FIELD_RULES``
-(and ``CLASS_RULES`` for rules across fields) at the end of this module. A new field needs
-an entry in ``FIELD_RULES`` (``tests/test_config.py`` fails without one; ``()`` for a field
-that only needs its type checked).
+naming the class and field: each field's annotated type, then the rules declared beside
+it, ``name: type = setting(default, *rules)`` (``CLASS_RULES``, after its class, for rules
+across fields). Every field is declared with ``setting`` (``tests/test_config.py`` fails
+without; ``setting(default)`` for a field that only needs its type checked). ``from_dict``
+parses JSON by the annotated types first: a JSON object where a config is expected, a
+list where a tuple is (a string is not a list of its characters), else ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -48,26 +50,41 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _from_jsonable(tp: Any, value: Any) -> Any:
-    """Rebuild a value of (resolved) type ``tp`` from its JSON form."""
+def _from_jsonable(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild a value of (resolved) type ``tp`` from its JSON form; ``where``: the field
+    (``Class.field``) the error names. Only the value's shape is parsed here (an object for
+    a config, a list for a tuple); ``check_config`` checks the items' types and rules."""
     if value is None:
         return None
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _from_jsonable(args[0], value) if len(args) == 1 else value
+        return _from_jsonable(args[0], value, where) if len(args) == 1 else value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object of {tp.__name__} fields (got {value!r})")
         return from_dict(tp, value)
     if origin is tuple:
         args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):  # a str is not a list of its characters
+            kind = f"a list of {_type_name(args[0])}" if args else "a list"
+            raise ConfigError(f"{where} must be {kind} (got {value!r})")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_jsonable(args[0], v) for v in value)
+            return tuple(_from_jsonable(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if args:
-            return tuple(_from_jsonable(a, v) for a, v in zip(args, value, strict=True))
+            if len(args) != len(value):
+                raise ConfigError(f"{where} must have {len(args)} items (got {value!r})")
+            return tuple(
+                _from_jsonable(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+            )
         return tuple(value)
     if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object (got {value!r})")
         _, vt = typing.get_args(tp)
-        return {k: _from_jsonable(vt, v) for k, v in value.items()}
+        return {k: _from_jsonable(vt, v, f"{where}[{k!r}]") for k, v in value.items()}
     return value
 
 
@@ -89,8 +106,11 @@ RETIRED_FIELDS: dict[tuple[str, str], str] = {
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build ``cls`` from a dict; unknown keys are an error, missing keys take defaults.
 
-    Keys in ``RETIRED_FIELDS`` are dropped with a ``UserWarning`` instead.
+    Keys in ``RETIRED_FIELDS`` are dropped with a ``UserWarning`` instead. Values are
+    parsed by their fields' types (``_from_jsonable``), then checked (``check_config``).
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected an object of its fields (got {data!r})")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in sorted(set(data) - names):
@@ -102,7 +122,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
-    kwargs = {k: _from_jsonable(hints[k], v) for k, v in data.items()}
+    kwargs = {k: _from_jsonable(hints[k], v, f"{cls.__name__}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -115,239 +135,7 @@ def config_hash(cfg: Any, length: int = 16) -> str:
     return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:length]
 
 
-# --------------------------------------------------------------------------- physics
-@dataclass(frozen=True)
-class StretchConfig:
-    """asinh stretch x = 2 asinh(v/a)/asinh(1/a) - 1 with v = I/m (owner: physics)."""
-
-    a: float = 0.01
-
-
-@dataclass(frozen=True)
-class PhysicsConfig:
-    """Observation-model constants (owner: physics)."""
-
-    hsc_pixel_arcsec: float = 0.168
-    cosmology: str = "Planck15"  # any name in astropy.cosmology.realizations
-    zeropoint_ab: float = 27.0
-    # closed-form amplitude/background: ridge on alpha in the 2x2 normal equations,
-    # relative to the trace of the matrix in the centred basis (see profile_amplitude)
-    profile_ridge: float = 1e-6
-
-
-# --------------------------------------------------------------------------- prior
-@dataclass(frozen=True)
-class PriorConfig:
-    """Architecture, schedule and physical scale of a diffusion prior (owner: prior).
-
-    Field names follow improved-diffusion's flags. ``attention_resolutions`` are
-    resolutions in pixels (as the flag "16,8"), converted to downsample factors
-    inside the UNet exactly as improved-diffusion does.
-    """
-
-    name: str = "demo-64"
-    image_size: int = 64
-    bands: tuple[str, ...] = ("g", "r", "i")
-    num_channels: int = 32
-    num_res_blocks: int = 1
-    # (1, 1, 2, 2) with attention at 8 px: 1.31 M parameters, 23 ms per image for a
-    # forward+backward on 2 CPU cores vs 48 ms for (1, 2, 2, 2) with attention at 16 (1.63 M)
-    channel_mult: tuple[int, ...] = (1, 1, 2, 2)
-    attention_resolutions: tuple[int, ...] = (8,)
-    num_heads: int = 4
-    num_heads_upsample: int = -1
-    dropout: float = 0.0
-    use_scale_shift_norm: bool = True
-    learn_sigma: bool = False
-    diffusion_steps: int = 1000
-    noise_schedule: str = "cosine"  # "cosine" | "linear"
-    # improved-diffusion flags: network sees t * 1000 / diffusion_steps (no-op at T = 1000);
-    # reverse-step variance posterior_variance (True) or beta_t (False) when not learn_sigma
-    rescale_timesteps: bool = False
-    sigma_small: bool = False
-    # what the network predicts: "eps" (improved-diffusion, the published weights) or "v"
-    parameterization: str = "eps"
-    kpc_per_pixel: float = 0.5
-    stretch: StretchConfig = field(default_factory=StretchConfig)
-    # photo-z range over which the prior's physical scale is trusted
-    z_min: float = 0.02
-    z_max: float = 1.5
-    # training mocks (mock.galaxies.sample_params structure): "smooth" (the demo prior's)
-    # or "realistic" (arms, bars, knots on arms, dust, published size-mass-z relations)
-    mock_structure: str = "smooth"
-
-    @property
-    def in_channels(self) -> int:
-        return len(self.bands)
-
-
-# --------------------------------------------------------------------------- sampling
-@dataclass(frozen=True)
-class FlagThresholds:
-    """Thresholds of the quality checks (owner: sampling.flags)."""
-
-    hallucination_max: float = 0.5  # variance-ratio score in the core above this: prior-dominated
-    upsampling_max: float = 4.0  # u = 0.168"/theta above this: unreliable (paper)
-    chi2_max: float = 3.0  # reduced chi2 of the re-convolved mean above this: poor fit
-    # MASKED_FRACTION_HIGH: unusable pixels of the model footprint (all bands) in the cutout
-    # itself (bad MASK bits, non-finite, off the cutout); neighbour masking is not counted
-    masked_fraction_max: float = 0.3
-    psf_sum_tolerance: float = 0.02  # |sum - 1| above this: renormalised and flagged
-    psf_centroid_tolerance: float = 0.5  # pixels
-    # a PSF larger than StagingConfig.psf_size is cropped (and renormalised): PSF_BAD when
-    # the crop loses more than this fraction of its flux (issue 11)
-    psf_crop_loss_max: float = 0.01
-    # BLENDED (survey/detection.py; measured by jobs/blend_thresholds.py on mock targets
-    # with one neighbour at 4-30 px, i 20-23.5 -> docs/results/blend_thresholds.json):
-    # contamination = the neighbours' light left on the used stamp pixels in noise units,
-    # sum (T^2/V) per used pixel: the chi2/dof it adds to a perfect fit of the target (the
-    # S/N-blind flux share, blend_fraction, stays in the reason). On 200 targets the true
-    # target model's chi2/dof on the used pixels is 1 + the neighbour's true contamination
-    # (median deviation 0.011, the noise); limit: a neighbour may push it to 1.2 unflagged.
-    # The smallest estimated contamination of a deblended target above 1.2 was 0.142, so
-    # 0.13 flags every one of them (48 of 172 deblended; largest unflagged chi2/dof 1.16,
-    # smallest flagged 1.06). The flux share is S/N-blind: 0.015 of it flagged 55 of 172
-    # and left a chi2/dof of 1.59 unflagged.
-    contamination_max: float = 0.13
-    # asymmetry = light of the target's segment with no mirror image: <= 0.131 for every
-    # deblended target under contamination_max, >= 0.145 for all 28 neighbours too close
-    # to deblend (merged into the target's segment, true chi2/dof 1.5-66): 0.14 between.
-    asymmetry_max: float = 0.14
-    # TRUNCATED: the target's flux outside the model footprint / its total, both from its
-    # point-symmetric template on its segment (a neighbour merged on one side does not
-    # count) and its faint outskirts in the Kron ellipse (survey/detection.outskirts_light).
-    # The 200 mock targets of jobs/blend_thresholds.py, which fit the field, measure <= 0.061
-    # (99 %: <= 0.040; PSF wings, noise, neighbours); of 24 mocks 2-4x larger than usual
-    # (jobs/truncation_check.py) 22 are measured within 0.05 of their true fraction (two at
-    # i > 23 below it: 0.13 for 0.25, 0.29 for 0.34), and 0.1 flags all 6 with more than
-    # 0.15 outside at i < 23 and none with less than 0.05
-    truncated_fraction_max: float = 0.1
-    # TRUNCATED also in noise units: the fit's excess chi2/dof outside the model footprint
-    # (sampling/residuals.py, "outside") above truncated_chi2_max while the target's own
-    # symmetric light there is at least truncated_light_min of its flux (so the misfit is
-    # its light, not an undetected neighbour's alone). A bright galaxy can lose little of
-    # its flux and still leave many sigma beyond the field: the HST galaxy of
-    # jobs/real_hst_check.py (i = 20, demo-64) at z = 0.5 / 0.8 has 1.6 % / 4.0 % outside,
-    # which adds 0.88 / 1.66 to chi2/dof (71 % / 87 % of the excess), and was flagged by
-    # neither the 10 % share nor POOR_FIT (chi2/dof 2.24 / 2.91); at z = 0.3 (0.3 %
-    # outside, chi2/dof 1.40) it is not. 0.2 mirrors contamination_max: light the model
-    # cannot hold may raise a perfect fit's chi2/dof to about 1.2 unflagged
-    truncated_chi2_max: float = 0.2
-    truncated_light_min: float = 0.01
-    # where a poor fit's excess chi2 lies (sampling/residuals.py): the core is the disc of
-    # core_radius_fwhm x the PSF FWHM around the object (HSC seeing 3.5-5 px: 5-8 px);
-    # CORE_MISFIT when POOR_FIT and the core holds at least core_misfit_share of the
-    # positive excess (a majority: the core explains most of the misfit). Measured: real
-    # source 1000 (a star, scarlet's point source) 97 %; the demo's two POOR_FIT 1 % and 6 %
-    # (light outside the footprint, a star's wing past its mask)
-    core_radius_fwhm: float = 1.5
-    core_misfit_share: float = 0.5
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """Posterior sampler settings and summaries (owner: sampling)."""
-
-    # steps and zeta measured on mocks with the demo prior: docs/sampler_tuning.md
-    steps: int = 50  # respaced reverse steps (of the prior's diffusion_steps)
-    samples: int = 16  # posterior samples per object
-    guidance: float = 0.01  # zeta per step, applied to the unit-RMS-normalised gradient
-    # "rms" (per-sample unit-RMS gradient, zeta per step) | "raw" | "rms_total" (unit-RMS,
-    # zeta * 50 / steps per step: the total pull does not change with the step count; the
-    # default, so that --steps changes the discretisation, not the fit; at 50 steps = "rms")
-    guidance_rule: str = "rms_total"
-    clip_x0: bool = True
-    # "dds" (data-consistency CG on Tweedie's x̂0 each step, no network gradient:
-    # sampling/dds.py; the default) | "dps" (guidance through the network, the paper's method,
-    # kept to reproduce it) | "daps" (annealed decoupled sampling, no network gradient:
-    # sampling/daps.py); steps = network calls per sample. DDS is the default since
-    # 2026-12-03: on 42 held-out mocks (two seeds) at 50 x 16 it cost 0.47-0.80x DPS, had the
-    # same posterior-mean PSNR within 0.3 dB, raw coverage nearer nominal and a lower chi2/dof
-    # at i = 18-19 (docs/RESULTS.md, "DDS becomes the engine default")
-    sampler: str = "dds"
-    inner_steps: int = 4  # daps: MALA steps per level (likelihood step)
-    # daps/dds: CG iterations of the Gauss-Newton step per level/step (10: DDS's benchmarked
-    # and calibrated setting; DAPS's exact-Gaussian test uses its own)
-    cg_iterations: int = 10
-    # dds: the same CG iterations per step, on Tweedie's x̂0; True: perturb-and-optimise (a
-    # posterior draw of x0 given x_t, exact for Gaussian priors), False: the mode (as DDS)
-    dds_randomize: bool = True
-    # dds: Gauss-Newton iterations of that step (re-linearised, each safeguarded by
-    # backtracking when > 1; sampling/dds.py). 1: one linearisation, DDS's original step.
-    # 3 fits bright objects far better at 1.5x the cost of 1 (still <= 1.22x DPS-50); on
-    # galsim mocks only together with clip_data_step = False (docs/RESULTS.md, 2026-12-03)
-    gauss_newton: int = 3
-    # dds/daps: also clip the data step's output (DDS: x̂0' at every step; both: the final
-    # sample) to the prior's range [-1, 1], as clip_x0 clips the network's x̂0. True was the
-    # only behaviour before 2026-12-03: it pins empty-sky pixels that the data want below
-    # zero flux at zero, a positive pedestal the re-convolved mean pays for in chi2 at high
-    # S/N (galsim i = 18 with 3 Gauss-Newton iterations: chi2/dof 1.7-3.3 clipped, 1.2-1.7
-    # free; docs/RESULTS.md, 2026-12-03 "the clip after the data step")
-    clip_data_step: bool = False
-    marginalise_photoz: bool = False
-    aperture_radius_frac: float = 30 / 256  # hallucination-score aperture, of the image side
-    keep_samples: int = 0  # raw samples kept per object in the output
-    seed: int = 0
-    flags: FlagThresholds = field(default_factory=FlagThresholds)
-
-
-# --------------------------------------------------------------------------- survey / pipeline
-@dataclass(frozen=True)
-class ColumnMap:
-    """Input catalog column names (owner: survey). Defaults follow HSC PDR3."""
-
-    object_id: str = "object_id"
-    ra: str = "ra"
-    dec: str = "dec"
-    photoz: str = "photoz_best"
-    photoz_err_min: str = "photoz_err68_min"
-    photoz_err_max: str = "photoz_err68_max"
-    # per-band URI columns: "{band}" is replaced by the band name
-    cutout_uri: str = "{band}_cutout_uri"
-    psf_uri: str = "{band}_psf_uri"
-
-
-@dataclass(frozen=True)
-class StagingConfig:
-    """Cutout staging (owner: survey)."""
-
-    stamp_sizes: tuple[int, ...] = (32, 48, 64, 96)  # HSC-pixel stamp buckets
-    bad_mask_planes: tuple[str, ...] = ("BAD", "SAT", "INTRP", "CR", "EDGE", "NO_DATA", "SUSPECT")
-    psf_size: int = 43
-    # stamp side = smallest bucket >= ceil(n_out) + 2 * psf_margin (HSC pixels), else the largest
-    psf_margin: int = 8
-    # neighbours (survey/detection.py): sep detection on the inverse-variance-weighted band
-    # sum, in a stamp detection_pad pixels wider on each side than the sampler's stamp
-    detect_neighbours: bool = True  # False: no detection, no neighbour mask, no BLENDED
-    detection_threshold: float = 2.0  # sigma per pixel (1.5 found noise peaks as neighbours)
-    detection_minarea: int = 10  # pixels
-    deblend_nthresh: int = 32
-    # sep's default 0.005 merged 6 of the 7 sources of scarlet's hsc_cosmos_35 into one
-    # segment; 0.0002 separates all but two; on 40 mocks 0.001 and 0.0001 split no target
-    # (jobs/blend_thresholds.py --deblend-cont)
-    deblend_cont: float = 0.0002
-    neighbour_dilation: float = 1.0  # neighbour segments grow by this x the PSF FWHM
-    target_radius: float = 3.0  # pixels: nearest segment to the position within this
-    detection_pad: int = 16  # pixels
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that determines a run's output (owner: pipeline).
-
-    Its hash goes into every output row; changing any field reprocesses.
-    """
-
-    physics: PhysicsConfig = field(default_factory=PhysicsConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    columns: ColumnMap = field(default_factory=ColumnMap)
-    staging: StagingConfig = field(default_factory=StagingConfig)
-    write_maps: bool = True
-    map_dtype: str = "float32"  # "float32" | "float16" for the tensor map columns
-    fits_maps: bool = False  # also write per-object FITS maps (WCS at the model pixel scale)
-
-
-# --------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- rules
 # A rule takes a field's value and returns what is wrong with it, or None.
 Rule = typing.Callable[[Any], "str | None"]
 
@@ -416,6 +204,305 @@ def cosmology_name(v: Any) -> str | None:
     return None if v in names else f"must be one of astropy's realizations {names}"
 
 
+def odd(v: Any) -> str | None:
+    return None if v % 2 == 1 else "must be odd (only an odd side has a centre pixel)"
+
+
+RULES = "d4a_rules"  # a field's rules, in its metadata
+
+
+def setting(default: Any, *rules: Rule) -> Any:
+    """A config field with its rules beside it: ``steps: int = setting(50, positive)``.
+
+    Its type is checked first (the annotation), then ``rules`` in order; the first problem
+    is the ``ConfigError``.
+    """
+    return field(default=default, metadata={RULES: rules})
+
+
+# a nested config field (``field(default_factory=Config, metadata=NESTED)``): no rules of its
+# own, its class checks its fields
+NESTED = {RULES: ()}
+
+
+# rules across the fields of a class: (field names, predicate on the config, what must hold),
+# beside the class they check
+CLASS_RULES: dict[str, tuple[tuple[tuple[str, ...], typing.Callable[[Any], bool], str], ...]] = {}
+
+
+# --------------------------------------------------------------------------- physics
+@dataclass(frozen=True)
+class StretchConfig:
+    """asinh stretch x = 2 asinh(v/a)/asinh(1/a) - 1 with v = I/m (owner: physics)."""
+
+    a: float = setting(0.01, positive, finite)
+
+
+@dataclass(frozen=True)
+class PhysicsConfig:
+    """Observation-model constants (owner: physics)."""
+
+    hsc_pixel_arcsec: float = setting(0.168, positive, finite)
+    # any name in astropy.cosmology.realizations
+    cosmology: str = setting("Planck15", cosmology_name)
+    zeropoint_ab: float = setting(27.0, finite)
+    # closed-form amplitude/background: ridge on alpha in the 2x2 normal equations,
+    # relative to the trace of the matrix in the centred basis (see profile_amplitude)
+    profile_ridge: float = setting(1e-6, non_negative, finite)
+
+
+# --------------------------------------------------------------------------- prior
+@dataclass(frozen=True)
+class PriorConfig:
+    """Architecture, schedule and physical scale of a diffusion prior (owner: prior).
+
+    Field names follow improved-diffusion's flags. ``attention_resolutions`` are
+    resolutions in pixels (as the flag "16,8"), converted to downsample factors
+    inside the UNet exactly as improved-diffusion does.
+    """
+
+    name: str = setting("demo-64", non_empty)
+    image_size: int = setting(64, positive)
+    bands: tuple[str, ...] = setting(("g", "r", "i"), non_empty, distinct, each(non_empty))
+    num_channels: int = setting(32, positive)
+    num_res_blocks: int = setting(1, positive)
+    # (1, 1, 2, 2) with attention at 8 px: 1.31 M parameters, 23 ms per image for a
+    # forward+backward on 2 CPU cores vs 48 ms for (1, 2, 2, 2) with attention at 16 (1.63 M)
+    channel_mult: tuple[int, ...] = setting((1, 1, 2, 2), non_empty, each(positive))
+    attention_resolutions: tuple[int, ...] = setting((8,), each(positive))
+    num_heads: int = setting(4, positive)
+    num_heads_upsample: int = setting(
+        -1, lambda v: None if v == -1 or v >= 1 else "must be -1 or >= 1"
+    )
+    dropout: float = setting(0.0, between(0, 1, hi_open=True))
+    use_scale_shift_norm: bool = setting(True)
+    learn_sigma: bool = setting(False)
+    diffusion_steps: int = setting(1000, positive)
+    noise_schedule: str = setting("cosine", one_of(*NOISE_SCHEDULES))  # "cosine" | "linear"
+    # improved-diffusion flags: network sees t * 1000 / diffusion_steps (no-op at T = 1000);
+    # reverse-step variance posterior_variance (True) or beta_t (False) when not learn_sigma
+    rescale_timesteps: bool = setting(False)
+    sigma_small: bool = setting(False)
+    # what the network predicts: "eps" (improved-diffusion, the published weights) or "v"
+    parameterization: str = setting("eps", one_of(*PARAMETERIZATIONS))
+    kpc_per_pixel: float = setting(0.5, positive, finite)
+    stretch: StretchConfig = field(default_factory=StretchConfig, metadata=NESTED)
+    # photo-z range over which the prior's physical scale is trusted
+    z_min: float = setting(0.02, non_negative, finite)
+    z_max: float = setting(1.5, positive, finite)
+    # training mocks (mock.galaxies.sample_params structure): "smooth" (the demo prior's)
+    # or "realistic" (arms, bars, knots on arms, dust, published size-mass-z relations)
+    mock_structure: str = setting("smooth", one_of(*MOCK_STRUCTURES))
+    # added to the schedule's log-SNR at every t (0: the named schedule as it is). A prior
+    # trained at half size on 2x-binned images (training.objective.phase_prior) has +2 ln 2,
+    # "simple diffusion"'s shift, and is sampled with it
+    logsnr_shift: float = setting(0.0, finite)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.bands)
+
+
+CLASS_RULES["PriorConfig"] = (
+    (("z_max", "z_min"), lambda c: c.z_max > c.z_min, "must exceed z_min"),
+)
+
+
+# --------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class FlagThresholds:
+    """Thresholds of the quality checks (owner: sampling.flags)."""
+
+    # variance-ratio score in the core above this: prior-dominated
+    hallucination_max: float = setting(0.5, positive)
+    # u = 0.168"/theta above this: unreliable (paper)
+    upsampling_max: float = setting(4.0, positive)
+    # reduced chi2 of the re-convolved mean above this: poor fit
+    chi2_max: float = setting(3.0, positive)
+    # MASKED_FRACTION_HIGH: unusable pixels of the model footprint (all bands) in the cutout
+    # itself (bad MASK bits, non-finite, off the cutout); neighbour masking is not counted
+    masked_fraction_max: float = setting(0.3, between(0, 1))
+    # |sum - 1| above this: renormalised and flagged
+    psf_sum_tolerance: float = setting(0.02, non_negative)
+    psf_centroid_tolerance: float = setting(0.5, non_negative)  # pixels
+    # a PSF larger than StagingConfig.psf_size is cropped (and renormalised): PSF_BAD when
+    # the crop loses more than this fraction of its flux (issue 11)
+    psf_crop_loss_max: float = setting(0.01, between(0, 1))
+    # BLENDED (survey/detection.py; measured by jobs/blend_thresholds.py on mock targets
+    # with one neighbour at 4-30 px, i 20-23.5 -> docs/results/blend_thresholds.json):
+    # contamination = the neighbours' light left on the used stamp pixels in noise units,
+    # sum (T^2/V) per used pixel: the chi2/dof it adds to a perfect fit of the target (the
+    # S/N-blind flux share, blend_fraction, stays in the reason). On 200 targets the true
+    # target model's chi2/dof on the used pixels is 1 + the neighbour's true contamination
+    # (median deviation 0.011, the noise); limit: a neighbour may push it to 1.2 unflagged.
+    # The smallest estimated contamination of a deblended target above 1.2 was 0.142, so
+    # 0.13 flags every one of them (48 of 172 deblended; largest unflagged chi2/dof 1.16,
+    # smallest flagged 1.06). The flux share is S/N-blind: 0.015 of it flagged 55 of 172
+    # and left a chi2/dof of 1.59 unflagged.
+    contamination_max: float = setting(0.13, non_negative, finite)
+    # asymmetry = light of the target's segment with no mirror image: <= 0.131 for every
+    # deblended target under contamination_max, >= 0.145 for all 28 neighbours too close
+    # to deblend (merged into the target's segment, true chi2/dof 1.5-66): 0.14 between.
+    asymmetry_max: float = setting(0.14, non_negative)
+    # TRUNCATED: the target's flux outside the model footprint / its total, both from its
+    # point-symmetric template on its segment (a neighbour merged on one side does not
+    # count) and its faint outskirts in the Kron ellipse (survey/detection.outskirts_light).
+    # The 200 mock targets of jobs/blend_thresholds.py, which fit the field, measure <= 0.061
+    # (99 %: <= 0.040; PSF wings, noise, neighbours); of 24 mocks 2-4x larger than usual
+    # (jobs/truncation_check.py) 22 are measured within 0.05 of their true fraction (two at
+    # i > 23 below it: 0.13 for 0.25, 0.29 for 0.34), and 0.1 flags all 6 with more than
+    # 0.15 outside at i < 23 and none with less than 0.05
+    truncated_fraction_max: float = setting(0.1, between(0, 1))
+    # TRUNCATED also in noise units: the fit's excess chi2/dof outside the model footprint
+    # (sampling/residuals.py, "outside") above truncated_chi2_max while the target's own
+    # symmetric light there is at least truncated_light_min of its flux (so the misfit is
+    # its light, not an undetected neighbour's alone). A bright galaxy can lose little of
+    # its flux and still leave many sigma beyond the field: the HST galaxy of
+    # jobs/real_hst_check.py (i = 20, demo-64) at z = 0.5 / 0.8 has 1.6 % / 4.0 % outside,
+    # which adds 0.88 / 1.66 to chi2/dof (71 % / 87 % of the excess), and was flagged by
+    # neither the 10 % share nor POOR_FIT (chi2/dof 2.24 / 2.91); at z = 0.3 (0.3 %
+    # outside, chi2/dof 1.40) it is not. 0.2 mirrors contamination_max: light the model
+    # cannot hold may raise a perfect fit's chi2/dof to about 1.2 unflagged
+    truncated_chi2_max: float = setting(0.2, non_negative, finite)
+    truncated_light_min: float = setting(0.01, between(0, 1))
+    # where a poor fit's excess chi2 lies (sampling/residuals.py): the core is the disc of
+    # core_radius_fwhm x the PSF FWHM around the object (HSC seeing 3.5-5 px: 5-8 px);
+    # CORE_MISFIT when POOR_FIT and the core holds at least core_misfit_share of the
+    # positive excess (a majority: the core explains most of the misfit). Measured: real
+    # source 1000 (a star, scarlet's point source) 97 %; the demo's two POOR_FIT 1 % and 6 %
+    # (light outside the footprint, a star's wing past its mask)
+    core_radius_fwhm: float = setting(1.5, positive, finite)
+    core_misfit_share: float = setting(0.5, between(0, 1))
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Posterior sampler settings and summaries (owner: sampling)."""
+
+    # steps and zeta measured on mocks with the demo prior: docs/sampler_tuning.md
+    steps: int = setting(50, positive)  # respaced reverse steps (of the prior's diffusion_steps)
+    samples: int = setting(16, positive)  # posterior samples per object
+    # zeta per step, applied to the unit-RMS-normalised gradient
+    guidance: float = setting(0.01, non_negative, finite)
+    # "rms" (per-sample unit-RMS gradient, zeta per step) | "raw" | "rms_total" (unit-RMS,
+    # zeta * 50 / steps per step: the total pull does not change with the step count; the
+    # default, so that --steps changes the discretisation, not the fit; at 50 steps = "rms")
+    guidance_rule: str = setting("rms_total", one_of(*GUIDANCE_RULES))
+    clip_x0: bool = setting(True)
+    # "dds" (data-consistency CG on Tweedie's x̂0 each step, no network gradient:
+    # sampling/dds.py; the default) | "dps" (guidance through the network, the paper's method,
+    # kept to reproduce it) | "daps" (annealed decoupled sampling, no network gradient:
+    # sampling/daps.py); steps = network calls per sample. DDS is the default since
+    # 2026-12-03: on 42 held-out mocks (two seeds) at 50 x 16 it cost 0.47-0.80x DPS, had the
+    # same posterior-mean PSNR within 0.3 dB, raw coverage nearer nominal and a lower chi2/dof
+    # at i = 18-19 (docs/RESULTS.md, "DDS becomes the engine default")
+    sampler: str = setting("dds", one_of(*SAMPLERS))
+    inner_steps: int = setting(4, non_negative)  # daps: MALA steps per level (likelihood step)
+    # daps/dds: CG iterations of the Gauss-Newton step per level/step (10: DDS's benchmarked
+    # and calibrated setting; DAPS's exact-Gaussian test uses its own)
+    cg_iterations: int = setting(10, non_negative)
+    # dds: the same CG iterations per step, on Tweedie's x̂0; True: perturb-and-optimise (a
+    # posterior draw of x0 given x_t, exact for Gaussian priors), False: the mode (as DDS)
+    dds_randomize: bool = setting(True)
+    # dds: Gauss-Newton iterations of that step (re-linearised, each safeguarded by
+    # backtracking when > 1; sampling/dds.py). 1: one linearisation, DDS's original step.
+    # 3 fits bright objects far better at 1.5x the cost of 1 (still <= 1.22x DPS-50); on
+    # galsim mocks only together with clip_data_step = False (docs/RESULTS.md, 2026-12-03)
+    gauss_newton: int = setting(3, positive)
+    # dds/daps: also clip the data step's output (DDS: x̂0' at every step; both: the final
+    # sample) to the prior's range [-1, 1], as clip_x0 clips the network's x̂0. True was the
+    # only behaviour before 2026-12-03: it pins empty-sky pixels that the data want below
+    # zero flux at zero, a positive pedestal the re-convolved mean pays for in chi2 at high
+    # S/N (galsim i = 18 with 3 Gauss-Newton iterations: chi2/dof 1.7-3.3 clipped, 1.2-1.7
+    # free; docs/RESULTS.md, 2026-12-03 "the clip after the data step")
+    clip_data_step: bool = setting(False)
+    marginalise_photoz: bool = setting(False)
+    # hallucination-score aperture, of the image side
+    aperture_radius_frac: float = setting(30 / 256, between(0, 0.5, lo_open=True))
+    keep_samples: int = setting(0, non_negative)  # raw samples kept per object in the output
+    seed: int = setting(0, non_negative)
+    flags: FlagThresholds = field(default_factory=FlagThresholds, metadata=NESTED)
+
+
+# --------------------------------------------------------------------------- survey / pipeline
+@dataclass(frozen=True)
+class ColumnMap:
+    """Input catalog column names (owner: survey). Defaults follow HSC PDR3."""
+
+    object_id: str = setting("object_id", non_empty)
+    ra: str = setting("ra", non_empty)
+    dec: str = setting("dec", non_empty)
+    photoz: str = setting("photoz_best", non_empty)
+    photoz_err_min: str = setting("photoz_err68_min", non_empty)
+    photoz_err_max: str = setting("photoz_err68_max", non_empty)
+    # per-band URI columns: "{band}" is replaced by the band name
+    cutout_uri: str = setting("{band}_cutout_uri", contains("{band}"))
+    psf_uri: str = setting("{band}_psf_uri", contains("{band}"))
+
+
+@dataclass(frozen=True)
+class StagingConfig:
+    """Cutout staging (owner: survey)."""
+
+    # HSC-pixel stamp buckets, each > 2 psf_margin (CLASS_RULES below); the job also checks
+    # that the largest holds the prior's footprint at its z_max (pipeline/plan.py)
+    stamp_sizes: tuple[int, ...] = setting((32, 48, 64, 96), non_empty, distinct, each(positive))
+    # MASK planes whose pixels are not used (names a cutout does not define are ignored)
+    bad_mask_planes: tuple[str, ...] = setting(
+        ("BAD", "SAT", "INTRP", "CR", "EDGE", "NO_DATA", "SUSPECT"), each(non_empty)
+    )
+    # every PSF is padded or cropped to psf_size x psf_size around its centre pixel
+    # (survey/fits_io.fit_psf_size), which an even side does not have
+    psf_size: int = setting(43, positive, odd)
+    # stamp side = smallest bucket >= ceil(n_out) + 2 * psf_margin (HSC pixels), else the largest
+    psf_margin: int = setting(8, non_negative)
+    # neighbours (survey/detection.py): sep detection on the inverse-variance-weighted band
+    # sum, in a stamp detection_pad pixels wider on each side than the sampler's stamp
+    detect_neighbours: bool = setting(True)  # False: no detection, no neighbour mask, no BLENDED
+    # sigma per pixel (1.5 found noise peaks as neighbours)
+    detection_threshold: float = setting(2.0, positive)
+    detection_minarea: int = setting(10, positive)  # pixels
+    deblend_nthresh: int = setting(32, positive)
+    # sep's default 0.005 merged 6 of the 7 sources of scarlet's hsc_cosmos_35 into one
+    # segment; 0.0002 separates all but two; on 40 mocks 0.001 and 0.0001 split no target
+    # (jobs/blend_thresholds.py --deblend-cont)
+    deblend_cont: float = setting(0.0002, between(0, 1))
+    # neighbour segments grow by this x the PSF FWHM
+    neighbour_dilation: float = setting(1.0, non_negative)
+    # pixels: nearest segment to the position within this
+    target_radius: float = setting(3.0, non_negative)
+    detection_pad: int = setting(16, non_negative)  # pixels
+
+
+CLASS_RULES["StagingConfig"] = (
+    (
+        ("stamp_sizes", "psf_margin"),
+        lambda c: min(c.stamp_sizes) > 2 * c.psf_margin,
+        "must each exceed 2 x psf_margin (a stamp holds the model footprint and the margin "
+        "on both sides; a smaller one holds no footprint at all)",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's output (owner: pipeline).
+
+    Its hash goes into every output row; changing any field reprocesses.
+    """
+
+    physics: PhysicsConfig = field(default_factory=PhysicsConfig, metadata=NESTED)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata=NESTED)
+    columns: ColumnMap = field(default_factory=ColumnMap, metadata=NESTED)
+    staging: StagingConfig = field(default_factory=StagingConfig, metadata=NESTED)
+    write_maps: bool = setting(True)
+    # "float32" | "float16" for the tensor map columns
+    map_dtype: str = setting("float32", one_of(*MAP_DTYPES))
+    # also write per-object FITS maps (WCS at the model pixel scale)
+    fits_maps: bool = setting(False)
+
+
+# --------------------------------------------------------------------------- checks
 def _type_problem(tp: Any, v: Any) -> str | None:
     """What is wrong with ``v`` as a value of the resolved annotation ``tp``, or None."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -468,12 +555,11 @@ def check_config(cfg: Any) -> None:
     """Raise ``ConfigError`` naming the first field of ``cfg`` that breaks its type or rules."""
     cls = type(cfg)
     hints = typing.get_type_hints(cls)
-    rules = FIELD_RULES.get(cls.__name__, {})
     for f in dataclasses.fields(cls):
         v = getattr(cfg, f.name)
         problem = _type_problem(hints[f.name], v)
         if problem is None and v is not None:
-            for rule in rules.get(f.name, ()):
+            for rule in f.metadata.get(RULES, ()):
                 if (problem := rule(v)) is not None:
                     break
         if problem is not None:
@@ -484,110 +570,8 @@ def check_config(cfg: Any) -> None:
             raise ConfigError(f"{cls.__name__}.{names[0]} {text} (got {got})")
 
 
-FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
-    "StretchConfig": {"a": (positive, finite)},
-    "PhysicsConfig": {
-        "hsc_pixel_arcsec": (positive, finite),
-        "cosmology": (cosmology_name,),
-        "zeropoint_ab": (finite,),
-        "profile_ridge": (non_negative, finite),
-    },
-    "PriorConfig": {
-        "name": (non_empty,),
-        "image_size": (positive,),
-        "bands": (non_empty, distinct, each(non_empty)),
-        "num_channels": (positive,),
-        "num_res_blocks": (positive,),
-        "channel_mult": (non_empty, each(positive)),
-        "attention_resolutions": (each(positive),),
-        "num_heads": (positive,),
-        "num_heads_upsample": (lambda v: None if v == -1 or v >= 1 else "must be -1 or >= 1",),
-        "dropout": (between(0, 1, hi_open=True),),
-        "use_scale_shift_norm": (),
-        "learn_sigma": (),
-        "diffusion_steps": (positive,),
-        "noise_schedule": (one_of(*NOISE_SCHEDULES),),
-        "rescale_timesteps": (),
-        "sigma_small": (),
-        "parameterization": (one_of(*PARAMETERIZATIONS),),
-        "kpc_per_pixel": (positive, finite),
-        "stretch": (),
-        "z_min": (non_negative, finite),
-        "z_max": (positive, finite),
-        "mock_structure": (one_of(*MOCK_STRUCTURES),),
-    },
-    "FlagThresholds": {
-        "hallucination_max": (positive,),
-        "upsampling_max": (positive,),
-        "chi2_max": (positive,),
-        "masked_fraction_max": (between(0, 1),),
-        "psf_sum_tolerance": (non_negative,),
-        "psf_centroid_tolerance": (non_negative,),
-        "psf_crop_loss_max": (between(0, 1),),
-        "contamination_max": (non_negative, finite),
-        "asymmetry_max": (non_negative,),
-        "truncated_fraction_max": (between(0, 1),),
-        "truncated_chi2_max": (non_negative, finite),
-        "truncated_light_min": (between(0, 1),),
-        "core_radius_fwhm": (positive, finite),
-        "core_misfit_share": (between(0, 1),),
-    },
-    "SamplerConfig": {
-        "steps": (positive,),
-        "samples": (positive,),
-        "guidance": (non_negative, finite),
-        "guidance_rule": (one_of(*GUIDANCE_RULES),),
-        "clip_x0": (),
-        "sampler": (one_of(*SAMPLERS),),
-        "inner_steps": (non_negative,),
-        "cg_iterations": (non_negative,),
-        "dds_randomize": (),
-        "gauss_newton": (positive,),
-        "clip_data_step": (),
-        "marginalise_photoz": (),
-        "aperture_radius_frac": (between(0, 0.5, lo_open=True),),
-        "keep_samples": (non_negative,),
-        "seed": (non_negative,),
-        "flags": (),
-    },
-    "ColumnMap": {
-        "object_id": (non_empty,),
-        "ra": (non_empty,),
-        "dec": (non_empty,),
-        "photoz": (non_empty,),
-        "photoz_err_min": (non_empty,),
-        "photoz_err_max": (non_empty,),
-        "cutout_uri": (contains("{band}"),),
-        "psf_uri": (contains("{band}"),),
-    },
-    "StagingConfig": {
-        "stamp_sizes": (non_empty, distinct, each(positive)),
-        "bad_mask_planes": (each(non_empty),),
-        "psf_size": (positive,),
-        "psf_margin": (non_negative,),
-        "detect_neighbours": (),
-        "detection_threshold": (positive,),
-        "detection_minarea": (positive,),
-        "deblend_nthresh": (positive,),
-        "deblend_cont": (between(0, 1),),
-        "neighbour_dilation": (non_negative,),
-        "target_radius": (non_negative,),
-        "detection_pad": (non_negative,),
-    },
-    "RunConfig": {
-        "physics": (),
-        "sampler": (),
-        "columns": (),
-        "staging": (),
-        "write_maps": (),
-        "map_dtype": (one_of(*MAP_DTYPES),),
-        "fits_maps": (),
-    },
-}
-# rules across fields: (field names, predicate on the config, what must hold)
-CLASS_RULES: dict[str, tuple[tuple[tuple[str, ...], typing.Callable[[Any], bool], str], ...]] = {
-    "PriorConfig": ((("z_max", "z_min"), lambda c: c.z_max > c.z_min, "must exceed z_min"),),
-}
+# {class name: {field: its rules}} of every field declared with ``setting`` (filled below)
+FIELD_RULES: dict[str, dict[str, tuple[Rule, ...]]] = {}
 
 
 def _checked_init(init: typing.Callable[..., None]) -> typing.Callable[..., None]:
@@ -611,6 +595,9 @@ def _install_checks() -> None:
             and not getattr(obj.__init__, "_d4a_checked", False)
         ):
             obj.__init__ = _checked_init(obj.__init__)
+            FIELD_RULES[obj.__name__] = {
+                f.name: f.metadata[RULES] for f in dataclasses.fields(obj) if RULES in f.metadata
+            }
 
 
 _install_checks()  # keep last: classes defined below this line would not be checked

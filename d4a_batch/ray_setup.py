@@ -8,6 +8,7 @@ state. A job that joins an existing cluster (``RAY_ADDRESS`` set, e.g. under
 
 from __future__ import annotations
 
+import logging
 import os
 
 LOOPBACK = "127.0.0.1"
@@ -79,3 +80,41 @@ def node_local_path(path: str) -> str:
     if working_dir and os.path.commonpath([cwd, str(path)]) == cwd:
         return os.path.relpath(str(path), cwd)
     return str(path)
+
+
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+_QUIET = _DropRecords("Progress bars disabled")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console output as a d4a run wants it: warnings and errors only.
+
+    The engine turns Ray Data's progress bars off (it prints its own progress, from the
+    sampler's steps: ``pipeline/progress.py``); Ray Data then warns "Progress bars
+    disabled" once per process, which is dropped here, as are its INFO lines (dataset
+    registered, execution plan, execution finished). Everything still goes to Ray Data's
+    own log file (``ray-data.log`` in the session's logs folder), and its real warnings
+    (an operator that cannot be scheduled, memory pressure, ...) still reach the console.
+    Idempotent; call after ``import ray.data`` (which configures the ``ray.data`` logger).
+    """
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
+
+    progress = logging.getLogger("ray.data._internal.progress")
+    if _QUIET not in progress.filters:
+        progress.addFilter(_QUIET)
+    for handler in logging.getLogger("ray.data").handlers:
+        # the console (a StreamHandler); the session's log file is a plain Handler
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(max(handler.level, logging.WARNING))

@@ -139,6 +139,27 @@ class Col:
     HALFWIDTH68_FLUX = "halfwidth68_flux"  # calibrated half-width lambda68 · 0.994 · std_flux
     HALFWIDTH95_FLUX = "halfwidth95_flux"  # calibrated half-width lambda95 · 1.96 · std_flux
     SAMPLES_X = "samples_x"
+    # morphology (d4a_batch/measure; definitions in measure/morphology.py): the measurement
+    # band's (MEASURE_BAND) values from every posterior sample, summarised as the median
+    # (the bare name) and the 16th/84th percentiles (pct_col(name, 16 | 84)); the same
+    # measurement on the observed stamp as obs_col(name); r50 per band as band_col(R50_KPC, b)
+    R20_KPC = "r20_kpc"
+    R50_KPC = "r50_kpc"
+    R80_KPC = "r80_kpc"
+    R20_ARCSEC = "r20_arcsec"
+    R50_ARCSEC = "r50_arcsec"
+    R80_ARCSEC = "r80_arcsec"
+    R_TOTAL_KPC = "r_total_kpc"  # the total-flux aperture: min(2 Petrosian radii, the field)
+    CONCENTRATION = "concentration"  # 5 log10(r80 / r20)
+    AXIS_RATIO = "axis_ratio"  # b/a from second moments
+    POSITION_ANGLE = "pa_deg"  # major axis, degrees east of north, [0, 180)
+    CENTROID_OFFSET_KPC = "centroid_offset_kpc"  # light centroid - catalog position
+    CENTROID_OFFSET_ARCSEC = "centroid_offset_arcsec"
+    CAS_ASYMMETRY = "cas_asymmetry"  # rotational, background-corrected (not ASYMMETRY above)
+    GINI = "gini"
+    M20 = "m20"
+    COLOUR_GRADIENT = "colour_gradient_gi"  # (g - i) inside r50 minus outside, mag
+    MEASURE_NOTES = "measure_notes"  # why a measurement is NaN (flag or measurement)
     # provenance
     RUN_ID = "run_id"
     PRIOR_ID = "prior_id"
@@ -154,3 +175,38 @@ class Col:
 def band_col(name: str, band: str) -> str:
     """Per-band column name, e.g. ``band_col(Col.FLUX, "i") == "flux_i"``."""
     return f"{name}_{band}"
+
+
+# --------------------------------------------------------------------------- morphology
+MEASURE_BAND = "i"  # the morphology columns' band (the last band when the prior has no i)
+COLOUR_BANDS = ("g", "i")  # COLOUR_GRADIENT: (g - i) inside r50 minus outside r50
+PERCENTILES = (16, 84)
+# the morphology columns' base names, in catalog order (each with its percentile and
+# observed-stamp columns; then r50 per band)
+MORPHOLOGY = (
+    Col.R20_KPC, Col.R50_KPC, Col.R80_KPC, Col.R20_ARCSEC, Col.R50_ARCSEC, Col.R80_ARCSEC,
+    Col.R_TOTAL_KPC, Col.CONCENTRATION, Col.AXIS_RATIO, Col.POSITION_ANGLE,
+    Col.CENTROID_OFFSET_KPC, Col.CENTROID_OFFSET_ARCSEC, Col.CAS_ASYMMETRY, Col.GINI, Col.M20,
+    Col.COLOUR_GRADIENT,
+)  # fmt: skip
+
+
+def pct_col(name: str, percentile: int) -> str:
+    """A posterior percentile column, e.g. ``pct_col(Col.R50_KPC, 16) == "r50_kpc_p16"``."""
+    return f"{name}_p{int(percentile)}"
+
+
+def obs_col(name: str) -> str:
+    """The observed stamp's value, e.g. ``obs_col(Col.R50_KPC) == "r50_kpc_obs"``."""
+    return f"{name}_obs"
+
+
+def with_intervals(name: str) -> tuple[str, ...]:
+    """A measurement's columns: median, 16th and 84th percentiles, observed value."""
+    return (name, *(pct_col(name, p) for p in PERCENTILES), obs_col(name))
+
+
+def morphology_columns(bands: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Every float morphology column of a catalog with ``bands``, in catalog order."""
+    base = [*MORPHOLOGY, *(band_col(Col.R50_KPC, b) for b in bands)]
+    return tuple(c for name in base for c in with_intervals(name))

@@ -16,7 +16,18 @@ All in one run, with identical prior, steps and samples:
    against the number of Ray actors;
 5. with a GPU: fp32 vs bf16 autocast, torch.compile and CUDA graphs (per-step time), and the
    paper's 256-pixel configuration (random weights) in seconds per posterior sample at its
-   1000 steps (from the measured per-step time).
+   1000 steps (from the measured per-step time);
+6. the whole engine against a plain loop in one process over the same mock objects, for
+   ``--engine-sizes`` objects (default 5, 32, 256), at ``--engine-sampler`` (default: DDS,
+   4 steps x 2 samples, 1 Gauss-Newton x 2 CG: small, so that 256 objects fit a session;
+   ``validation/engine_throughput.py``);
+7. the engine on a ``--layout-objects`` (5) object catalog in three actor layouts: one pack
+   on one single-threaded actor (before issue 30), packs split over one single-threaded
+   actor per CPU (the default), one actor with every CPU as torch threads.
+
+``--engine-only`` runs sections 6 and 7 alone:
+
+    python jobs/benchmark_throughput.py --engine-only --out runs/engine-vs-loop
 
 Prints a table and writes throughput.json to ``--out`` (default runs/throughput-<time>).
 """
@@ -24,6 +35,7 @@ Prints a table and writes throughput.json to ``--out`` (default runs/throughput-
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -35,7 +47,7 @@ from typing import Any
 import torch
 
 from d4a_batch import testing
-from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, to_dict
+from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, from_dict, to_dict
 from d4a_batch.prior.artifact import Prior, load_prior
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.report import markdown_table, run_header, write_json
@@ -61,6 +73,10 @@ PAPER_PRIOR = PriorConfig(
     noise_schedule="cosine", rescale_timesteps=True, learn_sigma=False,
 )  # fmt: skip
 PAPER_STEPS = 1000
+# section 6: small, so that 256 objects twice (loop and engine) fit a session on 2 CPUs;
+# section 7: the default's 16 samples per object (the rows a pack feeds the network), fewer steps
+ENGINE_SAMPLER = {"sampler": "dds", "steps": 4, "samples": 2, "gauss_newton": 1, "cg_iterations": 2}
+LAYOUT_SAMPLER = {"sampler": "dds", "steps": 5, "samples": 16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +95,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     p.add_argument("--paper", action="store_true", help="time the 256-px paper UNet on CPU too")
     p.add_argument("--paper-rows", type=int, default=4, help="rows of the paper-config timing")
+    p.add_argument(
+        "--engine-sizes",
+        default="5,32,256",
+        help="catalog sizes of the engine-vs-loop section ('' skips it)",
+    )
+    p.add_argument(
+        "--engine-sampler",
+        default=json.dumps(ENGINE_SAMPLER),
+        help="SamplerConfig fields (JSON) of the engine-vs-loop section",
+    )
+    p.add_argument("--engine-batch", type=int, default=8, help="objects per pack (both)")
+    p.add_argument(
+        "--layout-objects",
+        type=int,
+        default=5,
+        help="objects of the actor-layout section (0 skips it)",
+    )
+    p.add_argument(
+        "--layout-sampler",
+        default=json.dumps(LAYOUT_SAMPLER),
+        help="SamplerConfig fields (JSON) of the actor-layout section",
+    )
+    p.add_argument("--layout-repeats", type=int, default=1, help="rounds of the layouts")
+    p.add_argument("--engine-only", action="store_true", help="sections 6 and 7 alone")
     p.add_argument(
         "--clock", choices=("wall", "cpu"),
         help="sampler timings: wall or this process's CPU time (default: cpu on a CPU, which a "
@@ -169,6 +209,35 @@ def actor_sweep(prior_path: str, prior_cfg: PriorConfig, args, work: Path) -> li
     return rows
 
 
+def engine_sections(prior_path: str, args, work: Path) -> dict[str, Any]:
+    """Sections 6 and 7 on one local Ray cluster (its start-up not counted)."""
+    from d4a_batch.ray_setup import init_ray
+    from d4a_batch.validation.engine_throughput import engine_vs_loop, small_run_layouts
+
+    doc: dict[str, Any] = {}
+    ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    try:
+        sizes = [int(v) for v in args.engine_sizes.split(",") if v]
+        if sizes:
+            sampler = from_dict(SamplerConfig, json.loads(args.engine_sampler))
+            config = RunConfig(sampler=sampler, write_maps=False)
+            doc["engine_vs_loop"] = {
+                "sampler": to_dict(sampler), "batch_size": args.engine_batch,
+                "rows": engine_vs_loop(prior_path, sizes, config, work, args.engine_batch, log),
+            }  # fmt: skip
+        if args.layout_objects:
+            sampler = from_dict(SamplerConfig, json.loads(args.layout_sampler))
+            config = RunConfig(sampler=sampler, write_maps=False)
+            doc["layouts"] = {
+                "sampler": to_dict(sampler), "objects": args.layout_objects,
+                "rows": small_run_layouts(prior_path, args.layout_objects, config, work,
+                                          args.engine_batch, args.layout_repeats, log),
+            }  # fmt: skip
+    finally:
+        ray.shutdown()
+    return doc
+
+
 def gpu_variants(prior: Prior, args) -> list[dict[str, Any]]:
     obs, z, ids = synthetic_batch(prior, args.objects)
     rows = []
@@ -225,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {**run_header(), "device": str(device), "prior": label,
                            "prior_config": to_dict(prior.config)}  # fmt: skip
     doc["clock"] = args.clock
+    doc["load_average_at_start"] = os.getloadavg()
+    if args.engine_only:
+        doc.update(engine_sections(prior_path, args, work))
+        return finish(doc, out, t0)
     doc["peak"] = measured_peak(device, clock=args.clock)
     log(f"measured peak FLOP/s: {doc['peak']}")
     doc["batched_vs_naive"] = bvn = batched_vs_naive(prior, args)
@@ -239,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" or args.paper:
         doc["paper_config"] = paper_config(device, args.paper_rows, args.clock)
         log(f"paper config: {doc['paper_config']['seconds_per_sample_1000_steps']:.1f} s/sample")
+    doc.update(engine_sections(prior_path, args, work))
+    return finish(doc, out, t0)
+
+
+def finish(doc: dict[str, Any], out: Path, t0: float) -> int:
+    """Write throughput.json and .md, print the tables."""
+    doc["load_average_at_end"] = os.getloadavg()
     doc["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     doc["seconds"] = time.perf_counter() - t0
     write_json(out / "throughput.json", doc)
@@ -249,8 +329,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def engine_report(doc: dict[str, Any]) -> list[str]:
+    """Markdown of sections 6 and 7."""
+    lines: list[str] = []
+    if doc.get("engine_vs_loop"):
+        e = doc["engine_vs_loop"]
+        s = e["sampler"]
+        lines += ["", f"Engine vs a plain loop in one process, same mock objects, wall clock "
+                  f"(Ray start-up excluded); sampler {s['sampler']} {s['steps']} steps x "
+                  f"{s['samples']} samples, {s['gauss_newton']} Gauss-Newton x "
+                  f"{s['cg_iterations']} CG; packs of <= {e['batch_size']}; load average "
+                  f"{doc['load_average_at_start'][0]:.1f} at the start:", "",
+                  markdown_table([{**r, "loop_load": r["loop"]["load_before"],
+                                   "engine_load": r["engine"]["load_before"]} for r in e["rows"]],
+                                 ["objects", "loop_seconds", "engine_seconds",
+                                  "loop_objects_per_s", "engine_objects_per_s",
+                                  "engine_over_loop", "loop_load", "engine_load"])]  # fmt: skip
+    if doc.get("layouts"):
+        e = doc["layouts"]
+        s = e["sampler"]
+        lines += ["", f"The engine on {e['objects']} objects in three actor layouts (sampler "
+                  f"{s['sampler']} {s['steps']} steps x {s['samples']} samples):", "",
+                  markdown_table([{**r, "load": r["load_before"]} for r in e["rows"]],
+                                 ["layout", "round", "seconds", "objects_per_s", "load",
+                                  "chosen"])]  # fmt: skip
+    return lines
+
+
 def report(doc: dict[str, Any]) -> str:
     """Markdown tables of a throughput run."""
+    if "batched_vs_naive" not in doc:  # --engine-only
+        return "\n".join(engine_report(doc)).strip()
     b = doc["batched_vs_naive"]
     lines = [
         f"{doc['machine']['processor']}, {doc['machine']['cpu_count']} CPUs, "
@@ -290,6 +399,7 @@ def report(doc: dict[str, Any]) -> str:
                   f"random weights, {p['autocast']}): {p['step_seconds']:.3g} s per DPS step for "
                   f"{p['rows']} rows -> {p['seconds_per_sample_1000_steps']:.3g} s per posterior "
                   f"sample at {PAPER_STEPS} steps; peak memory {p['peak_memory_mib']:.0f} MiB."]  # fmt: skip
+    lines += engine_report(doc)
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import d4a_batch.config as config_module
 from d4a_batch.config import (
     CLASS_RULES,
     FIELD_RULES,
+    RULES,
     ColumnMap,
     ConfigError,
     FlagThresholds,
@@ -35,21 +36,13 @@ CONFIG_CLASSES = [
 ]
 
 
-def test_every_config_field_has_rules_and_every_class_checks_itself():
+def test_every_config_field_declares_its_rules_and_every_class_checks_itself():
     assert len(CONFIG_CLASSES) >= 8
     for cls in CONFIG_CLASSES:
-        missing = {f.name for f in dataclasses.fields(cls)} - set(FIELD_RULES.get(cls.__name__, {}))
-        assert not missing, f"add {cls.__name__}.{sorted(missing)} to config.FIELD_RULES"
+        missing = {f.name for f in dataclasses.fields(cls) if RULES not in f.metadata}
+        assert not missing, f"declare {cls.__name__}.{sorted(missing)} with config.setting(...)"
         assert getattr(cls.__init__, "_d4a_checked", False), f"{cls.__name__} is not checked"
-    stale = {
-        f"{c}.{n}"
-        for c, rules in FIELD_RULES.items()
-        for n in rules
-        if not any(
-            k.__name__ == c and n in {f.name for f in dataclasses.fields(k)} for k in CONFIG_CLASSES
-        )
-    }
-    assert not stale, f"rules for fields that do not exist: {sorted(stale)}"
+        assert set(FIELD_RULES[cls.__name__]) == {f.name for f in dataclasses.fields(cls)}
     assert set(CLASS_RULES) <= {c.__name__ for c in CONFIG_CLASSES}
 
 
@@ -114,6 +107,10 @@ BAD = [
     (StagingConfig, "stamp_sizes", (), "must not be empty"),
     (StagingConfig, "stamp_sizes", (32, -48), "item 1 (-48) must be > 0"),
     (StagingConfig, "psf_margin", -1, "must be >= 0"),
+    # issue 28: what the engine can use, not only a range
+    (StagingConfig, "psf_size", 42, "must be odd"),
+    (StagingConfig, "stamp_sizes", (4,), "must each exceed 2 x psf_margin"),
+    (StagingConfig, "bad_mask_planes", "BAD", "must be a tuple"),
     (RunConfig, "map_dtype", "int8", "must be one of ('float32', 'float16')"),
     (RunConfig, "write_maps", 1, "must be a bool"),
     (RunConfig, "sampler", None, "must be a SamplerConfig"),
@@ -141,6 +138,30 @@ def test_from_dict_and_nested_values_are_checked():
         from_dict(RunConfig, {"sampler": {"guidance_rule": "RMS"}})
     with pytest.raises(ConfigError, match="unknown config keys"):
         from_dict(RunConfig, {"sampelr": {}})
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        ({"staging": {"bad_mask_planes": "BAD"}}, "StagingConfig.bad_mask_planes must be a list of str (got 'BAD')"),
+        ({"staging": {"stamp_sizes": {"a": 32}}}, "StagingConfig.stamp_sizes must be a list of int"),
+        ({"sampler": 5}, "RunConfig.sampler must be an object of SamplerConfig fields (got 5)"),
+        ({"sampler": {"flags": [1, 2]}}, "SamplerConfig.flags must be an object of FlagThresholds"),
+        ({"staging": {"psf_size": 42}}, "StagingConfig.psf_size must be odd"),
+        ({"staging": {"stamp_sizes": [4]}}, "StagingConfig.stamp_sizes must each exceed 2 x psf_margin"),
+        ([1, 2], "RunConfig: expected an object of its fields (got [1, 2])"),
+    ],
+    ids=["str-for-list", "dict-for-list", "int-for-config", "list-for-config", "even-psf",
+         "tiny-stamp", "list-for-run"],
+)  # fmt: skip
+def test_json_is_parsed_by_the_fields_types(doc, words):
+    """A string is not a list of its characters ("BAD" is not the planes B, A, D), a number is
+    not a config: each is a ConfigError naming the field (issue 28)."""
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, doc)
+    assert words in str(err.value)
+    ok = from_dict(RunConfig, {"staging": {"bad_mask_planes": ["BAD"], "stamp_sizes": [17, 32]}})
+    assert ok.staging.bad_mask_planes == ("BAD",) and ok.staging.stamp_sizes == (17, 32)
 
 
 def test_good_values_of_other_types_pass():

@@ -30,12 +30,16 @@ output stops at once, touching nothing. A killed run's lease goes stale after
 
 Exit codes (for schedulers): 0 every partition ok (objects may still have error
 rows: that is data); 3 some partitions failed (listed on stderr; re-run to retry
-them); 2 a job-level error before any work (bad arguments or config values,
-unreadable catalog, a missing column, a prior that does not load or match its
-config); 4 the output is being written by another run (its lease is live; nothing
-was done); 5 too many error rows (more than --max-error-fraction, default 0.5, of
-the objects this run processed; everything was committed and the output is
-complete); 1 anything else.
+them); 2 a job-level error before any work, with a one-line reason (bad arguments
+or config values, an output that is, lies inside or holds the catalog or the prior,
+an output that holds another catalog's results (--force to write there anyway), an
+output that cannot be written, an unreadable catalog or storage, a missing column,
+non-integer object ids, a prior that does not load or match its config, no cutout
+or PSF folder reachable); 4 the output is being written by another run (its lease
+is live; nothing was done); 5 too many error rows (more than --max-error-fraction,
+default 0.5, of the objects this run processed; everything was committed and the
+output is complete); 130 interrupted (Ctrl-C: what was committed is kept, Ray is
+shut down, the lease released; the same command does the rest); 1 anything else.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from pathlib import Path
 
 from d4a_batch.config import ColumnMap, ConfigError, RunConfig, SamplerConfig, from_dict
 from d4a_batch.schema import DEMO_OUTPUT_DIR, DEMO_PRIOR_DIR, DEMO_SURVEY_DIR
-from d4a_batch.survey.storage import is_absolute
+from d4a_batch.survey.storage import is_absolute, output_location_problem
 
 # the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores. "dds"
 # (sampling/dds.py): at 25 steps DPS under-fits bright galaxies (4 of 32 demo objects POOR_FIT
@@ -60,6 +64,7 @@ DEMO_SAMPLER = SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=1
 DEMO_OBJECTS = 32
 EXIT_OK, EXIT_CRASH, EXIT_JOB_ERROR, EXIT_PARTITIONS_FAILED = 0, 1, 2, 3
 EXIT_LEASE_HELD, EXIT_TOO_MANY_ERRORS = 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 MAX_ERROR_FRACTION = 0.5  # default: a run where most objects fail is a failed run
 
 
@@ -79,6 +84,45 @@ def _object_ids(text: str) -> list[int]:
         ) from None
 
 
+def _column_pairs(text: str) -> dict[str, str]:
+    keys = [f.name for f in dataclasses.fields(ColumnMap)]
+    pairs = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, eq, name = (part.strip() for part in item.partition("="))
+        if not eq or not key or not name:
+            raise argparse.ArgumentTypeError(
+                f"expected key=name pairs, e.g. 'photoz=photoz_mizuki', got {item.strip()!r}"
+            )
+        if key not in keys:
+            raise argparse.ArgumentTypeError(f"unknown key {key!r} (keys: {', '.join(keys)})")
+        pairs[key] = name
+    return pairs
+
+
+def _partition_names(text: str) -> tuple[str, ...]:
+    from d4a_batch.pipeline.ledger import parse_pixel
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        try:
+            parse_pixel(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--catalog", help="input HATS catalog (path or URL); default: the demo survey")
@@ -90,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument(
         "--columns",
+        type=_column_pairs,
         help="input column names as key=name pairs, e.g. 'photoz=photoz_mizuki,ra=ra2000' "
         f"(keys: {', '.join(f.name for f in dataclasses.fields(ColumnMap))})",
     )
@@ -102,7 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, help="sampling actors (default: one per GPU or CPU)")
     p.add_argument("--gpus", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: derived)")
-    p.add_argument("--storage-options", help="JSON of fsspec storage options for all URIs")
+    p.add_argument(
+        "--storage-options", type=_json_object, help="JSON of fsspec storage options for all URIs"
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="delete the existing output (and its ledger) first"
     )
@@ -111,6 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--partitions",
+        type=_partition_names,
         help="only these partitions, as ORDER/PIXEL pairs: '7/123,7/124' (default: all)",
     )
     p.add_argument("--write-staged", help="also write the staged packs here (Parquet)")
@@ -140,7 +188,16 @@ def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
     """RunConfig from --config (or the demo's), with the CLI options on top."""
     cfg = RunConfig(sampler=DEMO_SAMPLER) if demo else RunConfig()
     if args.config:
-        cfg = from_dict(RunConfig, json.loads(args.config.read_text()))
+        try:
+            doc = json.loads(args.config.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {args.config}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"--config {args.config}: cannot read it ({e})") from None
+        try:
+            cfg = from_dict(RunConfig, doc)
+        except ConfigError as e:
+            raise ConfigError(f"--config {args.config}: {e}") from None
     sampler = {
         k: v
         for k, v in (("samples", args.samples), ("steps", args.steps), ("seed", args.seed))
@@ -148,14 +205,32 @@ def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
     }
     if sampler:
         cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **sampler))
-    if args.columns:
-        pairs = dict(item.split("=", 1) for item in args.columns.split(",") if item)
-        cfg = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, **pairs))
+    if args.columns:  # checked key=name pairs (_column_pairs)
+        cfg = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, **args.columns))
     if args.no_maps:
         cfg = dataclasses.replace(cfg, write_maps=False)
     if args.fits_maps:
         cfg = dataclasses.replace(cfg, fits_maps=True)
     return cfg
+
+
+def demo_catalog(prior: str) -> str:
+    """The demo's mock survey for ``prior`` (built if absent or built for another prior)."""
+    from d4a_batch.mock.survey import DEMO_REAL_DATA_MIX, MockSurveyConfig, ensure_mock_survey
+    from d4a_batch.prior.artifact import read_prior_config
+
+    prior_cfg, _ = read_prior_config(prior)
+    survey_cfg = MockSurveyConfig(
+        n_objects=DEMO_OBJECTS,
+        bands=tuple(prior_cfg.bands),
+        kpc_per_pixel=prior_cfg.kpc_per_pixel,
+        n_model=prior_cfg.image_size,
+        mock_structure=prior_cfg.mock_structure,
+        **DEMO_REAL_DATA_MIX,  # neighbours, image-only cutouts, too-large galaxies
+    )
+    catalog = str(ensure_mock_survey(DEMO_SURVEY_DIR, survey_cfg))
+    print(f"[d4a] demo survey: {catalog} ({DEMO_OBJECTS} mock HSC galaxies)", flush=True)
+    return catalog
 
 
 def draw_figures(args, demo: bool, catalog: str, output: str, prior: str, so) -> None:
@@ -173,8 +248,30 @@ def draw_figures(args, demo: bool, catalog: str, output: str, prior: str, so) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with contextlib.ExitStack() as stack:  # holds the output's lease until the end
-        return _job(args, stack)
+    try:
+        with contextlib.ExitStack() as stack:  # holds the output's lease until the end
+            return _job(args, stack)
+    except KeyboardInterrupt:  # the stack shut down the Ray it started and released the lease
+        print(
+            "[d4a] interrupted: the partitions committed so far are kept (python "
+            "jobs/list_runs.py OUTPUT lists them); the same command does the rest",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        return EXIT_INTERRUPTED
+
+
+def _shutdown_ray_if_interrupted(exc_type, exc, tb) -> None:
+    """ExitStack callback for the local Ray this job started: on Ctrl-C shut it down now
+    (raylet, GCS, dashboard and runtime-env agents), not whenever its processes notice."""
+    if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        import ray
+
+        ray.shutdown()
+
+
+def _job_error(message: str) -> int:
+    print(f"[d4a] job error (nothing was done): {message}", file=sys.stderr, flush=True)
+    return EXIT_JOB_ERROR
 
 
 def _job(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
@@ -183,7 +280,7 @@ def _job(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     demo = args.catalog is None
     try:  # the config's values are checked before any work (config.check_config)
         config = run_config(args, demo)
-    except (ConfigError, TypeError, OSError, json.JSONDecodeError) as e:
+    except (ConfigError, TypeError) as e:
         print(f"[d4a] job error (bad configuration, nothing was done): {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
     if address and not (args.output and is_absolute(args.output)):
@@ -191,41 +288,59 @@ def _job(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
               "job's working directory is a temporary copy)", file=sys.stderr)  # fmt: skip
         return EXIT_JOB_ERROR
     output = args.output or str(DEMO_OUTPUT_DIR)
+    prior = args.prior or str(DEMO_PRIOR_DIR)
+    catalog = args.catalog or str(DEMO_SURVEY_DIR)
+    # never the input: checked before the lease, whose file would be the first write there
+    if (problem := output_location_problem(output, catalog, prior)) is not None:
+        return _job_error(problem)
+    from d4a_batch.pipeline.engine import ExecutionOptions, JobError, run_job
     from d4a_batch.pipeline.lease import LeaseError, LeaseHeld, hold_lease
+    from d4a_batch.pipeline.ledger import Ledger, pixel_name
+    from d4a_batch.pipeline.plan import check_job
 
+    so = args.storage_options
+    options = ExecutionOptions(
+        actors=args.actors,
+        gpus_per_actor=args.gpus,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        storage_options=so,
+        # the demo's own output, if an older version left it without a ledger
+        overwrite=args.overwrite
+        or (demo and args.output is None and not Ledger(output, so).exists()),
+        force=args.force,
+        partitions=args.partitions,
+        write_staged=args.write_staged,
+        read_staged=args.read_staged,
+    )
+    if not demo:  # prior, catalog, columns, stamps, the output's catalog: before any write
+        try:
+            job = check_job(catalog, output, prior, config, options)
+        except JobError as e:
+            return _job_error(str(e))
     try:  # one writer per output (pipeline/lease.py): before Ray starts or anything is written
-        so = json.loads(args.storage_options) if args.storage_options else None
         stack.enter_context(hold_lease(output, so, ttl_s=args.lease_ttl))
     except LeaseHeld as e:
         print(f"[d4a] output busy, nothing was done: {e}", file=sys.stderr, flush=True)
         return EXIT_LEASE_HELD
     except (LeaseError, ValueError) as e:
-        print(f"[d4a] job error (nothing was done): {e}", file=sys.stderr, flush=True)
-        return EXIT_JOB_ERROR
-    prior = args.prior or str(DEMO_PRIOR_DIR)
-    catalog = args.catalog
-    if demo:
-        from d4a_batch.mock.survey import (
-            DEMO_REAL_DATA_MIX,
-            MockSurveyConfig,
-            ensure_mock_survey,
-        )
-        from d4a_batch.prior.artifact import read_prior_config
+        return _job_error(str(e))
+    except OSError as e:  # the first write to the output: a folder that cannot be written
+        return _job_error(f"cannot write the output {output}: {type(e).__name__}: {e}")
+    if demo:  # the demo survey is built (once) while the demo's output lease is held
+        catalog = demo_catalog(prior)
+        try:
+            job = check_job(catalog, output, prior, config, options)
+        except JobError as e:
+            return _job_error(str(e))
 
-        prior_cfg, _ = read_prior_config(prior)
-        survey_cfg = MockSurveyConfig(
-            n_objects=DEMO_OBJECTS,
-            bands=tuple(prior_cfg.bands),
-            kpc_per_pixel=prior_cfg.kpc_per_pixel,
-            n_model=prior_cfg.image_size,
-            mock_structure=prior_cfg.mock_structure,
-            **DEMO_REAL_DATA_MIX,  # neighbours, image-only cutouts, too-large galaxies
-        )
-        catalog = str(ensure_mock_survey(DEMO_SURVEY_DIR, survey_cfg))
-        print(f"[d4a] demo survey: {catalog} ({DEMO_OBJECTS} mock HSC galaxies)", flush=True)
+    import ray
 
     from d4a_batch.ray_setup import init_ray
 
+    if not ray.is_initialized():  # a job that starts Ray shuts it down on Ctrl-C
+        stack.push(_shutdown_ray_if_interrupted)
     if address:
         init_ray(address=address)
     else:
@@ -234,26 +349,9 @@ def _job(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
-    from d4a_batch.pipeline.engine import ExecutionOptions, JobError, run_survey
-    from d4a_batch.pipeline.ledger import Ledger, pixel_name
-
-    options = ExecutionOptions(
-        actors=args.actors,
-        gpus_per_actor=args.gpus,
-        cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        storage_options=json.loads(args.storage_options) if args.storage_options else None,
-        # the demo's own output, if an older version left it without a ledger
-        overwrite=args.overwrite or (demo and args.output is None and not Ledger(output).exists()),
-        force=args.force,
-        partitions=tuple(args.partitions.split(",")) if args.partitions else None,
-        write_staged=args.write_staged,
-        read_staged=args.read_staged,
-    )
     try:
-        summary = run_survey(catalog, output, prior, config, options)
-    except JobError as e:
+        summary = run_job(job)
+    except JobError as e:  # found by the plan (e.g. no cutout folder reachable)
         print(f"[d4a] job error (nothing was processed): {e}", file=sys.stderr, flush=True)
         return EXIT_JOB_ERROR
     out = summary.output

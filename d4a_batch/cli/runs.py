@@ -3,10 +3,13 @@
     d4a-runs catalogs/out/demo_posteriors        # or: python jobs/list_runs.py ...
     d4a-runs s3://bucket/out --storage-options '{"anon": false}'
 
-One block per run, oldest first: run id, status (``interrupted`` when the run never
-wrote its end record), prior, config, code version, objects and time; then what
-changed against the previous run and which partitions it processed and why (new,
-input changed, prior changed, config changed, previous attempt failed, forced).
+One block per run, oldest first: run id, status, prior, config, code version, objects and
+time; then what changed against the previous run (prior, config, catalog) and which
+partitions it processed and why (new, input changed, prior changed, config changed,
+previous attempt failed, forced). A run that never wrote its end record is ``running``
+while it holds the output's lease, else ``interrupted``; for it the objects and
+partitions are those it committed (its partition records), and the ones it planned but
+did not commit are listed apart.
 """
 
 from __future__ import annotations
@@ -18,13 +21,22 @@ import sys
 from d4a_batch.pipeline.ledger import describe_runs
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("output", help="output HATS catalog (path or URL)")
-    p.add_argument("--storage-options", help="JSON of fsspec storage options")
+    p.add_argument("--storage-options", type=_json_object, help="JSON of fsspec storage options")
     args = p.parse_args(argv)
-    so = json.loads(args.storage_options) if args.storage_options else None
-    print(describe_runs(args.output, so))
+    print(describe_runs(args.output, args.storage_options))
     return 0
 
 

@@ -49,6 +49,8 @@ class DeconvolveActor:
     has a GPU, else on CPU with ``torch_threads`` threads). ``__call__`` runs
     ``sampling.deconvolve`` on each pack of staged objects (all of one stamp size) and
     passes error records through; a pack whose sampling fails becomes error rows.
+    ``progress``: the run's ``pipeline.progress.ProgressBoard`` actor (None: no reports),
+    told of every sampler step and finished pack.
     """
 
     def __init__(
@@ -58,9 +60,11 @@ class DeconvolveActor:
         spec: OutputSpec,
         provenance: Provenance,
         torch_threads: int | None = None,
+        progress: Any = None,
     ) -> None:
         import torch
 
+        from d4a_batch.pipeline.progress import StepReporter
         from d4a_batch.prior.artifact import load_prior
 
         if torch_threads:
@@ -79,6 +83,9 @@ class DeconvolveActor:
         self.z_range = (cfg.z_min, cfg.z_max)
         # calibrated interval columns only with a calibration fitted for this sampler config
         self.calibration = usable_calibration(self.prior.calibrations, self.config.sampler)
+        # the sampler's steps, reported to the run's progress board (pipeline/progress.py)
+        sampler = self.config.sampler
+        self.progress = StepReporter(progress, sampler.samples, sampler.steps)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = [
@@ -129,12 +136,20 @@ class DeconvolveActor:
 
     def process(self, kind: str, data: bytes) -> pa.Table:
         """Output rows of one pack (Parquet bytes)."""
+        pack = pack_from_bytes(data)
+        try:
+            if kind == KIND_ERRORS:
+                return self._table(pack)
+            return self._sample(pack)
+        finally:
+            self.progress.pack_finished(pack.num_rows)
+
+    def _sample(self, pack: pa.Table) -> pa.Table:
+        """Output rows of a pack of objects to sample."""
         from d4a_batch.sampling.dps import deconvolve
 
-        pack = pack_from_bytes(data)
-        if kind == KIND_ERRORS:
-            return self._table(pack)
         a = pack_arrays(pack)
+        self.progress.pack_started(a[Col.OBJECT_ID].tolist())
         try:
             obs = ObservationBatch.from_arrays(
                 a[IMAGE],
@@ -152,6 +167,7 @@ class DeconvolveActor:
                 a[Col.OBJECT_ID].tolist(),
                 physics=self.config.physics,
                 photoz_err=np.stack([a[INPUT_PHOTOZ_LO], a[INPUT_PHOTOZ_HI]], axis=1),
+                callback=self.progress.step,
             )
             cfg = self.prior.config
             snr = observed_snr(
@@ -239,6 +255,20 @@ def actor_resources(
     if auto and max_packs is not None:
         actors = max(1, min(actors, int(max_packs)))
     return int(actors), float(cpus_per_actor), gpus
+
+
+def split_packs(objects: int | None, batch_size: int, actors: int) -> int:
+    """Objects per pack for a run of ``objects`` on ``actors`` sampling actors.
+
+    ``batch_size`` unless the run has fewer objects than ``actors`` full packs: then packs
+    of ceil(objects / actors), so that every actor gets a pack (5 objects on 2 CPU actors:
+    packs of 3 and 2 instead of one pack of 5 on one actor while the other CPU idles;
+    measured in docs/RESULTS.md, issue 30). None (not known: staged packs): ``batch_size``.
+    """
+    batch_size = max(1, int(batch_size))
+    if objects is None or objects <= 0 or objects >= actors * batch_size:
+        return batch_size
+    return max(1, -(-int(objects) // max(1, int(actors))))
 
 
 def torch_threads_for(cpus_per_actor: float) -> int:

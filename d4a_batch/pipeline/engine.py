@@ -37,19 +37,31 @@ from hats.pixel_math import HealpixPixel
 from ray.data import ActorPoolStrategy
 
 from d4a_batch.config import RunConfig, to_dict
-from d4a_batch.pipeline.actors import DeconvolveActor, actor_resources, torch_threads_for
+from d4a_batch.pipeline.actors import (
+    DeconvolveActor,
+    actor_resources,
+    split_packs,
+    torch_threads_for,
+)
 from d4a_batch.pipeline.commit import Commits, finish_run, start_run
 from d4a_batch.pipeline.lease import Lease, hold_lease
 from d4a_batch.pipeline.ledger import Ledger
 from d4a_batch.pipeline.options import ExecutionOptions, JobError, RunSummary
 from d4a_batch.pipeline.plan import Job, RunPlan, check_job, plan_run, prepare_output
-from d4a_batch.pipeline.stages import read_packs, read_partitions, stage_rows, write_results
-from d4a_batch.ray_setup import node_local_path
+from d4a_batch.pipeline.progress import ProgressBoard, ProgressReporter
+from d4a_batch.pipeline.stages import (
+    read_packs,
+    read_partitions,
+    repeats_json,
+    stage_rows,
+    write_results,
+)
+from d4a_batch.ray_setup import node_local_path, quiet_ray_data
 from d4a_batch.survey.hats_io import ORDER, PIXEL
 from d4a_batch.survey.staging import Stager
 from d4a_batch.survey.storage import absolute_uri, filesystem
 
-__all__ = ["ExecutionOptions", "JobError", "RunSummary", "run_survey"]
+__all__ = ["ExecutionOptions", "JobError", "RunSummary", "run_job", "run_survey"]
 log = logging.getLogger(__name__)
 SMALL_BLOCK_BYTES = 256 * 1024  # below the size of one pack (see _one_pack_per_block)
 
@@ -74,7 +86,13 @@ def run_survey(
     (touching nothing) when another run holds the output's lease (pipeline/lease.py).
     """
     config, opts = config or RunConfig(), options or ExecutionOptions()
-    job = check_job(catalog, output, prior, config, opts)
+    return run_job(check_job(catalog, output, prior, config, opts))
+
+
+def run_job(job: Job) -> RunSummary:
+    """``run_survey`` of a job already checked (``plan.check_job``: the command checks it
+    before it starts Ray, so a job error costs no cluster)."""
+    opts = job.options
     # one writer per output: this process's lease if the job took it already, else taken here
     with hold_lease(job.output, opts.storage_options, opts.lease_ttl_s, job.run_id) as lease:
         return _run(job, opts, lease)
@@ -113,7 +131,8 @@ def _one_pack_per_block(root: ray.data.Dataset) -> ray.data.Dataset:
     Ray's global DataContext is left alone.
     """
     root.context.target_max_block_size = SMALL_BLOCK_BYTES
-    root.context.enable_progress_bars = False
+    root.context.enable_progress_bars = False  # progress.py reports from the sampler's steps
+    quiet_ray_data()  # and Ray Data's notice that its bars are off is dropped
     return root
 
 
@@ -138,13 +157,21 @@ def _read_staged(uri: str, storage_options, task_cpus: float) -> ray.data.Datase
     )
 
 
-def _staged(plan: RunPlan, gpus: float) -> ray.data.Dataset:
-    """Pack rows: read + stage the plan's partitions (or read staged packs)."""
+def _staged(plan: RunPlan, gpus: float, pack_size: int) -> ray.data.Dataset:
+    """Pack rows of <= ``pack_size`` objects: read + stage the plan's partitions (or read
+    staged packs, packed as they were written)."""
     job, opts, so = plan.job, plan.job.options, plan.job.options.storage_options
     if opts.read_staged:
         return _read_staged(opts.read_staged, so, opts.task_cpus)
     parts = [
-        {"order": p.order, "pixel": p.pixel, "uri": p.uri, "limit": plan.limits[p.healpix]}
+        {
+            "order": p.order,
+            "pixel": p.pixel,
+            "uri": p.uri,
+            "limit": plan.limits[p.healpix],
+            # rows whose object_id an earlier partition holds (fingerprint.find_repeats)
+            "repeats": repeats_json(plan.repeats.get(p.healpix, {})),
+        }
         for p in plan.partitions
     ]
     # every task asks for task_cpus only: the actors hold the rest (Ray's readers and
@@ -162,13 +189,15 @@ def _staged(plan: RunPlan, gpus: float) -> ray.data.Dataset:
         batch_size=1,
         num_cpus=opts.task_cpus,
     )
-    stager = Stager(job.cat.root, job.prior_cfg, job.config.physics, job.config.staging, so)
+    stager = Stager(
+        job.cat.root, job.prior_cfg, job.config.physics, job.config.staging, so, plan.unreachable
+    )
     staged = rows.map_batches(
         stage_rows,
-        fn_kwargs={"stager": stager, "pack_size": opts.batch_size, "threads": opts.stage_threads},
+        fn_kwargs={"stager": stager, "pack_size": pack_size, "threads": opts.stage_threads},
         # staging batches of several packs fill packs better (GPUs); one pack per
         # batch spreads small runs over the CPU actors
-        batch_size=(4 if gpus > 0 else 1) * opts.batch_size,
+        batch_size=(4 if gpus > 0 else 1) * pack_size,
         batch_format="pyarrow",
         num_cpus=opts.task_cpus,
     )
@@ -183,18 +212,23 @@ def _staged(plan: RunPlan, gpus: float) -> ray.data.Dataset:
     return _read_staged(opts.write_staged, so, opts.task_cpus)
 
 
-def _written(plan: RunPlan) -> ray.data.Dataset:
-    """Chunk counts (``stages.CHUNK_SCHEMA`` rows) of the whole graph."""
+def _written(plan: RunPlan, board=None) -> ray.data.Dataset:
+    """Chunk counts (``stages.CHUNK_SCHEMA`` rows) of the whole graph; the sampling actors
+    report their steps to ``board`` (a ``progress.ProgressBoard`` actor)."""
     job, opts = plan.job, plan.job.options
     expected = plan.expected_rows
-    packs = None if not expected else -(-sum(expected.values()) // opts.batch_size)
-    actors, cpus, gpus = actor_resources(
-        ray.cluster_resources(), opts.actors, opts.gpus_per_actor, opts.cpus_per_actor,
-        opts.task_cpus, max_packs=packs,
-    )  # fmt: skip
-    log.info("%d partitions, %s objects, %d actors x (%g CPU, %g GPU)", len(plan.todo),
-             sum(expected.values()) if expected else None, actors, cpus, gpus)  # fmt: skip
-    results = _staged(plan, gpus).map_batches(
+    objects = sum(expected.values()) if expected else None
+    cluster = ray.cluster_resources()
+    args = (opts.actors, opts.gpus_per_actor, opts.cpus_per_actor, opts.task_cpus)
+    slots, _, gpus = actor_resources(cluster, *args)
+    # CPU actors: a run with fewer objects than full packs for every actor is split into
+    # smaller packs, so that every actor samples (GPUs keep full packs: batching pays there)
+    pack_size = opts.batch_size if gpus > 0 else split_packs(objects, opts.batch_size, slots)
+    packs = None if objects is None else -(-objects // pack_size)
+    actors, cpus, gpus = actor_resources(cluster, *args, max_packs=packs)
+    log.info("%d partitions, %s objects in packs of <= %d, %d actors x (%g CPU, %g GPU)",
+             len(plan.todo), objects, pack_size, actors, cpus, gpus)  # fmt: skip
+    results = _staged(plan, gpus, pack_size).map_batches(
         DeconvolveActor,
         fn_constructor_kwargs={
             "prior_path": node_local_path(job.prior),  # a job's working dir: per node
@@ -202,6 +236,7 @@ def _written(plan: RunPlan) -> ray.data.Dataset:
             "spec": job.spec,
             "provenance": job.provenance,
             "torch_threads": None if gpus > 0 else torch_threads_for(cpus),
+            "progress": board,
         },
         compute=ActorPoolStrategy(size=actors),
         batch_size=1,
@@ -230,22 +265,30 @@ def _written(plan: RunPlan) -> ray.data.Dataset:
 
 
 def _process(plan: RunPlan, commits: Commits) -> None:
-    """Run the graph over the plan's partitions; commit each as soon as all its rows are in."""
+    """Run the graph over the plan's partitions; commit each as soon as all its rows are in.
+
+    Progress lines come from the sampler's steps (``progress.ProgressReporter``, a thread
+    reading the actors' reports), each partition's commit is logged as it lands.
+    """
     summary, expected = commits.summary, plan.expected_rows
     total = sum(expected.values()) if expected else None
     written: dict[HealpixPixel, int] = {}
-    last = time.monotonic()
-    for row in _written(plan).iter_rows():
-        pixel = HealpixPixel(int(row[ORDER]), int(row[PIXEL]))
-        summary.add(pixel, row)
-        written[pixel] = written.get(pixel, 0) + int(row["n"])
-        if expected is not None and written[pixel] == expected[pixel]:
-            commits.submit(pixel)  # all its rows are written: commit it now
-        commits.collect(timeout=0)
-        summary.seconds = time.monotonic() - plan.started
-        if time.monotonic() - last >= plan.job.options.progress_interval_s:
-            log.info("progress: %s", summary.line(total))
-            last = time.monotonic()
+    sampler, opts = plan.job.config.sampler, plan.job.options
+    board = ProgressBoard.start()
+    reporter = ProgressReporter(board, total, sampler.samples, sampler.steps,
+                                interval_s=opts.progress_interval_s)  # fmt: skip
+    try:
+        with reporter:
+            for row in _written(plan, board).iter_rows():
+                pixel = HealpixPixel(int(row[ORDER]), int(row[PIXEL]))
+                summary.add(pixel, row)
+                written[pixel] = written.get(pixel, 0) + int(row["n"])
+                if expected is not None and written[pixel] == expected[pixel]:
+                    commits.submit(pixel)  # all its rows are written: commit it now
+                commits.collect(timeout=0)
+                summary.seconds = time.monotonic() - plan.started
+    finally:
+        ray.kill(board)
     for pixel in sorted(set(written) - commits.submitted()):
         commits.submit(pixel)  # row counts disagreed (the commit re-checks them)
     commits.collect(timeout=None)

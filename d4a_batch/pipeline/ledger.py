@@ -252,34 +252,85 @@ def plan(
 
 
 def describe_runs(output: str, storage_options: dict[str, Any] | None = None) -> str:
-    """A table of the runs on ``output`` and what each changed (the ``list_runs`` command)."""
+    """A table of the runs on ``output`` and what each changed (the ``list_runs`` command).
+
+    A run without an end record is ``running`` while the output's lease is its and live,
+    else ``interrupted``; for either, what it committed comes from its partition records
+    (its start record only says what it planned).
+    """
     ledger = Ledger(output, storage_options)
     if not ledger.exists():
         return f"no run ledger under {output}"
+    by_run: dict[str, list[PartitionRecord]] = {}
+    for rec in ledger.partition_records():
+        by_run.setdefault(rec.run_id, []).append(rec)
     lines = []
     prev: RunRecord | None = None
     for run in ledger.runs():
-        status = "interrupted (no end record)" if run.status == RUNNING else run.status
-        lines.append(
-            f"{run.run_id}  {status}  prior {run.prior_id} ({run.prior_hash[:12]})  "
-            f"config {run.config_hash[:12]}  code {run.code_version}  {run.objects} objects"
-            f"  {run.seconds:.0f} s"
-        )
+        if run.status == RUNNING:
+            lines += _unfinished_run(run, by_run.get(run.run_id, []), output, storage_options)
+        else:
+            lines.append(
+                f"{run.run_id}  {run.status}  prior {run.prior_id} ({run.prior_hash[:12]})  "
+                f"config {run.config_hash[:12]}  code {run.code_version}  {run.objects} "
+                f"objects  {run.seconds:.0f} s"
+            )
         changes = []
         if prev is not None and prev.prior_hash != run.prior_hash:
             changes.append(f"prior {prev.prior_hash[:12]} -> {run.prior_hash[:12]}")
         if prev is not None and prev.config_hash != run.config_hash:
             changes.append(f"config {prev.config_hash[:12]} -> {run.config_hash[:12]}")
+        if prev is not None and prev.catalog != run.catalog:
+            changes.append(f"catalog {prev.catalog} -> {run.catalog}")
         if changes:
             lines.append("    changed: " + "; ".join(changes))
-        by_reason: dict[str, list[str]] = {}
-        for pix, reason in run.processed.items():
-            by_reason.setdefault(reason, []).append(pix)
-        for reason, pixels in sorted(by_reason.items()):
-            lines.append(f"    processed ({reason}): {', '.join(pixels)}")
-        if run.skipped:
-            lines.append(f"    up to date, skipped: {len(run.skipped)} partitions")
-        for pix, msg in run.failed.items():
-            lines.append(f"    FAILED {pix}: {msg}")
+        if run.status != RUNNING:
+            by_reason: dict[str, list[str]] = {}
+            for pix, reason in run.processed.items():
+                by_reason.setdefault(reason, []).append(pix)
+            for reason, pixels in sorted(by_reason.items()):
+                lines.append(f"    processed ({reason}): {', '.join(pixels)}")
+            if run.skipped:
+                lines.append(f"    up to date, skipped: {len(run.skipped)} partitions")
+            for pix, msg in run.failed.items():
+                lines.append(f"    FAILED {pix}: {msg}")
         prev = run
     return "\n".join(lines)
+
+
+def _unfinished_run(
+    run: RunRecord, records: list[PartitionRecord], output: str, storage_options
+) -> list[str]:
+    """The lines of a run with no end record: what its partition records say it did."""
+    from d4a_batch.pipeline.lease import read_lease
+
+    try:
+        lease = read_lease(output, storage_options)
+    except Exception:  # the listing must not fail on an odd lease file
+        lease = None
+    live = lease is not None and lease.run_id == run.run_id and not lease.stale()
+    status = "running (its lease is live)" if live else "interrupted (no end record)"
+    ok = [r for r in records if r.status == OK]
+    seconds = max((r.seconds for r in records), default=0.0)
+    lines = [
+        f"{run.run_id}  {status}  prior {run.prior_id} ({run.prior_hash[:12]})  config "
+        f"{run.config_hash[:12]}  code {run.code_version}  {sum(r.rows for r in ok)} objects "
+        f"committed in {len(ok)} of {len(run.processed)} partitions planned  "
+        f"{seconds:.0f} s to its last commit"
+    ]
+    by_reason: dict[str, list[str]] = {}
+    for r in ok:
+        by_reason.setdefault(r.reason, []).append(pixel_name(r.key))
+    for reason, pixels in sorted(by_reason.items()):
+        lines.append(f"    committed ({reason}): {', '.join(pixels)}")
+    for r in records:
+        if r.status != OK:
+            lines.append(f"    FAILED {pixel_name(r.key)}: {r.message}")
+    done = {pixel_name(r.key) for r in records}
+    left = [p for p in run.processed if p not in done]
+    if left:
+        verb = "not committed yet" if live else "not committed (the next run does them)"
+        lines.append(f"    planned, {verb}: {', '.join(left)}")
+    if run.skipped:
+        lines.append(f"    up to date, skipped: {len(run.skipped)} partitions")
+    return lines

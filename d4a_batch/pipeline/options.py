@@ -25,7 +25,7 @@ class ExecutionOptions:
     stage_threads: int = 8  # concurrent file fetches within a staging task
     storage_options: dict[str, Any] | None = None  # fsspec options for every URI
     overwrite: bool = False
-    progress_interval_s: float = 15.0
+    progress_interval_s: float = 15.0  # between progress lines (pipeline/progress.py)
     write_staged: str | None = None  # also write the staged packs here (Parquet)
     read_staged: str | None = None  # take staged packs from here instead of staging
     force: bool = False  # reprocess partitions the ledger says are up to date
@@ -70,8 +70,6 @@ class RunSummary:
             f"{done} objects: {self.ok} ok ({self.flagged} flagged), {self.failed} failed; "
             f"{self.objects_per_s:.2f} objects/s over {self.seconds:.0f} s"
         )
-        if total and 0 < self.objects < total:
-            text += f", about {(total - self.objects) / self.objects_per_s:.0f} s to go"
         if self.skipped:
             text += f"; {len(self.skipped)} partitions up to date (skipped)"
         if self.failed_partitions:

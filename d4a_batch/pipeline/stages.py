@@ -1,7 +1,7 @@
 """The stage functions of the survey graph: each maps one batch to the next (no Ray here).
 
-    read_partitions  {order, pixel, uri, limit} items -> input rows (engine column names)
-                     with ``DUPLICATE`` (why a row is not processed; null: it is)
+    read_partitions  {order, pixel, uri, limit, repeats} items -> input rows (engine column
+                     names) with ``DUPLICATE`` (why a row is not processed; null: it is)
     stage_rows       input rows -> pack rows (``survey.packs.PACK_ROW_SCHEMA``)
     read_packs       {uri} items of staged Parquet files -> pack rows
     (sample          pack rows -> output rows: ``pipeline.actors.DeconvolveActor``)
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -46,28 +47,45 @@ def read_partitions(
     storage_options: dict[str, Any] | None = None,
 ) -> pa.Table:
     """Rows of the partitions in ``batch`` (``order``, ``pixel``, ``uri``, ``limit`` lists;
-    limit < 0: all rows), each with its ``DUPLICATE`` reason."""
+    limit < 0: all rows; optional ``repeats``: ``repeats_json`` of the rows whose object_id
+    an earlier partition holds), each with its ``DUPLICATE`` reason."""
     tables = []
-    for order, pixel, uri, limit in zip(
-        batch["order"], batch["pixel"], batch["uri"], batch["limit"]
+    repeats = batch.get("repeats")
+    for n, (order, pixel, uri, limit) in enumerate(
+        zip(batch["order"], batch["pixel"], batch["uri"], batch["limit"])
     ):
         part = Partition(int(order), int(pixel), str(uri))
         t = read_partition(part, columns, bands, healpix_column, storage_options)
         t = t.slice(0, int(limit)) if limit >= 0 else t
-        tables.append(mark_duplicates(t))
+        elsewhere = {} if repeats is None else parse_repeats(str(repeats[n]))
+        tables.append(mark_duplicates(t, elsewhere))
     return pa.concat_tables(tables)
 
 
-def mark_duplicates(table: pa.Table) -> pa.Table:
-    """``table`` with ``DUPLICATE``: null, or why the row is not processed (its object_id
-    came earlier in the table).
+def repeats_json(repeats: dict[int, str]) -> str:
+    """A partition's repeated rows ({row: why}) as the read items carry them."""
+    return json.dumps({str(k): v for k, v in sorted(repeats.items())})
 
-    HATS partitions by position, so repeats of an object land in the same partition.
+
+def parse_repeats(text: str) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads(text or "{}").items()}
+
+
+def mark_duplicates(table: pa.Table, elsewhere: dict[int, str] | None = None) -> pa.Table:
+    """``table`` with ``DUPLICATE``: null, or why the row is not processed (its object_id
+    came earlier in the table, or in another partition: ``elsewhere``, {row: why}).
+
+    HATS partitions by position, so repeats of an object at one position land in the
+    same partition; an id repeated at another position is in another partition
+    (``fingerprint.find_repeats`` finds those before the run).
     """
+    elsewhere = elsewhere or {}
     first: dict[int, int] = {}
     out: list[str | None] = []
     for i, oid in enumerate(table[Col.OBJECT_ID].to_pylist()):
-        if oid in first:
+        if i in elsewhere:
+            out.append(elsewhere[i])
+        elif oid in first:
             out.append(
                 f"duplicate object_id {oid}: input row {i} of this partition repeats row "
                 f"{first[oid]}, which was processed; this row was not"

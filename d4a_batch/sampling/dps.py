@@ -238,6 +238,7 @@ def deconvolve(
     object_ids: Sequence[int],
     physics: PhysicsConfig | None = None,
     photoz_err: ArrayLike | None = None,
+    callback: StepCallback | None = None,
 ) -> PosteriorSummaries:
     """Posterior samples and summaries of B objects (all bands at once), usable without Ray.
 
@@ -255,6 +256,8 @@ def deconvolve(
     bounds (photoz_err68_min, photoz_err68_max), used when ``config.marginalise_photoz``
     (each sample then has its own z and operator scale; summaries report the nominal z).
     The prior needs its statistics (``stats_var``) for the variance ratio.
+    ``callback(i, x)``: called after each reverse step (level, for "daps") of all B·S rows
+    (the engine's progress counts them: ``pipeline.progress``).
     """
     physics = physics or PhysicsConfig()
     pcfg = prior.config
@@ -299,6 +302,7 @@ def deconvolve(
             cg=config.cg_iterations,
             clip_x0=config.clip_x0,
             clip_data_step=config.clip_data_step,
+            callback=callback,
         )
     elif config.sampler == "dds":
         from d4a_batch.sampling.daps import OperatorLikelihood
@@ -314,6 +318,7 @@ def deconvolve(
             clip_x0=config.clip_x0,
             gauss_newton=config.gauss_newton,
             clip_data_step=config.clip_data_step,
+            callback=callback,
         )
     elif config.sampler == "dps":
         x = dps_sample(
@@ -324,6 +329,7 @@ def deconvolve(
             guidance=config.guidance,
             rule=config.guidance_rule,
             clip_x0=config.clip_x0,
+            callback=callback,
         )
     else:
         raise ValueError(
@@ -349,4 +355,5 @@ def deconvolve(
         bands=tuple(pcfg.bands),
         config=config,
         physics=physics,
+        kpc_per_pixel=pcfg.kpc_per_pixel,
     )

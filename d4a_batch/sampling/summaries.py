@@ -36,10 +36,16 @@ Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
   measured and the calibrated interval columns correct it per S/N bin (``calibration.json``,
   DESIGN.md §2b).
 - ``alpha``, ``beta`` [C]: mean over samples of the profiled amplitude and background.
+- ``morphology`` ({column: [B]}, ``measure.catalog``): sizes, shape and structure measured
+  on every flux sample F_k (median and 16th/84th percentiles over the samples) and on the
+  observed stamp (``*_obs``), when ``from_samples`` is given the prior's ``kpc_per_pixel``;
+  ``measure_notes`` [B] says why a measurement is NaN. A failing measurement leaves the
+  columns NaN with its error in the notes; it never fails the pack.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +61,8 @@ from d4a_batch.physics.operator import (
 )
 from d4a_batch.physics.stretch import DEFAULT_A, inverse_stretch
 from d4a_batch.schema import Col, band_col
+
+log = logging.getLogger(__name__)
 
 
 def aperture_mask(n: int, radius_frac: float) -> np.ndarray:
@@ -172,6 +180,8 @@ class PosteriorSummaries:
     samples: int
     seed: int
     samples_x: np.ndarray | None = None  # [B,K,C,N,N], K = config.keep_samples
+    morphology: dict[str, np.ndarray] | None = None  # {column: [B]} (measure.catalog)
+    measure_notes: list[str] | None = None  # [B] "; "-joined, "" when none
 
     def __len__(self) -> int:
         return int(self.object_id.shape[0])
@@ -192,12 +202,15 @@ class PosteriorSummaries:
         bands: tuple[str, ...],
         config: SamplerConfig,
         physics: PhysicsConfig,
+        kpc_per_pixel: float | None = None,
     ) -> PosteriorSummaries:
         """Reduce samples x[B,S,C,N,N] with their profiled alpha, beta [B,S,C].
 
         ``obs``/``op``: the B objects' observations and operators at the nominal
         redshift (for the chi²); ``stats_var[C,N,N]``: the prior's variance map;
-        ``scale[B]``: nominal model pixel width in HSC pixels.
+        ``scale[B]``: nominal model pixel width in HSC pixels. ``kpc_per_pixel``: the
+        prior's model pixel; given, the morphology of every flux sample and of the
+        observed stamp is measured (``measure.catalog``), else ``morphology`` is None.
         """
         n_obj, n_samp, n_band, n = x.shape[:4]
         if x.shape != (n_obj, n_samp, n_band, n, n) or alpha.shape != (n_obj, n_samp, n_band):
@@ -230,6 +243,11 @@ class PosteriorSummaries:
             masked = 1.0 - obs.valid.double().mean((1, 2, 3))
         scale = np.asarray(scale, dtype=np.float64)
         keep = min(int(config.keep_samples), n_samp)
+        morphology, notes = None, None
+        if kpc_per_pixel is not None:
+            morphology, notes = measure_morphology(
+                flux_s, obs, scale, kpc_per_pixel, tuple(bands), physics
+            )
         return cls(
             object_id=np.asarray(object_ids, dtype=np.int64),
             bands=tuple(bands),
@@ -256,12 +274,14 @@ class PosteriorSummaries:
             samples=n_samp,
             seed=int(config.seed),
             samples_x=_np(x[:, :keep]).astype(np.float32) if keep > 0 else None,
+            morphology=morphology,
+            measure_notes=notes,
         )
 
     def columns(self, maps: bool = True) -> dict[str, np.ndarray]:
         """Column arrays keyed by ``Col`` names (band columns via ``band_col``), one entry per object.
 
-        Scalars [B] float64 (the output catalog's summary and per-band columns); with
+        Scalars [B] float64 (the output catalog's summary, per-band and morphology columns); with
         ``maps`` the image maps: ``MEAN_X``/``STD_X``/``MEAN_FLUX``/``STD_FLUX`` [B,C,N,N],
         ``VARIANCE_RATIO`` [B,N,N], ``SAMPLES_X`` [B,K,C,N,N] when samples were kept.
         """
@@ -276,6 +296,8 @@ class PosteriorSummaries:
         for c, band in enumerate(self.bands):
             for name, arr in per_band:
                 cols[band_col(name, band)] = arr[:, c]
+        if self.morphology is not None:
+            cols |= self.morphology
         if maps:
             cols[Col.MEAN_X], cols[Col.STD_X] = self.mean_x, self.std_x
             cols[Col.MEAN_FLUX], cols[Col.STD_FLUX] = self.mean_flux, self.std_flux
@@ -283,3 +305,30 @@ class PosteriorSummaries:
             if self.samples_x is not None:
                 cols[Col.SAMPLES_X] = self.samples_x
         return cols
+
+
+def measure_morphology(
+    flux_s: torch.Tensor,
+    obs: ObservationBatch,
+    scale: np.ndarray,
+    kpc_per_pixel: float,
+    bands: tuple[str, ...],
+    physics: PhysicsConfig,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Morphology columns ({column: [B]}) and notes [B] of flux samples flux_s[B,S,C,N,N]
+    and of the observed stamps ``obs`` (``measure.catalog``). A failure is logged and
+    becomes every object's note, with no columns (NaN in the catalog)."""
+    from d4a_batch.measure.catalog import measure_observed, measure_posterior
+
+    n_obj = int(flux_s.shape[0])
+    try:
+        theta = scale * physics.hsc_pixel_arcsec
+        cols, notes = measure_posterior(_np(flux_s), kpc_per_pixel, theta, bands)
+        obs_cols, obs_notes = measure_observed(
+            _np(obs.image), obs.valid.cpu().numpy(), _np(obs.offset), scale,
+            int(flux_s.shape[-1]), kpc_per_pixel, physics.hsc_pixel_arcsec, bands,
+        )  # fmt: skip
+    except Exception as e:  # measurements refine the catalog; they never fail the pack
+        log.exception("measuring the morphology of %d objects failed", n_obj)
+        return {}, [f"measurement failed: {type(e).__name__}: {e}"] * n_obj
+    return cols | obs_cols, ["; ".join(a + b) for a, b in zip(notes, obs_notes)]

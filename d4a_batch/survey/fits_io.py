@@ -4,9 +4,10 @@ Cutout (HSC cutout service, coadd): HDU0 empty primary (FLUXMAG0 = 10^(0.4 zp)),
 HDU1 ``IMAGE`` (float32 counts at zero point 27 AB, celestial WCS), HDU2 ``MASK``
 (int32 bit planes; header keywords ``MP_<NAME> = bit`` name them, long names as
 HIERARCH cards), HDU3 ``VARIANCE`` (float32, counts²). The cutout service's "image
-only" files keep the MASK and VARIANCE HDUs but empty (NAXIS = 0): an empty or absent
-MASK or VARIANCE is not an error, ``HSCCutout.missing`` names it (MASK reads as all
-zeros, VARIANCE as NaN until staging estimates it, ``survey/noise.py``). PSF (PSF picker): one
+only" files keep the MASK and VARIANCE HDUs but empty (NAXIS = 0): an empty MASK or
+VARIANCE, or an absent MASK, is not an error, ``HSCCutout.missing`` names it (MASK reads
+as all zeros, VARIANCE as NaN until staging estimates it, ``survey/noise.py``); a file
+without a VARIANCE HDU ends early (cut at an HDU boundary) and is. PSF (PSF picker): one
 primary HDU holding a P×P image (43×43 for HSC). Everything goes through fsspec,
 so local paths, ``memory://`` and ``s3://`` URLs work alike; a given ``fs`` takes
 precedence over the URL's protocol. IMAGE and VARIANCE must be 2-D floating point
@@ -34,6 +35,11 @@ from numpy.typing import ArrayLike, NDArray
 HSC_ZEROPOINT = 27.0
 HSC_PIXEL_ARCSEC = 0.168
 PSF_SIZE = 43
+# a PSF whose net sum is below this fraction of the sum of its absolute values is mostly
+# cancelling positive and negative pixels (e.g. a background-subtracted or differenced
+# image), not a PSF: renormalised to sum 1 it is noise scaled up by 1/sum (issue 28: a PSF
+# summing to ~0 gave status ok with mag 65)
+PSF_MIN_NET_FRACTION = 0.5
 
 # Mask planes of HSC PDR3 coadds (bit numbers as in the MP_* keywords of real cutouts).
 HSC_MASK_PLANES: dict[str, int] = {
@@ -143,7 +149,7 @@ def _read_hdus(uri: str, fs: fsspec.AbstractFileSystem | None) -> fits.HDUList:
             raw = f.read()
     except FileNotFoundError as e:
         raise InputError(uri, "cannot open: file not found") from e
-    except (OSError, ValueError) as e:
+    except Exception as e:  # unreachable storage: no such bucket, no credentials, no endpoint...
         raise InputError(uri, f"cannot open ({type(e).__name__}: {e})") from e
     if len(raw) == 0:
         raise InputError(uri, "empty file")
@@ -233,13 +239,23 @@ def _mask_planes(header: fits.Header, uri: str) -> dict[str, int]:
 def read_hsc_cutout(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> HSCCutout:
     """Read one HSC cutout-service FITS file (local path or any fsspec URL).
 
-    IMAGE is required; an empty (NAXIS = 0) or absent MASK or VARIANCE is listed in
-    ``missing`` (image-only cutouts), a MASK or VARIANCE with data must be valid.
+    IMAGE is required; an empty (NAXIS = 0) MASK or VARIANCE, or an absent MASK, is listed
+    in ``missing`` (image-only cutouts), a MASK or VARIANCE with data must be valid. An
+    absent VARIANCE is an error: the file ends early, cut at an HDU boundary (which leaves
+    a valid FITS file), as the cutout service's image-only files keep both HDUs, empty.
     """
     hdul = _read_hdus(uri, fs)
     image_hdu = _find_hdu(hdul, "IMAGE", 1, uri)
     mask_hdu = _find_hdu(hdul, "MASK", 2, uri, required=False)
     var_hdu = _find_hdu(hdul, "VARIANCE", 3, uri, required=False)
+    if var_hdu is None:
+        last = str(hdul[-1].header.get("EXTNAME", "PRIMARY")).strip()
+        raise InputError(
+            uri,
+            f"truncated at an HDU boundary: the file ends after HDU{len(hdul) - 1} ({last}), "
+            f"without {'MASK and ' if mask_hdu is None else ''}VARIANCE (image-only cutouts "
+            "keep both HDUs, empty)",
+        )
     image = _image_data(image_hdu, "IMAGE", uri, "f", "floating-point")
     missing = tuple(
         name
@@ -356,8 +372,9 @@ def read_psf(
     ``size=None``: any square with an odd side (the centre pixel P//2; an even side has
     none, and guessing it would shift the model by half a pixel: an error); staging then
     pads or crops it with ``fit_psf_size``. Returns the PSF normalised to sum 1 with its
-    stored sum and centroid offset; a missing image, wrong shape, non-finite values or a
-    sum <= 0 raise ``InputError``.
+    stored sum and centroid offset; a missing image, wrong shape, non-finite values, a
+    sum <= 0 or a sum of about 0 (below ``PSF_MIN_NET_FRACTION`` of its absolute values)
+    raise ``InputError``.
     """
     hdul = _read_hdus(uri, fs)
     data = _image_data(hdul[0], "PRIMARY", uri, "iuf", "real-valued")
@@ -369,9 +386,16 @@ def read_psf(
     psf = data.astype(np.float64)
     if not np.all(np.isfinite(psf)):
         raise InputError(uri, f"PSF has {int((~np.isfinite(psf)).sum())} non-finite pixels")
-    total = float(psf.sum())
+    total, absolute = float(psf.sum()), float(np.abs(psf).sum())
     if not total > 0:
         raise InputError(uri, f"PSF sums to {total!r} (must be > 0)")
+    if total < PSF_MIN_NET_FRACTION * absolute:  # renormalising would blow it up
+        raise InputError(
+            uri,
+            f"PSF sums to {total:.3g}, about 0 against the {absolute:.3g} of its absolute "
+            f"values: its positive and negative pixels cancel (a PSF's sum is more than "
+            f"{PSF_MIN_NET_FRACTION:g} of that)",
+        )
     psf /= total
     yy, xx = np.indices(psf.shape)
     offset = (

@@ -75,6 +75,7 @@ class InputCatalog:
     healpix_column: str
     partitions: tuple[Partition, ...]
     total_rows: int | None = None
+    schema: pa.Schema | None = None  # the catalog's (``_common_metadata``), when it has one
 
 
 def open_input_catalog(uri: str, storage_options: dict[str, Any] | None = None) -> InputCatalog:
@@ -101,6 +102,7 @@ def open_input_catalog(uri: str, storage_options: dict[str, Any] | None = None) 
         healpix_column=info.healpix_column or "",
         partitions=parts,
         total_rows=info.total_rows,
+        schema=getattr(cat, "schema", None),
     )
 
 
@@ -121,6 +123,22 @@ def input_column_names(columns: ColumnMap, bands: tuple[str, ...]) -> dict[str, 
 
 
 _FLOAT_COLS = (Col.RA, Col.DEC, Col.PHOTOZ, INPUT_PHOTOZ_LO, INPUT_PHOTOZ_HI)
+
+
+def _object_ids(col: pa.Array, name: str, uri: str) -> pa.Array:
+    """The object ids as int64, exactly: an integer column only (never through a float), and
+    every value within int64 (an unsigned 2**64 - 1 is not wrapped to -1)."""
+    if not pa.types.is_integer(col.type):
+        raise ValueError(f"{uri}: object id column {name!r} is {col.type}, not an integer type")
+    if pa.types.is_uint64(col.type):
+        too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))
+        if pc.any(too_big).as_py():
+            i = pc.index(too_big, True).as_py()
+            raise ValueError(
+                f"{uri}: object id {col[i].as_py()} (row {i}) does not fit a signed 64-bit "
+                "integer (-2**63 .. 2**63 - 1)"
+            )
+    return col.cast(pa.int64())
 
 
 def read_partition(
@@ -157,7 +175,7 @@ def read_partition(
         else:
             col = pa.nulls(n, pa.float64())
         if key == Col.OBJECT_ID:
-            col = col.cast(pa.int64())
+            col = _object_ids(col, src, part.uri)
         elif key in _FLOAT_COLS:
             col = pc.fill_null(col.cast(pa.float64()), math.nan)
         else:

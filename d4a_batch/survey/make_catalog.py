@@ -5,7 +5,11 @@
 TABLE is a CSV, Parquet or FITS table (by extension, or ``--format``) with one row per
 object and these columns (other names: ``--id-column``, ``--ra-column``, ...):
 
-- ``object_id`` (integer, unique), ``ra``, ``dec`` (degrees, ICRS);
+- ``object_id`` (integer, unique, a signed 64-bit integer), ``ra``, ``dec`` (degrees, ICRS).
+  Ids are read exactly as written and never pass through a float (a 17-digit HSC id does
+  not fit a float's 53 bits): from CSV as text, from Parquet / FITS as stored; an empty,
+  fractional or non-numeric id, one beyond int64 (e.g. 2**64 - 1) or a float id above 2**53
+  (perhaps rounded already) is that row's problem;
 - the redshift: ``photoz`` or ``z`` (the first present; ``photoz_best`` too), finite, > 0;
 - optional ``photoz_err68_min``, ``photoz_err68_max``: the 68 % interval *bounds*, i.e. the
   16th and 84th percentile redshifts as HSC PDR3 gives them (not widths). Used only when
@@ -37,6 +41,7 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,8 @@ Z_CANDIDATES = ("photoz", "z", "photoz_best")
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".fits": "fits",
            ".fit": "fits", ".fits.gz": "fits"}  # fmt: skip
 EXIT_OK, EXIT_BROKEN, EXIT_TABLE = 0, 1, 2
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT_EXACT_MAX = 2**53  # a float holds every integer up to this, and not every one beyond
 
 
 class TableError(ValueError):
@@ -100,14 +107,21 @@ def table_format(path: str, fmt: str | None = None) -> str:
     raise TableError(f"{path}: unknown table format (use --format csv|parquet|fits)")
 
 
-def read_table(path: str, fmt: str | None = None) -> pd.DataFrame:
-    """A CSV, Parquet or FITS table as a DataFrame (FITS byte strings decoded)."""
+def read_table(path: str, fmt: str | None = None, id_column: str = "object_id") -> pd.DataFrame:
+    """A CSV, Parquet or FITS table as a DataFrame (FITS byte strings decoded).
+
+    ``id_column`` never passes through a float: CSV reads it as text, Parquet integer
+    columns with nulls become Python ints (not float64, pandas' default), FITS keeps them
+    integer (``check_rows`` parses them exactly).
+    """
     kind = table_format(path, fmt)
     try:
         if kind == "csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, dtype={id_column: str})
         if kind == "parquet":
-            return pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pandas(integer_object_nulls=True)
         if kind == "fits":
             from astropy.table import Table
 
@@ -146,7 +160,43 @@ def _exists(uri: str, storage_options: dict[str, Any]) -> bool:
 
 
 def _empty(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    if isinstance(value, float | np.floating):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip() == ""
+
+
+def object_id(value: Any) -> tuple[int | None, str | None]:
+    """``(id, None)``: ``value`` as an exact signed 64-bit integer; ``(None, why)`` when it is
+    not one. Text is parsed exactly (``"43158176547848941"``, also ``"12.0"``, ``"1e3"``)."""
+    if _empty(value):
+        return None, "is empty"
+    if isinstance(value, bool | np.bool_):
+        return None, f"{value!r} is not an integer"
+    if isinstance(value, int | np.integer):
+        v = int(value)
+    elif isinstance(value, float | np.floating):
+        if not math.isfinite(value) or value != math.floor(value):
+            return None, f"{value!r} is not an integer"
+        if abs(value) > FLOAT_EXACT_MAX:
+            return None, (
+                f"{value!r} is a float beyond 2**53, which may already be rounded (a float "
+                "holds 53 bits): store object ids as integers"
+            )
+        v = int(value)
+    else:
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        try:
+            d = Decimal(text.strip())
+        except InvalidOperation:
+            return None, f"{value!r} is not an integer"
+        if not d.is_finite() or d != d.to_integral_value():
+            return None, f"{value!r} is not an integer"
+        v = int(d)
+    if not INT64_MIN <= v <= INT64_MAX:
+        return None, f"{v} does not fit a signed 64-bit integer (-2**63 .. 2**63 - 1)"
+    return v, None
 
 
 def _float(value: Any) -> float:
@@ -185,16 +235,15 @@ def check_rows(
     problems: dict[int, list[str]] = defaultdict(list)
     out = ColumnMap()
     data: dict[str, list[Any]] = defaultdict(list)
-    # object ids: integers, unique
+    # object ids: exact int64 (never through a float), unique
     ids: list[int | None] = []
     for i, v in enumerate(df[cols.object_id].tolist()):
-        f = _float(v)
-        if _empty(v) or not math.isfinite(f) or f != math.floor(f):
-            problems[i].append(f"{cols.object_id} {v!r} is not an integer")
-            ids.append(None)
+        oid, why = object_id(v)
+        if why is not None:
+            problems[i].append(f"{cols.object_id} {why}")
         else:
-            ids.append(int(v))
-            report.object_ids[i] = int(v)
+            report.object_ids[i] = oid
+        ids.append(oid)
     rows_of: dict[int, list[int]] = defaultdict(list)
     for i, oid in enumerate(ids):
         if oid is not None:
@@ -282,7 +331,7 @@ def make_catalog(
     """
     import lsdb  # heavy import, only when writing
 
-    df = read_table(table_path, fmt)
+    df = read_table(table_path, fmt, cols.object_id)
     if len(df) == 0:
         raise TableError(f"{table_path}: the table has no rows")
     absent = [c for c in keep if c not in df.columns]
@@ -374,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             storage_options=json.loads(args.storage_options),
         )
-    except (TableError, json.JSONDecodeError) as e:
+    except TableError as e:
         print(f"make_catalog: {e}", file=sys.stderr)
+        return EXIT_TABLE
+    except json.JSONDecodeError as e:
+        print(f"make_catalog: --storage-options is not valid JSON ({e})", file=sys.stderr)
         return EXIT_TABLE
     lines = report.lines()
     if lines:

@@ -18,6 +18,14 @@ Columns (names from ``d4a_batch.schema.Col``; C bands, N the prior's image side)
   calib_lambda68, calib_lambda95 (NaN without a calibration.json fitted for the run's
   sampler config) and the maps halfwidth68_flux, halfwidth95_flux = λ_p·z_p·std_flux
   (interval mean_flux ± half-width; std_flux stays the raw sampler's);
+- morphology (``d4a_batch/measure``; names from ``schema.morphology_columns``): in the
+  i band (``schema.MEASURE_BAND``) r20/r50/r80 (kpc and arcsec), r_total_kpc (the
+  total-flux aperture), concentration, axis_ratio, pa_deg, centroid_offset_kpc/arcsec,
+  cas_asymmetry, gini, m20, colour_gradient_gi, and r50_kpc per band: each the posterior
+  median over samples with ``_p16``/``_p84`` percentiles and the observed stamp's
+  ``_obs`` value; NaN for errors, and where a flag forbids it
+  (``measure.catalog.FLAG_RULES``); measure_notes says why ("" when nothing, null for
+  error rows);
 - maps (``RunConfig.write_maps``): mean_x, std_x, mean_flux, std_flux [C,N,N],
   variance_ratio [N,N] (and samples_x [K,C,N,N] with ``keep_samples``) as Arrow
   fixed_shape_tensor columns (NaN for errors). pandas sees flat arrays; reshape with
@@ -45,7 +53,8 @@ from astropy.io import fits
 
 from d4a_batch import __version__
 from d4a_batch.config import PriorConfig, RunConfig, config_hash
-from d4a_batch.schema import Col, Status, band_col
+from d4a_batch.measure.catalog import apply_flag_rules
+from d4a_batch.schema import Col, Status, band_col, morphology_columns
 from d4a_batch.survey.detection import DETECTION_COLUMNS
 from d4a_batch.survey.fits_io import hsc_tan_wcs
 from d4a_batch.survey.hats_io import ORDER, PIXEL, partition_uri, write_partition
@@ -106,6 +115,8 @@ class OutputSpec:
             *((name, f64) for name in SUMMARIES),
             *((name, f64) for name in CALIBRATED),
             *((band_col(name, b), f64) for b in self.bands for name in PER_BAND),
+            *((name, f64) for name in morphology_columns(self.bands)),
+            (Col.MEASURE_NOTES, pa.string()),
             *((name, tensor_type(self.map_dtype, shape)) for name, shape in self.map_shapes().items()),
             (Col.RUN_ID, pa.string()), (Col.PRIOR_ID, pa.string()), (Col.PRIOR_HASH, pa.string()),
             (Col.CONFIG_HASH, pa.string()), (Col.CODE_VERSION, pa.string()),
@@ -214,6 +225,19 @@ def output_table(
     for name in names:
         values = np.asarray(fit[name], np.float64) if name in fit else np.full(n, np.nan)
         cols[name] = pa.array(np.where(sampled, values, np.nan), pa.float64())
+    morph = {
+        name: np.where(sampled, np.asarray(fit[name], np.float64), np.nan)
+        if name in fit else np.full(n, np.nan)
+        for name in morphology_columns(spec.bands)
+    }  # fmt: skip
+    flag_notes = apply_flag_rules(morph, flags.bits, spec.bands)
+    cols |= {name: pa.array(v, pa.float64()) for name, v in morph.items()}
+    measured = (summaries.measure_notes if summaries is not None else None) or [""] * n
+    notes = [
+        "; ".join(x for x in (measured[i], *flag_notes[i]) if x) if sampled[i] else None
+        for i in range(n)
+    ]
+    cols[Col.MEASURE_NOTES] = pa.array(notes, pa.string())
     for name, shape in spec.map_shapes().items():
         arr = np.full((n, *shape), np.nan, spec.map_dtype)
         if name in fit:

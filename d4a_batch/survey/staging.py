@@ -35,8 +35,12 @@ dtype, no usable pixel in a band's stamp, missing PSF, unusable photo-z, object
 off the cutout) makes the object an error record carrying a message that names
 the band, the file and what is wrong (``"cutout g: <uri>: IMAGE has shape (10,)
 (expected 2-D)"``, ``"PSF i: <uri>: cannot open: file not found"``,
-``"photo-z: -0.5 is not positive"``; several joined by ``"; "``); ``stage`` never
-raises, so the other objects are unaffected. A PSF whose stored sum is not 1 or
+``"photo-z: -0.5 is not positive"``; several joined by ``"; "``); a file whose storage
+cannot be reached (no such bucket, no credentials, an unknown protocol) is such a problem
+too: ``"PSF r: s3://b/r/7.fits: cannot reach its storage (NoCredentialsError: ...)"`` when
+fingerprinting found its folder unreachable (``Stager.unreachable``: not tried again), or
+``"... cannot open (...)"`` when reading it fails. ``stage`` never raises, so the other
+objects are unaffected. A PSF whose stored sum is not 1 or
 whose centroid is off centre is renormalised and kept (``psf_sum``/``psf_centroid``
 let the output flag it PSF_BAD).
 
@@ -215,6 +219,9 @@ class Stager:
     physics: PhysicsConfig
     staging: StagingConfig
     storage_options: dict[str, Any] | None = None
+    # folders (as resolved URIs) that fingerprinting could not reach -> why: their files
+    # are not tried again, each object is an error row saying so
+    unreachable: dict[str, str] = field(default_factory=dict)
 
     def _read(self, row: dict[str, Any], column: str, reader):
         """``(reader(uri, fs), uri)`` for the file named in ``row[column]``; any failure
@@ -223,6 +230,9 @@ class Stager:
         if uri is None or uri == "":
             raise InputError(column, "no URI in the catalog")
         uri = resolve_uri(str(uri), self.catalog_root)
+        why = self.unreachable.get(uri.rpartition("/")[0])
+        if why is not None:
+            raise InputError(uri, f"cannot reach its storage ({why})")
         try:
             fs, _ = filesystem(uri, self.storage_options)
             return reader(uri, fs), uri

@@ -30,14 +30,22 @@ arm() {  # name steps flags...
             --checkpoint-every "$steps" "$@" 2>&1 | tail -3
     fi
 }
-arm base "$s32" --downsample 2 --lr-schedule constant
-arm minsnr "$s32" --downsample 2 --lr-schedule constant --loss-weighting min_snr
-arm normal "$s32" --downsample 2 --lr-schedule constant --timestep-sampling logsnr_normal --logsnr-scale 2
-arm laplace "$s32" --downsample 2 --lr-schedule constant --timestep-sampling logsnr_laplace --logsnr-scale 1
-arm cosine "$s32" --downsample 2 --lr-schedule cosine --loss-weighting min_snr
+arms32=${ARMS32:-base minsnr normal laplace cosine}  # a subset: ARMS32="base minsnr laplace"
+for a in $arms32; do
+    case $a in
+        base) arm base "$s32" --downsample 2 --lr-schedule constant ;;
+        minsnr) arm minsnr "$s32" --downsample 2 --lr-schedule constant --loss-weighting min_snr ;;
+        normal) arm normal "$s32" --downsample 2 --lr-schedule constant \
+            --timestep-sampling logsnr_normal --logsnr-scale 2 ;;
+        laplace) arm laplace "$s32" --downsample 2 --lr-schedule constant \
+            --timestep-sampling logsnr_laplace --logsnr-scale 1 ;;
+        cosine) arm cosine "$s32" --downsample 2 --lr-schedule cosine --loss-weighting min_snr ;;
+        *) echo "unknown arm $a" >&2; exit 2 ;;
+    esac
+done
 python jobs/evaluate_prior.py --n-samples 256 --steps 50 --n-heldout 512 --real-z 0.3 0.6 \
     --out-json "$out/eval32.json" --samples-png "$out/samples32.png" \
-    $(for a in base minsnr normal laplace cosine; do echo --prior "$a=$(ls -d "$out/$a"/checkpoint_* | tail -1)"; done)
+    $(for a in $arms32; do echo --prior "$a=$(ls -d "$out/$a"/checkpoint_* | tail -1)"; done)
 # per-image training cost, 64 px over 32 px, measured here (one thread, batch 32, 5 steps each)
 ratio=$(python - <<'PY'
 import json, time, torch

@@ -18,6 +18,7 @@ from d4a_batch.pipeline.actors import (
     DeconvolveActor,
     actor_resources,
     chi2_regions,
+    split_packs,
     torch_threads_for,
 )
 from d4a_batch.prior.artifact import read_prior_config
@@ -72,6 +73,20 @@ def test_actor_resources_start_no_more_actors_than_packs():
     assert actor_resources({"CPU": 4.0}, None, None, None, 0.25, max_packs=0)[0] == 1
     # an explicit actor count is the user's: kept
     assert actor_resources({"CPU": 4.0}, 3, None, None, 0.25, max_packs=1)[0] == 3
+
+
+def test_small_runs_are_split_so_that_every_actor_samples():
+    # 5 objects on 2 CPU actors: packs of 3 and 2, not one pack of 5 (issue 30)
+    assert split_packs(5, 8, 2) == 3
+    assert split_packs(9, 8, 2) == 5  # 5 + 4 instead of 8 + 1
+    assert split_packs(1, 8, 2) == 1
+    assert split_packs(16, 8, 2) == split_packs(100, 8, 2) == 8  # full packs for everyone
+    assert split_packs(5, 8, 1) == 5  # one actor: one pack
+    assert split_packs(None, 8, 4) == split_packs(0, 8, 4) == 8  # not known: the batch size
+    # with the split, the engine's actor count follows the packs (engine._written)
+    assert actor_resources({"CPU": 2.0}, None, None, None, 0.25, max_packs=-(-5 // 3)) == (
+        2, 0.75, 0.0,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

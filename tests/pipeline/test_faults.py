@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -96,10 +97,32 @@ def _gate_commits(monkeypatch) -> tuple[threading.Event, threading.Event]:
     return reached, release
 
 
+class _Lines(logging.Handler):
+    """Keeps the messages of a logger (the run's progress and retry lines)."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        self.level, self.logger.level = self.logger.level, logging.INFO
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
 def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
     ray_local, survey, tiny_prior, tmp_path, monkeypatch
 ):
     out = tmp_path / "out"
+    progress = _Lines("d4a_batch.pipeline.progress")
     reached, release = _gate_commits(monkeypatch)
     config = RunConfig(sampler=SAMPLER, write_maps=False)
     options = ExecutionOptions(batch_size=2, progress_interval_s=0.0)
@@ -112,6 +135,25 @@ def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
             result["error"] = e
 
     thread = threading.Thread(target=run)
+    with progress:
+        _kill_an_actor_midway(thread, reached, release, result, out)
+    assert "error" not in result, result.get("error")
+    n_parts = len(open_input_catalog(str(survey)).partitions)
+    assert result["committed_at_kill"] == 1 < n_parts  # the kill landed before the run was done
+    df = pd.read_parquet(out / "dataset")
+    assert sorted(df.object_id) == _input_ids(survey) and df.object_id.is_unique
+    assert (df[Col.STATUS] == Status.OK).all()
+    assert result["summary"].failed_partitions == {}
+    # progress from the sampler's steps, and one line saying what was retried (issue 30)
+    assert any(x.startswith("sampling ") and "to go" in x for x in progress.lines), progress.lines
+    retried = [x for x in progress.lines if "a sampling actor died" in x]
+    assert len(retried) == 1, progress.lines
+    assert f"(process {result['killed']})" in retried[0] and "nothing is lost" in retried[0]
+
+
+def _kill_an_actor_midway(thread, reached, release, result, out) -> None:
+    """Start the run's ``thread``, SIGKILL a sampling actor once the first partition is
+    committed, let the run finish."""
     thread.start()
     deadline = time.monotonic() + 300
     pids: list[int] = []
@@ -121,20 +163,14 @@ def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
     assert pids, "no sampling actor appeared"
     assert reached.wait(600), "no partition was committed in 600 s"
     pids = _sampling_actor_pids() or pids
-    committed_at_kill = _committed(out)
+    result["committed_at_kill"] = _committed(out)
     running_at_kill = thread.is_alive()
     os.kill(pids[0], signal.SIGKILL)
+    result["killed"] = pids[0]
     release.set()
     thread.join(timeout=600)
     assert running_at_kill and not thread.is_alive()
-    assert "error" not in result, result.get("error")
-    n_parts = len(open_input_catalog(str(survey)).partitions)
-    assert committed_at_kill == 1 < n_parts  # the kill landed before the run was done
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
-    df = pd.read_parquet(out / "dataset")
-    assert sorted(df.object_id) == _input_ids(survey) and df.object_id.is_unique
-    assert (df[Col.STATUS] == Status.OK).all()
-    assert result["summary"].failed_partitions == {}
 
 
 def _kill_session(sid: int) -> None:

@@ -151,6 +151,34 @@ def test_run_listing_says_what_changed(tmp_path):
     assert "no run ledger" in describe_runs(str(tmp_path / "nothing"))
 
 
+def test_an_interrupted_run_lists_what_it_committed_not_what_it_planned(tmp_path):
+    """Issue 28: a run killed after one of its three partitions was listed "0 objects" and
+    "processed: all three"; its partition records say what it really did."""
+    out = str(tmp_path / "out")
+    ledger = Ledger(out)
+    run = RunRecord(
+        "20260103T000000Z-c", "t3", "cat", "demo", "P" * 64, "C" * 64, "0.1.0",
+        processed={"5/1": NEW, "5/2": NEW, "5/3": NEW},
+    )  # fmt: skip
+    ledger.write_run(run)
+    ledger.write_partition(
+        PartitionRecord(5, 1, run.run_id, OK, "f", "P" * 64, "C" * 64, rows=4, n_ok=4,
+                        reason=NEW, seconds=12.0)
+    )  # fmt: skip
+    ledger.write_partition(
+        PartitionRecord(5, 2, run.run_id, FAILED, "f", "P" * 64, "C" * 64, reason=NEW,
+                        message="commit failed: disk full")
+    )  # fmt: skip
+    lines = describe_runs(out).splitlines()
+    assert "interrupted (no end record)" in lines[0]
+    assert "4 objects committed in 1 of 3 partitions planned" in lines[0]
+    assert "12 s to its last commit" in lines[0]
+    assert "    committed (new partition): 5/1" in lines
+    assert "    FAILED 5/2: commit failed: disk full" in lines
+    assert "    planned, not committed (the next run does them): 5/3" in lines
+    assert not any("processed" in line for line in lines)
+
+
 def test_partition_names_parse():
     assert parse_pixel(" 7/123 ") == HealpixPixel(7, 123)
     with pytest.raises(ValueError, match="ORDER/PIXEL"):

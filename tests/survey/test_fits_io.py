@@ -204,6 +204,8 @@ def _cutout_case(case: str) -> bytes:
         del hdus[2]
     elif case == "no_variance":
         del hdus[3]
+    elif case == "cut_after_image":
+        hdus = hdus[:2]
     elif case == "empty_mask":
         hdus[2] = fits.ImageHDU(None, header=hdus[2].header, name="MASK")
     elif case == "empty_variance":
@@ -264,6 +266,9 @@ CUTOUT_CASES = {
     "truncated_data": (_GOOD[:-2880], f"truncated FITS file of {len(_GOOD) - 2880} bytes"),
     "truncated_tail": (_GOOD[:-100], "truncated"),
     "truncated_header": (_GOOD[:5000], "not a readable FITS"),
+    # cut exactly at an HDU boundary: a valid FITS file without its last HDUs (issue 28)
+    "no_variance": (None, "the file ends after HDU2 (MASK), without VARIANCE"),
+    "cut_after_image": (None, "the file ends after HDU1 (IMAGE), without MASK and VARIANCE"),
 }
 
 
@@ -284,14 +289,14 @@ def test_malformed_cutout_raises_input_error(case, tmp_path):
     [
         ("no_mask", ("MASK",)),
         ("empty_mask", ("MASK",)),
-        ("no_variance", ("VARIANCE",)),
         ("empty_variance", ("VARIANCE",)),
         ("image_only", ("MASK", "VARIANCE")),
     ],
 )
 def test_empty_or_absent_mask_and_variance_are_read_as_missing(case, missing, tmp_path):
-    """Image-only cutouts (issue 11): an empty or absent MASK / VARIANCE is not an error; the
-    reader says which plane is missing (MASK: zeros, VARIANCE: NaN until estimated)."""
+    """Image-only cutouts (issue 11): an empty MASK / VARIANCE or an absent MASK is not an
+    error; the reader says which plane is missing (MASK: zeros, VARIANCE: NaN until
+    estimated). An absent VARIANCE is a file cut at an HDU boundary (``CUTOUT_CASES``)."""
     path = tmp_path / f"{case}.fits"
     path.write_bytes(_cutout_case(case))
     good = read_hsc_cutout(_good_path(tmp_path))
@@ -344,6 +349,10 @@ PSF_CASES = {
     "not_square": (np.ones((43, 41)), "PSF must be 43x43"),
     "nan": (np.where(np.eye(43) > 0, np.nan, 1.0), "43 non-finite pixels"),
     "zero_sum": (np.zeros((43, 43)), "PSF sums to 0.0"),
+    "cancelling": (
+        np.outer(np.hanning(43), np.hanning(43)) - np.hanning(43).sum() ** 2 / 43**2 + 1e-6,
+        "about 0 against the",
+    ),
     "cube": (np.ones((2, 43, 43)), "PRIMARY has shape (2, 43, 43) (expected 2-D)"),
 }
 

@@ -15,8 +15,17 @@ from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, SamplerCo
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import load_prior
 from d4a_batch.sampling.dps import deconvolve
-from d4a_batch.sampling.flags import evaluate_flags, flag_objects
-from d4a_batch.schema import Col, Flag, Status, band_col, flag_names
+from d4a_batch.sampling.flags import ObjectFlags, evaluate_flags, flag_objects
+from d4a_batch.schema import (
+    Col,
+    Flag,
+    Status,
+    band_col,
+    flag_names,
+    morphology_columns,
+    obs_col,
+    pct_col,
+)
 from d4a_batch.survey.hats_io import (
     INPUT_PHOTOZ_HI,
     INPUT_PHOTOZ_LO,
@@ -172,6 +181,38 @@ def test_sampled_rows_carry_summaries_maps_and_flags(sampled):
     assert np.isnan(failed[Col.CHI2].to_numpy()).all()
     assert set(failed[Col.FLAG_NAMES].to_pylist()) >= {"INPUT_ERROR"}
     assert set(failed[Col.MESSAGE].to_pylist()) == {"sampling failed: X"}
+
+
+def test_morphology_columns_from_the_samples_nan_for_errors_and_truncated(sampled):
+    pack, summ = sampled
+    names = morphology_columns(TINY_PRIOR.bands)
+    assert set(names) <= set(SPEC.schema().names) and Col.MEASURE_NOTES in SPEC.schema().names
+    assert summ.morphology is not None and set(summ.morphology) == set(names)
+    flags = _flags(pack, summ)
+    t = output_table(pack, summ, flags, SPEC, PROV)
+    for name in names:
+        np.testing.assert_array_equal(t[name].to_numpy(), summ.morphology[name])
+    r50 = t[Col.R50_KPC].to_numpy()
+    assert np.isfinite(r50).any() and np.isfinite(t[obs_col(Col.R50_KPC)].to_numpy()).all()
+    ok = np.isfinite(r50)
+    lo, hi = t[pct_col(Col.R50_KPC, 16)].to_numpy(), t[pct_col(Col.R50_KPC, 84)].to_numpy()
+    assert np.all((lo[ok] <= r50[ok]) & (r50[ok] <= hi[ok]))
+    # a truncated object loses its sizes (posterior and observed), keeps its shape
+    bits = flags.bits.copy()
+    bits[0] |= int(Flag.TRUNCATED)
+    cut = ObjectFlags(bits, flags.names, flags.reasons)
+    t2 = output_table(pack, summ, cut, SPEC, PROV)
+    for name in (Col.R50_KPC, pct_col(Col.R80_KPC, 84), obs_col(Col.R50_ARCSEC)):
+        assert np.isnan(t2[name][0].as_py())
+        assert t2[name][1:].to_pylist() == t[name][1:].to_pylist()  # the others keep theirs
+    assert np.isfinite(t[obs_col(Col.R50_ARCSEC)][0].as_py())
+    assert t2[Col.AXIS_RATIO][0].as_py() == t[Col.AXIS_RATIO][0].as_py()
+    assert "TRUNCATED: " in t2[Col.MEASURE_NOTES][0].as_py()
+    assert not any("TRUNCATED" in (x or "") for x in t2[Col.MEASURE_NOTES][1:].to_pylist())
+    # error rows: NaN, no notes
+    failed = _table(pack, None, ["sampling failed: X"] * pack.num_rows)
+    assert all(np.isnan(failed[name].to_numpy()).all() for name in names)
+    assert failed[Col.MEASURE_NOTES].null_count == pack.num_rows
 
 
 def test_fits_maps_carry_a_wcs_at_the_model_pixel_scale(sampled):

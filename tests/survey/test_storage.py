@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from d4a_batch.survey.storage import (
+    S3_CONNECT_TIMEOUT_S,
     S3_RETRIES,
     filesystem,
     hats_storage_options,
     join_uri,
+    overlap,
     resolve_uri,
     safe_join,
     with_s3_retries,
@@ -28,8 +30,10 @@ def test_s3_retry_defaults_are_added_without_overriding_the_user():
     got = with_s3_retries("s3://b/x", user)
     assert got["config_kwargs"] == {"connect_timeout": 3, "retries": S3_RETRIES}
     assert user == {"key": "k", "config_kwargs": {"connect_timeout": 3}}  # not mutated
-    mine = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    mine = {"config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": 1}}
     assert with_s3_retries("s3a://b/x", mine) == mine
+    timeout = with_s3_retries("s3://b/x", {"config_kwargs": {"retries": {"total_max_attempts": 1}}})
+    assert timeout["config_kwargs"]["connect_timeout"] == S3_CONNECT_TIMEOUT_S
     assert with_s3_retries("/local/x", None) == {}
     assert with_s3_retries("gs://b/x", {"token": "anon"}) == {"token": "anon"}
 
@@ -41,10 +45,11 @@ def test_s3_filesystems_get_the_retry_config():
     assert fs.config_kwargs["retries"] == S3_RETRIES
     fs.connect()  # builds the botocore client (no request is sent)
     retries = fs.s3.meta.config.retries
-    assert retries["mode"] == "standard" and retries["total_max_attempts"] == 11
+    assert retries["mode"] == "standard" and retries["total_max_attempts"] == 5
+    assert fs.s3.meta.config.connect_timeout == S3_CONNECT_TIMEOUT_S
     hats = hats_storage_options("s3://bkt/cat", opts)
     assert hats["config_kwargs"]["retries"] == S3_RETRIES and hats["anon"] is False
-    assert hats_storage_options("/local/cat", opts) == opts
+    assert hats_storage_options("/local/cat", opts) == {}  # options are for URLs
 
 
 @pytest.mark.parametrize("root", ["s3://bkt/out", "/data/out", "file:///data/out"])
@@ -74,3 +79,22 @@ def test_safe_join_stays_under_the_root(root):
 def test_safe_join_refuses_escapes(root, parts):
     with pytest.raises(ValueError):
         safe_join(root, *parts)
+
+
+def test_overlap_sees_through_spellings(tmp_path):
+    """The output may not be the input catalog, inside it or hold it (issue 28): ``overlap``
+    compares locations, not strings (relative paths, ``..``, symlinks, file://, s3a://)."""
+    cat = tmp_path / "cat"
+    (cat / "sub").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(cat)
+    assert overlap(str(cat), str(cat)) == "is"
+    assert overlap(f"{cat}/", f"file://{cat}") == "is"
+    assert overlap(str(link), str(cat)) == "is"
+    assert overlap(str(tmp_path / "x" / ".." / "cat"), str(cat)) == "is"
+    assert overlap(str(link / "sub" / "out"), str(cat)) == "inside"
+    assert overlap(str(tmp_path), str(cat)) == "holds"
+    assert overlap(str(tmp_path / "cat2"), str(cat)) is None  # a shared prefix is not a folder
+    assert overlap("s3a://b/cat/out", "s3://b/cat/") == "inside"
+    assert overlap("s3://b/cat", "s3://c/cat") is None
+    assert overlap("s3://b/cat", str(cat)) is None
