@@ -395,7 +395,7 @@ class SamplerConfig:
     # sampling/daps.py); steps = network calls per sample. DDS is the default since
     # 2026-12-03: on 42 held-out mocks (two seeds) at 50 x 16 it cost 0.47-0.80x DPS, had the
     # same posterior-mean PSNR within 0.3 dB, raw coverage nearer nominal and a lower chi2/dof
-    # at i = 18-19 (docs/RESULTS.md, "DDS becomes the engine default")
+    # at i = 18-19 (docs/HISTORY.md, "DDS becomes the engine default")
     sampler: str = setting("dds", one_of(*SAMPLERS))
     inner_steps: int = setting(4, non_negative)  # daps: MALA steps per level (likelihood step)
     # daps/dds: CG iterations of the Gauss-Newton step per level/step (10: DDS's benchmarked
@@ -407,14 +407,14 @@ class SamplerConfig:
     # dds: Gauss-Newton iterations of that step (re-linearised, each safeguarded by
     # backtracking when > 1; sampling/dds.py). 1: one linearisation, DDS's original step.
     # 3 fits bright objects far better at 1.5x the cost of 1 (still <= 1.22x DPS-50); on
-    # galsim mocks only together with clip_data_step = False (docs/RESULTS.md, 2026-12-03)
+    # galsim mocks only together with clip_data_step = False (docs/HISTORY.md, 2026-12-03)
     gauss_newton: int = setting(3, positive)
     # dds/daps: also clip the data step's output (DDS: x̂0' at every step; both: the final
     # sample) to the prior's range [-1, 1], as clip_x0 clips the network's x̂0. True was the
     # only behaviour before 2026-12-03: it pins empty-sky pixels that the data want below
     # zero flux at zero, a positive pedestal the re-convolved mean pays for in chi2 at high
     # S/N (galsim i = 18 with 3 Gauss-Newton iterations: chi2/dof 1.7-3.3 clipped, 1.2-1.7
-    # free; docs/RESULTS.md, 2026-12-03 "the clip after the data step")
+    # free; docs/HISTORY.md, 2026-12-03 "the clip after the data step")
     clip_data_step: bool = setting(False)
     marginalise_photoz: bool = setting(False)
     # hallucination-score aperture, of the image side

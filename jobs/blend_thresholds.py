@@ -20,7 +20,7 @@ next to the estimates ``contamination`` (what BLENDED tests), ``blend_fraction``
 to unflagged; the summary gives the largest contamination threshold that flags every
 deblended target above it, and what the chosen threshold leaves unflagged. A table is
 printed and written as JSON; the thresholds in ``FlagThresholds`` come from it
-(docs/RESULTS.md).
+(docs/HISTORY.md).
 """
 
 from __future__ import annotations

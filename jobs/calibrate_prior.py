@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # two bins: with ~200 calibration mocks over i = 18-24 a bin holds ~100, where the WSR
     # bound's slack is ~0.03; three bins (0, 30, 100, inf) left ~40 in the faint ones and
-    # over-covered there (68 %: 0.75 on held-out mocks, docs/RESULTS.md)
+    # over-covered there (68 %: 0.75 on held-out mocks, docs/HISTORY.md)
     p.add_argument("--snr-edges", type=float, nargs="+", default=(0.0, 100.0, np.inf),
                    help="S/N bin edges (observed aperture S/N per pixel)")  # fmt: skip
     p.add_argument("--min-per-bin", type=int, default=3,

@@ -36,8 +36,8 @@ generated here. It is the path for training ``priors/hsc-64`` on a lent GPU mach
 PyTorch but neither Ray nor GalSim (nothing can be installed there; ``jobs/configs/hsc-64-gpu.sh``):
 
     python jobs/make_training_set.py --prior-config jobs/configs/hsc-64.json \
-        --n-images 20000 --processes 2 --out .gpu/mocks.npy.xz        # here, with GalSim
-    python jobs/train_prior.py --single-process --data .gpu/mocks.npy.xz \
+        --n-images 20000 --processes 2 --out training/hsc-64/mocks.npy.xz   # here, with GalSim
+    python jobs/train_prior.py --single-process --data training/hsc-64/mocks.npy.xz \
         --prior-config jobs/configs/hsc-64.json --storage /tmp/train --name hsc-64 ...
 
 ``jobs/configs/demo-64.json`` is the demo architecture (``PriorConfig()``) with a

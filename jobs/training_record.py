@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--stats-samples", type=int, default=128)
+    p.add_argument("--n-heldout", type=int, default=512)
     p.add_argument("--real-hst", action="store_true", help="also run real_hst_check.py")
     p.add_argument("--session", default="", help="label of the session that trained it")
     args = p.parse_args(argv)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_json = args.out / f"eval_{tag}.json"
         load_job("evaluate_prior").main([
             "--prior", f"{tag}={prior_dir}", "--n-samples", str(args.n_samples),
-            "--steps", str(args.steps), "--n-heldout", "512", "--real-z", "0.3", "0.6",
+            "--steps", str(args.steps), "--n-heldout", str(args.n_heldout), "--real-z", "0.3", "0.6",
             "--out-json", str(eval_json), "--samples-png", str(args.out / f"samples_{tag}.png"),
         ])  # fmt: skip
         ev = json.loads(eval_json.read_text())
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_hours": float(state["train_seconds"]) / 3600,
         "cpu_hours": float(state.get("cpu_seconds", state["train_seconds"])) / 3600,
         "objective": {k: getattr(cfg, k) for k in OBJECTIVE_FIELDS},
-        "frechet_distance": ev["results"][0]["frechet_distance"],
-        "frechet_floor": ev["floor_frechet_distance"],
+        "frechet_distance": ev["priors"][0]["frechet_distance"],
+        "frechet_floor": ev["heldout"]["floor_frechet_distance"],
         "n_samples": args.n_samples,
         "sampling_steps": args.steps,
         "real_hst": real,

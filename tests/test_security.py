@@ -112,12 +112,16 @@ def _partition_file(path: pathlib.Path, object_ids: pa.Array) -> Partition:
 
 
 def test_object_ids_are_integers_by_schema(tmp_path):
-    """``read_partition`` casts object ids to int64: a path-like id cannot reach a file name."""
+    """``read_partition`` takes integer object ids only: a path-like id cannot reach a file name
+    (a string id column is refused whole, issue 28: ids never pass through a cast)."""
     evil = _partition_file(tmp_path / "evil.parquet", pa.array(["12", "../../x"]))
-    with pytest.raises(pa.ArrowInvalid, match=r"\.\./\.\./x"):
+    with pytest.raises(ValueError, match="not an integer type"):
         read_partition(evil, ColumnMap(), ("g", "r", "i"))
     digits = _partition_file(tmp_path / "digits.parquet", pa.array(["12", "-7"]))
-    table = read_partition(digits, ColumnMap(), ("g", "r", "i"))
+    with pytest.raises(ValueError, match="not an integer type"):  # digits as text: refused too
+        read_partition(digits, ColumnMap(), ("g", "r", "i"))
+    ints = _partition_file(tmp_path / "ints.parquet", pa.array([12, -7], pa.int64()))
+    table = read_partition(ints, ColumnMap(), ("g", "r", "i"))
     assert table.schema.field("object_id").type == pa.int64()
     assert table["object_id"].to_pylist() == [12, -7]
     root = "s3://bkt/out"

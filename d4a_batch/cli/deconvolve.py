@@ -59,7 +59,7 @@ from d4a_batch.survey.storage import is_absolute, output_location_problem
 
 # the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores. "dds"
 # (sampling/dds.py): at 25 steps DPS under-fits bright galaxies (4 of 32 demo objects POOR_FIT
-# at chi2/dof 3.9-8.8); DDS fits them (1.8-2.1) in less time (docs/RESULTS.md, 2026-12-02 DDS)
+# at chi2/dof 3.9-8.8); DDS fits them (1.8-2.1) in less time (docs/HISTORY.md, 2026-12-02 DDS)
 DEMO_SAMPLER = SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10)
 DEMO_OBJECTS = 32
 EXIT_OK, EXIT_CRASH, EXIT_JOB_ERROR, EXIT_PARTITIONS_FAILED = 0, 1, 2, 3

@@ -263,7 +263,7 @@ def split_packs(objects: int | None, batch_size: int, actors: int) -> int:
     ``batch_size`` unless the run has fewer objects than ``actors`` full packs: then packs
     of ceil(objects / actors), so that every actor gets a pack (5 objects on 2 CPU actors:
     packs of 3 and 2 instead of one pack of 5 on one actor while the other CPU idles;
-    measured in docs/RESULTS.md, issue 30). None (not known: staged packs): ``batch_size``.
+    measured in docs/HISTORY.md, issue 30). None (not known: staged packs): ``batch_size``.
     """
     batch_size = max(1, int(batch_size))
     if objects is None or objects <= 0 or objects >= actors * batch_size:

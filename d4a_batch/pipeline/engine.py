@@ -275,8 +275,10 @@ def _process(plan: RunPlan, commits: Commits) -> None:
     written: dict[HealpixPixel, int] = {}
     sampler, opts = plan.job.config.sampler, plan.job.options
     board = ProgressBoard.start()
+    # the first line 5 s after the first step, or sooner when lines are asked for more often
     reporter = ProgressReporter(board, total, sampler.samples, sampler.steps,
-                                interval_s=opts.progress_interval_s)  # fmt: skip
+                                interval_s=opts.progress_interval_s,
+                                first_after_s=min(5.0, opts.progress_interval_s))  # fmt: skip
     try:
         with reporter:
             for row in _written(plan, board).iter_rows():

@@ -16,7 +16,7 @@ time since its own first step (waiting, post-processing and packing included), s
 over the actors; the ETA is the remaining row-steps over that rate, plus the time the
 latest pack took from its last step to its rows (summaries, flags); the last writes,
 commits and the catalog metadata after the last pack are not counted (on the 2-core VM
-they took 10-15 s of a 110 s demo run, docs/RESULTS.md). Error packs and
+they took 10-15 s of a 110 s demo run, docs/HISTORY.md). Error packs and
 packs that could not be sampled still count as done, so the bar reaches 100 %.
 
 A sampling actor that dies is restarted by Ray in place (same actor id, a new process)

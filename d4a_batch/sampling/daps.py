@@ -43,7 +43,7 @@ step h adapts between levels to its own acceptance rate (target ``TARGET_ACCEPT`
 Cost per sample: ``levels`` network forward passes (DPS: ``steps`` forward + backward
 passes, ~1.7x a forward on CPU) plus ~``levels · (inner + 1 + 2 cg)`` operator passes.
 
-Status (docs/RESULTS.md, 2026-12-02): exact on Gaussian priors (tests/sampling/test_daps.py),
+Status (docs/HISTORY.md, 2026-12-02): exact on Gaussian priors (tests/sampling/test_daps.py),
 but on the demo prior it under-fits bright objects (the Gaussian approximation of
 p(x0 | x_t) is too loose along the flux scale that the profiled likelihood leaves free), so
 "dds" (sampling/dds.py) is the default sampler, "dps" the paper's.

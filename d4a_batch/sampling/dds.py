@@ -34,7 +34,7 @@ residual strongly non-linear in bright pixels (v ∝ e^{x·asinh(1/a)/2}: a step
 second one overshoots. On draws of the demo prior itself observed at i = 18 (S/N ~900;
 ``validation.prior_truth``, where the prior cannot be blamed) the posterior mean's χ²/dof
 is 4.1-4.7 with one linearisation and 1.7-2.0 with three; 30 CG iterations in one
-linearisation reach 1.8-2.1 at about the same cost (docs/RESULTS.md, 2026-12-03).
+linearisation reach 1.8-2.1 at about the same cost (docs/HISTORY.md, 2026-12-03).
 
 ``clip_data_step`` (the clip after the data step). ``clip_x0`` clips the network's x̂0 to
 the prior's range [−1, 1]; clipping x̂0' as well was the only behaviour before 2026-12-03.
@@ -45,7 +45,7 @@ flux). Clipped, those are pinned at zero flux: a positive pedestal inside the mo
 footprint that the background β, one constant over the whole stamp, cannot absorb. On the
 GalSim galaxy of the magnitude experiment at i = 18 (S/N ~950) the per-sample χ²/dof of x̂0'
 at the last step was 2.2 unclipped and 4.9 clipped. Unclipped, the sample keeps the negative-flux sky
-pixels that its noise implies, as any linear deconvolution does (docs/RESULTS.md,
+pixels that its noise implies, as any linear deconvolution does (docs/HISTORY.md,
 2026-12-03 "the clip after the data step").
 
 Cost per sample: ``steps`` network forward passes (DPS: forward + backward) plus

@@ -3,7 +3,7 @@
 Every measurement here runs ``sampler = "dps"`` (``THROUGHPUT_SAMPLER``), whatever the
 engine's default sampler is, so that timings, FLOP counts and the earlier throughput tables
 describe the same computation (DDS, the default since 2026-12-03, took 0.47-0.80x DPS wall time:
-docs/RESULTS.md).
+docs/HISTORY.md).
 
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around real DPS steps
   (``sampling.dps.dps_sample``: network forward, guidance backward, operator): it counts matmul / convolution / attention ops, forward and backward, and

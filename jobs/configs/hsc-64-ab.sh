@@ -24,7 +24,8 @@ common=(--single-process --device cpu --cpus-per-worker 1 --data training/hsc-64
 arm() {  # name steps flags...
     local name=$1 steps=$2
     shift 2
-    if [ -z "$(ls -d "$out/$name"/checkpoint_* 2>/dev/null)" ] || [ "${FORCE:-}" = 1 ]; then
+    # done when its last checkpoint exists (prog starts from a copy of minsnr's)
+    if [ ! -d "$out/$name/$(printf 'checkpoint_%07d' "$steps")" ] || [ "${FORCE:-}" = 1 ]; then
         /usr/bin/time -f "[ab] $name cpu %U s user, %e s wall" \
             python jobs/train_prior.py "${common[@]}" --name "$name" --steps "$steps" \
             --checkpoint-every "$steps" "$@" 2>&1 | tail -3
@@ -43,7 +44,7 @@ for a in $arms32; do
         *) echo "unknown arm $a" >&2; exit 2 ;;
     esac
 done
-python jobs/evaluate_prior.py --n-samples 256 --steps 50 --n-heldout 512 --real-z 0.3 0.6 \
+[ -f "$out/eval32.json" ] || python jobs/evaluate_prior.py --n-samples 256 --steps 50 --n-heldout 512 --real-z 0.3 0.6 \
     --out-json "$out/eval32.json" --samples-png "$out/samples32.png" \
     $(for a in $arms32; do echo --prior "$a=$(ls -d "$out/$a"/checkpoint_* | tail -1)"; done)
 # per-image training cost, 64 px over 32 px, measured here (one thread, batch 32, 5 steps each)

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # How priors/hsc-64 was trained: one lent GPU machine (PyTorch there, but no Ray, GalSim or
-# package registry), in one call of at most 10 minutes. Run from the repository root with the
-# training mocks made here first (GalSim):
-#   python jobs/make_training_set.py --prior-config jobs/configs/hsc-64.json \
-#       --n-images 20000 --processes 2 --out .gpu/mocks.npy.xz
+# package registry), in one call of at most 10 minutes. Run from the repository root; the
+# training mocks are committed (training/hsc-64/mocks.npy.xz, made by make_training_set.py), and
+# the run continues the CPU training's committed state (training/hsc-64/state) at 64 px:
 #   bash jobs/configs/hsc-64-gpu.sh SECONDS OUTDIR      # on the GPU machine
-# It trains for SECONDS of training time (the learning rate's cosine follows the clock),
+# It trains for SECONDS of training time (constant learning rate after warm-up, Min-SNR-5; the 64 px phase),
 # exports the artifact (prior statistics drawn on the GPU), draws 512 samples for
 # jobs/evaluate_prior.py --samples, and leaves in OUTDIR: the log, prior.tar, samples.npz
 # and the last checkpoint (model, EMA, optimizer: resumable) as tar parts of 15 MB;
@@ -32,9 +31,12 @@ trap package EXIT
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; } > "$out/train.log" 2>&1
 $py -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" >> "$out/train.log" 2>&1
-$py jobs/train_prior.py --single-process --data .gpu/mocks.npy.xz \
+resume=()
+if [ -f training/hsc-64/state/state.pt ]; then resume=(--resume-state training/hsc-64/state); fi
+$py jobs/train_prior.py --single-process --data training/hsc-64/mocks.npy.xz "${resume[@]}" \
     --prior-config jobs/configs/hsc-64.json --storage "$run" --name hsc-64 \
-    --steps 1000000 --max-train-seconds "$secs" --batch-size 256 --lr 4e-4 --warmup-steps 500 \
+    --steps 100000000 --stop-after-seconds "$secs" --batch-size 256 --lr 4e-4 --warmup-steps 500 \
+    --lr-schedule constant --loss-weighting min_snr --downsample 1 \
     --ema-decay 0.9995 --checkpoint-every 2500 --log-every 250 \
     --stats-samples 512 --stats-steps 100 --out "$run/prior" \
     --samples-out "$out/samples.npz" --n-samples-out 512 ${EXTRA_ARGS:-} 2>&1 | tee -a "$out/train.log"

