@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-samples", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--stats-samples", type=int, default=128)
+    p.add_argument("--stats-samples", type=int, default=256)
     p.add_argument("--n-heldout", type=int, default=512)
     p.add_argument("--real-hst", action="store_true", help="also run real_hst_check.py")
     p.add_argument("--session", default="", help="label of the session that trained it")
