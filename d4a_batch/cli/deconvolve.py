@@ -113,7 +113,8 @@ def _partition_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _json_object(text: str) -> dict:
+def json_object_arg(text: str) -> dict:
+    """argparse type: a JSON object (exit 2 with the reason otherwise)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -148,7 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: derived)")
     p.add_argument(
-        "--storage-options", type=_json_object, help="JSON of fsspec storage options for all URIs"
+        "--storage-options",
+        type=json_object_arg,
+        help="JSON of fsspec storage options for all URIs",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="delete the existing output (and its ledger) first"

@@ -15,26 +15,16 @@ did not commit are listed apart.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from d4a_batch.cli.deconvolve import json_object_arg
 from d4a_batch.pipeline.ledger import describe_runs
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("output", help="output HATS catalog (path or URL)")
-    p.add_argument("--storage-options", type=_json_object, help="JSON of fsspec storage options")
+    p.add_argument("--storage-options", type=json_object_arg, help="JSON of fsspec storage options")
     args = p.parse_args(argv)
     print(describe_runs(args.output, args.storage_options))
     return 0
