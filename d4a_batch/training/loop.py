@@ -34,7 +34,13 @@ from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
 from d4a_batch.survey.storage import filesystem, has_scheme, join_uri
 from d4a_batch.training.data import X_COLUMN, augment, default_max_shift
-from d4a_batch.training.objective import loss_weights, sample_timesteps
+from d4a_batch.training.objective import (
+    LOSS_WEIGHTINGS,
+    TIMESTEP_SAMPLINGS,
+    loss_weights,
+    phase_prior,
+    sample_timesteps,
+)
 
 STATE_FILE = "state.pt"
 LR_SCHEDULES = ("cosine", "constant")
@@ -75,8 +81,6 @@ class TrainConfig:
     keep_checkpoints: int = 0
 
     def __post_init__(self) -> None:
-        from d4a_batch.training.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
-
         for name, allowed in (
             ("loss_weighting", LOSS_WEIGHTINGS),
             ("timestep_sampling", TIMESTEP_SAMPLINGS),
@@ -94,8 +98,6 @@ class TrainConfig:
     def trained_prior(self) -> PriorConfig:
         """The PriorConfig of the network this run trains (``prior`` itself, or its
         half-size pre-training phase when ``downsample > 1``)."""
-        from d4a_batch.training.objective import phase_prior
-
         return phase_prior(self.prior, self.downsample)
 
 

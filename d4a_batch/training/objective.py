@@ -30,6 +30,7 @@ import torch
 
 from d4a_batch.config import PriorConfig
 from d4a_batch.physics.stretch import inverse_stretch, stretch
+from d4a_batch.training.data import dequantise_u8
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logsnr_normal", "logsnr_laplace")
@@ -142,7 +143,7 @@ def bin_images(x: torch.Tensor, factor: int, a: float) -> torch.Tensor:
     out = torch.empty((k, c, m, m), dtype=torch.float32)
     for s in range(0, k, 1024):
         chunk = x[s : s + 1024]
-        xf = chunk.float() / 127.5 - 1.0 if chunk.dtype == torch.uint8 else chunk.float()
+        xf = dequantise_u8(chunk) if chunk.dtype == torch.uint8 else chunk.float()
         v = inverse_stretch(xf.double(), a).clamp_min(0.0)
         vb = v.reshape(-1, c, m, factor, m, factor).sum(dim=(3, 5))
         peak = vb.amax(dim=(2, 3), keepdim=True).clamp_min(1e-30)

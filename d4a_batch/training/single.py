@@ -22,6 +22,7 @@ resumed from it continues the same trajectory up to that rounding of the moments
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import threading
@@ -35,7 +36,6 @@ from d4a_batch.prior.diffusion import build_diffusion
 from d4a_batch.prior.unet import build_unet
 from d4a_batch.training.data import augment, default_max_shift, dequantise_u8
 from d4a_batch.training.loop import (
-    CONFIG_FILE,
     STATE_FILE,
     TrainConfig,
     checkpoint_state,
@@ -51,14 +51,19 @@ from d4a_batch.training.objective import bin_images, sample_timesteps
 PARTIAL_SUFFIX = ".partial"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete ``checkpoint_*`` folder under ``run_dir`` (not a ``.partial``
-    one left by a kill), or None."""
-    found = sorted(
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete ``checkpoint_*`` folders under ``run_dir``, oldest first (not the
+    ``.partial`` ones a kill leaves)."""
+    return sorted(
         p
         for p in Path(run_dir).glob("checkpoint_*")
         if not p.name.endswith(PARTIAL_SUFFIX) and (p / STATE_FILE).exists()
     )
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder under ``run_dir``, or None."""
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -78,20 +83,19 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Remove all but the newest ``keep`` complete checkpoints (``keep <= 0``: none)."""
     if keep <= 0:
         return
-    found = sorted(
-        p
-        for p in run_dir.glob("checkpoint_*")
-        if not p.name.endswith(PARTIAL_SUFFIX) and (p / STATE_FILE).exists()
-    )
-    for p in found[:-keep]:
+    for p in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
 
 
 def _step_of(checkpoint: str | Path) -> int:
-    """The step a checkpoint folder holds (its record.json, else its state)."""
+    """The step a checkpoint folder holds: its record.json, else its name
+    (``checkpoint_<step>``), else its state (loaded only then)."""
     record = Path(checkpoint) / "record.json"
     if record.exists():
         return int(json.loads(record.read_text())["step"])
+    name = Path(checkpoint).name
+    if re.fullmatch(r"checkpoint_\d+", name):
+        return int(name.split("_")[1])
     return int(load_checkpoint_dir(checkpoint)[0]["step"])
 
 
@@ -309,5 +313,4 @@ def save_resumable_state(checkpoint_dir: str | Path, dest: str | Path) -> Path:
         "optimizer_moments": "bfloat16",
     }
     (dest / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-    assert (dest / CONFIG_FILE).exists()
     return dest
