@@ -266,6 +266,7 @@ class ProgressReporter:
     lines: list[str] = field(default_factory=list)  # every line printed (tests read them)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _pending: Any = None  # a snapshot request the board has not answered yet
 
     def __enter__(self) -> ProgressReporter:
         if self.bar is None:
@@ -281,12 +282,23 @@ class ProgressReporter:
         for line in (self._snapshot() or ([], []))[1]:  # retries reported at the very end
             self._emit(line, None)
 
-    def _snapshot(self) -> tuple[list[ActorState], list[str]] | None:
+    def _snapshot(self, timeout: float = 30.0) -> tuple[list[ActorState], list[str]] | None:
+        """The board's states and new retry lines; ([], []) when it did not answer in time
+        (a loaded machine may start the board's process late: the next poll waits on the
+        same request, so no retry line it already handed out is lost); None when the board
+        is gone (the driver is shutting down)."""
         import ray
 
         try:
-            return ray.get(self.board.snapshot.remote(), timeout=30)
-        except Exception:  # the board is gone (driver shutting down): report nothing
+            if self._pending is None:
+                self._pending = self.board.snapshot.remote()
+            ready, _ = ray.wait([self._pending], timeout=timeout)
+            if not ready:
+                log.debug("progress board slow to answer; waiting on it at the next poll")
+                return [], []
+            ref, self._pending = self._pending, None
+            return ray.get(ref)
+        except Exception:
             log.debug("progress board unreachable", exc_info=True)
             return None
 

@@ -1,6 +1,7 @@
 """Progress from the sampler's steps, and the line a user reads when Ray retries a pack.
 
-The board, the step reporter and the estimate are plain Python here (no Ray); the
+The board, the step reporter and the estimate are plain Python here (Ray only for a board
+slow to answer); the
 engine's use of them on a real cluster is checked in test_faults.py (progress lines and
 the retry line of a killed actor) and in test_engine.py (the reporter's lines of a run).
 """
@@ -14,6 +15,7 @@ import pytest
 from d4a_batch.pipeline.progress import (
     ActorState,
     ProgressBoard,
+    ProgressReporter,
     StepReporter,
     estimate,
     format_seconds,
@@ -111,3 +113,29 @@ def test_a_board_that_cannot_be_reached_never_fails_the_actor(caplog):
     rep.pack_started([1, 2])
     rep.step(0, None)
     assert rep.state.inflight == 4
+
+
+@pytest.mark.ray
+def test_a_board_slow_to_answer_loses_no_retry_line_and_progress_goes_on(ray_local):
+    """CI, 2 cores: the board's process started after the sampling actors' and the first
+    snapshot waited past its timeout; the reporter then stopped for the whole run. Now a
+    late answer is waited on at the next poll (the request is not sent again: the board
+    hands each retry line out once)."""
+    import time
+
+    ray = ray_local
+    late = ray.remote(num_cpus=0)(lambda s: (time.sleep(s), ([], ["a retry line"]))[1])
+
+    class SlowBoard:
+        asked = 0
+
+        class snapshot:  # called like an actor handle's method
+            @staticmethod
+            def remote():
+                SlowBoard.asked += 1
+                return late.remote(3.0)
+
+    reporter = ProgressReporter(SlowBoard(), objects=4, samples=2, steps=10)
+    assert reporter._snapshot(timeout=0.2) == ([], [])  # not yet: the run goes on
+    assert reporter._snapshot(timeout=60) == ([], ["a retry line"])
+    assert SlowBoard.asked == 1
