@@ -141,6 +141,7 @@ Rule = typing.Callable[[Any], "str | None"]
 
 GUIDANCE_RULES = ("rms", "raw", "rms_total")
 SAMPLERS = ("dps", "dds", "daps")
+NETWORK_PRECISIONS = ("auto", "bfloat16", "float32")
 NOISE_SCHEDULES = ("linear", "cosine")
 PARAMETERIZATIONS = ("eps", "v")
 MAP_DTYPES = ("float32", "float16")
@@ -409,6 +410,17 @@ class SamplerConfig:
     # 3 fits bright objects far better at 1.5x the cost of 1 (still <= 1.22x DPS-50); on
     # galsim mocks only together with clip_data_step = False (docs/HISTORY.md, 2026-12-03)
     gauss_newton: int = setting(3, positive)
+    # dds: CG iterations of each Gauss-Newton iteration after the first (0: cg_iterations,
+    # all alike, the behaviour before 2026-12-08). The first solves from x̂0, far from the
+    # data; the later ones refine an iterate already near them (issue 30)
+    refine_cg_iterations: int = setting(0, non_negative)
+    # dds: a row stops its Gauss-Newton iterations once one lowered its perturbed objective by
+    # less than this fraction (the residual is near-linear there: faint objects); later
+    # iterations run on the other rows only. 0: every row runs all ``gauss_newton`` (issue 30)
+    gauss_newton_tol: float = setting(0.0, between(0, 1, hi_open=True))
+    # dds: start each step's Gauss-Newton iterations from the better (lower perturbed
+    # objective) of x̂0 and the row's previous x̂0' (False: from x̂0, as before 2026-12-08)
+    warm_start: bool = setting(False)
     # dds/daps: also clip the data step's output (DDS: x̂0' at every step; both: the final
     # sample) to the prior's range [-1, 1], as clip_x0 clips the network's x̂0. True was the
     # only behaviour before 2026-12-03: it pins empty-sky pixels that the data want below
@@ -417,6 +429,10 @@ class SamplerConfig:
     # free; docs/HISTORY.md, 2026-12-03 "the clip after the data step")
     clip_data_step: bool = setting(False)
     marginalise_photoz: bool = setting(False)
+    # the network's arithmetic: "auto" (bfloat16 autocast on CUDA, float32 elsewhere: the
+    # behaviour before 2026-12-08) | "bfloat16" (autocast on any device: 2.5x faster on CPUs
+    # with AMX or AVX512-BF16, slower on those without) | "float32" (issue 30)
+    network_precision: str = setting("auto", one_of(*NETWORK_PRECISIONS))
     # hallucination-score aperture, of the image side
     aperture_radius_frac: float = setting(30 / 256, between(0, 0.5, lo_open=True))
     keep_samples: int = setting(0, non_negative)  # raw samples kept per object in the output

@@ -39,7 +39,7 @@ from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, SHARED_DATA_DIR, Col
 from d4a_batch.survey.packs import SCALE
 from d4a_batch.validation.calibration import engine_report, pack_inputs
-from d4a_batch.validation.frontier import frontier_figure, run_frontier
+from d4a_batch.validation.frontier import NCHW, frontier_figure, run_frontier
 from d4a_batch.validation.metrics import core_mask
 from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.science import (
@@ -90,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--i-mag-range", default=None, help="mock i magnitudes lo,hi (e.g. 18,24)")
     p.add_argument("--compare", nargs="*", default=[],
                    help="sampler frontier specs, the first is the time reference, e.g. "
-                        "dps:50 dps:25 dds:25:10 daps:30:4:20 (validation/frontier.py)")  # fmt: skip
+                        "dps:50 dps:25 dds:25:10 daps:30:4:20 (validation/frontier.py); a "
+                        "last ':nchw' runs that spec's network in NCHW, the layout before "
+                        "2026-12-08")  # fmt: skip
+    p.add_argument("--compare-only", action="store_true",
+                   help="run only the --compare specs (no main run): a paired comparison")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     iters = [int(v) for v in args.rl_iters.split(",")]
     rl_best, rl_means = tune_rl(tune, truth, iters) if tune else (iters[0], {})
     log(f"Richardson-Lucy: {rl_best} iterations (mean PSNR by iterations {rl_means})")
+    if args.compare_only:
+        return compare_only(args, out, config, scored, truth, prior_cfg, prior_meta, rl_best,
+                            survey, survey_cfg, t_start)  # fmt: skip
     actor, spec = make_actor(args.prior, config, args.threads)
     t0 = time.perf_counter()
     results = run_packs(actor, spec, scored, args.batch_size, log)
@@ -240,11 +247,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def frontier(args, out: Path, config, scored, truth, prior_cfg, rl_best) -> list[dict]:
-    """DPS vs DAPS at the ``--compare`` budgets on the scored objects (validation.frontier)."""
+def compare_only(args, out, config, scored, truth, prior_cfg, prior_meta, rl_best, survey,
+                 survey_cfg, t_start) -> int:  # fmt: skip
+    """``--compare-only``: the frontier of the ``--compare`` specs alone, in this process."""
+    doc = {
+        **run_header(),
+        "prior": {
+            "path": str(Path(args.prior).resolve()),
+            **prior_meta,
+            "config": to_dict(prior_cfg),
+        },
+        "run_config": to_dict(config),
+        "survey": {"path": str(survey), "config": to_dict(survey_cfg), "true_z": args.true_z},
+        "rl": {"iterations": rl_best},
+        "frontier": frontier(args, out, config, scored, truth, prior_cfg, rl_best),
+    }
+    doc["seconds"] = time.perf_counter() - t_start
+    write_json(out / "science.json", doc)
+    log(f"wrote {out} in {doc['seconds']:.0f} s")
+    return 0
 
-    def run_spec(cfg) -> list[dict]:
+
+def frontier(args, out: Path, config, scored, truth, prior_cfg, rl_best) -> list[dict]:
+    """Sampler specs (``--compare``) on the same scored objects, in turn (validation.frontier)."""
+
+    def run_spec(cfg, spec_text: str) -> list[dict]:
         actor, spec = make_actor(args.prior, cfg, args.threads)
+        if spec_text.endswith(":" + NCHW):  # the network's layout before 2026-12-08
+            actor.prior.model.to(memory_format=torch.contiguous_format)
         res = run_packs(actor, spec, scored, args.batch_size, log)
         return [r for arrays, df, maps in res
                 for r in score_pack(arrays, df, maps, truth, prior_cfg, cfg, rl_best)]  # fmt: skip

@@ -126,6 +126,12 @@ class ObservationBatch:
             )
         )
 
+    def select(self, rows: torch.Tensor) -> ObservationBatch:
+        """The rows ``rows`` (an index tensor [K]) of every tensor, in that order."""
+        return ObservationBatch(
+            *(t[rows] for t in (self.image, self.variance, self.valid, self.psf, self.offset))
+        )
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> ObservationBatch:
@@ -187,6 +193,16 @@ class ForwardOperator:
     ) -> ForwardOperator:
         """The operator of ``obs`` (its PSFs, offsets and stamp shape) at model pixel ``scale[R]``."""
         return cls(obs.psf, scale, obs.offset, obs.stamp_shape, stretch_a)
+
+    def select(self, rows: torch.Tensor) -> ForwardOperator:
+        """The operator of rows ``rows`` (an index tensor [K]) only: its PSF transfer functions
+        and overlap matrices are sliced, not recomputed."""
+        sub = object.__new__(ForwardOperator)
+        sub.psf, sub.scale, sub.offset = self.psf[rows], self.scale[rows], self.offset[rows]
+        sub.rows, sub.out_shape, sub.stretch_a = int(rows.numel()), self.out_shape, self.stretch_a
+        sub._otf = self._otf[rows]
+        sub._overlaps = {k: (r_y[rows], r_x[rows]) for k, (r_y, r_x) in self._overlaps.items()}
+        return sub
 
     def _matrices(self, in_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         key = (int(in_shape[0]), int(in_shape[1]))

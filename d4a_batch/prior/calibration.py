@@ -56,13 +56,17 @@ _DPS_REFERENCE_STEPS = 50
 # SamplerConfig fields each sampler does not read (``sampling.dps.deconvolve``): they cannot
 # change its samples, so a calibration does not depend on them
 _UNUSED_BY = {
-    "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton", "clip_data_step"),
+    "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton", "clip_data_step",
+            "refine_cg_iterations", "gauss_newton_tol", "warm_start"),
     "dds": ("guidance", "guidance_rule", "inner_steps"),
-    "daps": ("guidance", "guidance_rule", "dds_randomize", "gauss_newton"),
-}
+    "daps": ("guidance", "guidance_rule", "dds_randomize", "gauss_newton",
+             "refine_cg_iterations", "gauss_newton_tol", "warm_start"),
+}  # fmt: skip
 # fields added after calibrations were written, with the value that reproduces the sampler
 # as it was before them: at that value they are left out, so older entries keep matching
-_ADDED_LATER = {"gauss_newton": 1, "clip_data_step": True}
+_ADDED_LATER = {"gauss_newton": 1, "clip_data_step": True, "refine_cg_iterations": 0,
+                "gauss_newton_tol": 0.0, "network_precision": "auto",
+                "warm_start": False}  # fmt: skip
 
 
 def saved_sampler_dict(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -64,7 +64,7 @@ from d4a_batch.physics.operator import (
     whitened_residual,
 )
 from d4a_batch.prior.artifact import Prior
-from d4a_batch.sampling.dps import randn_rows
+from d4a_batch.sampling.dps import network_autocast, randn_rows
 
 TARGET_ACCEPT = 0.6
 STEP_INIT = 0.1  # MALA step h in preconditioned units (D⁻¹H has spectral radius ≤ 1)
@@ -116,6 +116,10 @@ class OperatorLikelihood:
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         return whitened_residual(x, self.rows, self.op, self.ridge)[0]
+
+    def select(self, rows: torch.Tensor) -> OperatorLikelihood:
+        """The likelihood of rows ``rows`` (an index tensor [K]) only."""
+        return OperatorLikelihood(self.rows.select(rows), self.op.select(rows), self.ridge)
 
     def _dv(self, x: torch.Tensor) -> torch.Tensor:
         """dv/dx of the inverse stretch v(x) = a sinh((x + 1) s/2), s = asinh(1/a)."""
@@ -260,7 +264,8 @@ def perturbed_gauss_newton(
     xi_x: torch.Tensor,
     iterations: int,
     backtrack: int = 0,
-) -> torch.Tensor:
+    objective: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One perturb-and-optimise Gauss-Newton step, solved by preconditioned CG per row.
 
     Minimises ½‖r(x) + Jδ + ξ_y‖² + ½‖(x + δ − center)/r − ξ_x‖² over δ (J: the Jacobian of
@@ -276,6 +281,9 @@ def perturbed_gauss_newton(
     objective F(x) = ½‖r(x) + ξ_y‖² + ½‖(x − center)/r − ξ_x‖², else 0 (the row stays at x).
     For a linear residual F equals its quadratic model, which every CG iterate lowers, so
     t = 1 and the draw stays exact. Costs one residual evaluation per trial (``perturbed_objective``).
+
+    ``objective``: return (x + t·δ, F(x)[R], F(x + t·δ)[R]) (F as above; with ``backtrack``
+    they come from the backtracking's own evaluations, else at the cost of two more).
     """
     x = x.detach()
     r0, jvp, vjp = lik.linearize(x)
@@ -305,9 +313,14 @@ def perturbed_gauss_newton(
         p = z + beta * p
         rz = rz_new
     if backtrack > 0:
-        return _backtrack(lik, x, delta, center, inv_r2, xi_y, xi_x, backtrack, r0)
+        out, f0, f1 = _backtrack(lik, x, delta, center, inv_r2, xi_y, xi_x, backtrack, r0)
+        return (out, f0, f1) if objective else out
     out = x + delta
-    return torch.where(torch.isfinite(out), out, x)
+    out = torch.where(torch.isfinite(out), out, x)
+    if not objective:
+        return out
+    f0 = perturbed_objective(lik, x, center, inv_r2, xi_y, xi_x, r0.detach())
+    return out, f0, perturbed_objective(lik, out, center, inv_r2, xi_y, xi_x)
 
 
 def perturbed_objective(
@@ -328,23 +341,26 @@ def perturbed_objective(
     return torch.where(torch.isfinite(f), f, torch.full_like(f, float("inf")))
 
 
-def _backtrack(lik, x, delta, center, inv_r2, xi_y, xi_x, halvings: int, r0) -> torch.Tensor:
-    """x + t·δ per row, t the largest of 1, ½, … (``halvings`` halvings) that lowers F, else 0."""
+def _backtrack(lik, x, delta, center, inv_r2, xi_y, xi_x, halvings: int, r0):
+    """(x + t·δ, F(x), F(x + t·δ)) per row, t the largest of 1, ½, … (``halvings`` halvings)
+    that lowers F, else 0 (then F(x + t·δ) = F(x))."""
     shape = (-1, *([1] * (x.ndim - 1)))
     f0 = perturbed_objective(lik, x, center, inv_r2, xi_y, xi_x, r0.detach())
     t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    f_at = f0.clone()
     todo = torch.ones_like(t, dtype=torch.bool)
     trial = 1.0
     for _ in range(halvings + 1):
         f = perturbed_objective(lik, x + trial * delta, center, inv_r2, xi_y, xi_x)
         ok = todo & (f < f0)
         t = torch.where(ok, torch.full_like(t, trial), t)
+        f_at = torch.where(ok, f, f_at)
         todo = todo & ~ok
         if not bool(todo.any()):
             break
         trial *= 0.5
     out = x + t.reshape(shape) * delta
-    return torch.where(torch.isfinite(out), out, x)
+    return torch.where(torch.isfinite(out), out, x), f0, f_at
 
 
 def adapt_step(step: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
@@ -374,6 +390,7 @@ def daps_sample(
     callback: StepCallback | None = None,
     diagnostics: dict | None = None,
     clip_data_step: bool = True,
+    network_precision: str = "auto",
 ) -> torch.Tensor:
     """Posterior samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -386,7 +403,7 @@ def daps_sample(
     level (i counts down to 0). ``diagnostics`` (a dict) receives the mean acceptance per
     level and the final per-row step sizes. ``clip_x0`` clips the network's x̂0 to [−1, 1];
     ``clip_data_step`` clips the returned sample too (the likelihood steps are never clipped
-    between levels).
+    between levels). ``network_precision``: ``dps.network_autocast``.
     """
     cfg = prior.config
     device = prior.device
@@ -400,7 +417,7 @@ def daps_sample(
     ts = np.array(sorted(prior.spaced(levels).timestep_map.tolist()), dtype=np.int64)
     abar = base.alphas_cumprod[ts]
     model = base.wrap_model(prior.model)
-    use_bf16 = device.type == "cuda"
+    autocast = network_autocast(network_precision, device)
     step = torch.full((rows,), STEP_INIT, device=device)
     x_t = randn_rows(generators, shape, device) * float(np.sqrt(1.0 - abar[-1]))
     x0 = None
@@ -408,7 +425,7 @@ def daps_sample(
     acc_log: list[float] = []
     for i in reversed(range(len(ts))):
         t = torch.full((rows,), int(ts[i]), dtype=torch.long, device=device)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.no_grad(), autocast():
             out = model(x_t, t)
         with torch.no_grad():
             _, x_hat = base.eps_and_xstart(out.float()[:, : shape[0]], x_t, t)

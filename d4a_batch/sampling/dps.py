@@ -149,6 +149,19 @@ def scale_guidance(grad: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown guidance rule {rule!r}; expected one of {GUIDANCE_RULES}")
 
 
+def network_autocast(precision: str, device: torch.device):
+    """A context factory for the network's forward pass at ``precision`` on ``device``.
+
+    "auto": bfloat16 autocast on CUDA, float32 elsewhere; "bfloat16": autocast on any device
+    (CPU: oneDNN's bfloat16 kernels, native on AMX / AVX512-BF16); "float32": none. The
+    sampler's own arithmetic (x_t, the data step) stays float32 whatever the choice.
+    """
+    if precision not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"unknown network precision {precision!r}")
+    on = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def dps_sample(
     prior: Prior,
     residual_fn: ResidualFn | None,
@@ -162,6 +175,7 @@ def dps_sample(
     consistency: ConsistencyFn | None = None,
     posterior_variance: bool = False,
     clip_consistent: bool = True,
+    network_precision: str = "auto",
 ) -> torch.Tensor:
     """DPS samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -180,7 +194,8 @@ def dps_sample(
     a core brighter than the normaliser; ``sampling.dds``). None: the DPS step above,
     unchanged. ``posterior_variance``: σ_i² is the variance of q(x_{t−1} | x_t, x0) whatever
     the prior's own choice -- the exact step when ``consistency`` draws x0 from
-    p(x0 | x_t, y) (``dds_sample(randomize=True)``).
+    p(x0 | x_t, y) (``dds_sample(randomize=True)``). ``network_precision``: the network's
+    arithmetic (``SamplerConfig.network_precision``, ``network_autocast``).
     """
     if rule not in GUIDANCE_RULES:
         raise ValueError(f"unknown guidance rule {rule!r}; expected one of {GUIDANCE_RULES}")
@@ -191,14 +206,14 @@ def dps_sample(
     rows = len(generators)
     guided = residual_fn is not None and guidance != 0
     zeta = guidance * TOTAL_REFERENCE_STEPS / steps if rule == "rms_total" else guidance
-    use_bf16 = device.type == "cuda"
+    autocast = network_autocast(network_precision, device)
     model = spaced.wrap_model(prior.model)
     x = randn_rows(generators, shape, device)
     for i in reversed(range(spaced.num_timesteps)):
         t = torch.full((rows,), i, dtype=torch.long, device=device)
         x = x.detach().requires_grad_(guided)
         with torch.set_grad_enabled(guided):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast():
                 out = model(x, t)
             step = spaced.p_mean_variance_from_output(out.float(), x, t, clip_denoised=clip_x0)
             if guided:
@@ -303,6 +318,7 @@ def deconvolve(
             clip_x0=config.clip_x0,
             clip_data_step=config.clip_data_step,
             callback=callback,
+            network_precision=config.network_precision,
         )
     elif config.sampler == "dds":
         from d4a_batch.sampling.daps import OperatorLikelihood
@@ -319,6 +335,10 @@ def deconvolve(
             gauss_newton=config.gauss_newton,
             clip_data_step=config.clip_data_step,
             callback=callback,
+            refine_cg=config.refine_cg_iterations,
+            gauss_newton_tol=config.gauss_newton_tol,
+            network_precision=config.network_precision,
+            warm_start=config.warm_start,
         )
     elif config.sampler == "dps":
         x = dps_sample(
@@ -330,6 +350,7 @@ def deconvolve(
             rule=config.guidance_rule,
             clip_x0=config.clip_x0,
             callback=callback,
+            network_precision=config.network_precision,
         )
     else:
         raise ValueError(

@@ -27,16 +27,26 @@ import pandas as pd
 
 from d4a_batch.config import RunConfig
 
+# a spec's last token: the network in NCHW, as before 2026-12-08 (not a sampler field)
+NCHW = "nchw"
+
 
 def parse_spec(spec: str) -> dict:
     """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:gnK][:mode][:clip|:free]`` -> overrides.
 
     Overrides of SamplerConfig fields. dds: STEPS, CG iterations, then in any order ``gnK``
     (K Gauss-Newton iterations per step, ``gauss_newton``), ``mode`` for the deterministic
-    (DDS) variant, and ``clip`` / ``free`` for a clipped / unclipped data step
-    (``clip_data_step``).
+    (DDS) variant, ``clip`` / ``free`` for a clipped / unclipped data step
+    (``clip_data_step``), ``rcgK`` (``refine_cg_iterations``), ``tolX``
+    (``gauss_newton_tol``) and ``warm`` (``warm_start``). Any sampler: ``bf16`` / ``fp32`` (``network_precision``), and a
+    last ``nchw`` (``NCHW``), which the caller applies to the network itself.
     """
     parts = spec.split(":")
+    if parts[-1] == NCHW:
+        parts = parts[:-1]
+    precision = {"bf16": "bfloat16", "fp32": "float32"}
+    extra_precision = [p for p in parts[2:] if p in precision]
+    parts = [p for p in parts if p not in precision]
     name = parts[0]
     if name not in ("dps", "daps", "dds") or len(parts) < 2:
         raise ValueError(
@@ -44,6 +54,8 @@ def parse_spec(spec: str) -> dict:
             "dds:STEPS[:CG[:gnK][:mode][:clip|:free]]"
         )
     out = {"sampler": name, "steps": int(parts[1])}
+    for p in extra_precision:
+        out["network_precision"] = precision[p]
     if name == "daps":
         if len(parts) > 2:
             out["inner_steps"] = int(parts[2])
@@ -59,20 +71,36 @@ def parse_spec(spec: str) -> dict:
                 out["clip_data_step"] = extra == "clip"
             elif extra.startswith("gn") and extra[2:].isdigit() and int(extra[2:]) > 0:
                 out["gauss_newton"] = int(extra[2:])
+            elif extra == "warm":
+                out["warm_start"] = True
+            elif extra.startswith("rcg") and extra[3:].isdigit():
+                out["refine_cg_iterations"] = int(extra[3:])
+            elif extra.startswith("tol") and _is_fraction(extra[3:]):
+                out["gauss_newton_tol"] = float(extra[3:])
             else:
                 raise ValueError(
-                    f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode', 'clip', 'free' and "
-                    "'gnK' (K >= 1)"
+                    f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode', 'clip', 'free', "
+                    "'gnK' (K >= 1), 'rcgK', 'tolX' (0 <= X < 1), 'warm', 'bf16', 'fp32', 'nchw'"
                 )
     return out
 
 
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) < 1.0
+    except ValueError:
+        return False
+
+
 def budget(cfg) -> tuple[int, int]:
-    """(network evaluations, operator gradients) per sample of a SamplerConfig."""
+    """(network evaluations, operator gradients) per sample of a SamplerConfig (DDS: at most;
+    ``gauss_newton_tol`` stops rows early)."""
     if cfg.sampler == "daps":
         return cfg.steps, cfg.steps * (cfg.inner_steps + 1 + 2 * cfg.cg_iterations)
     if cfg.sampler == "dds":
-        return cfg.steps, cfg.steps * cfg.gauss_newton * (1 + 2 * cfg.cg_iterations)
+        refine = cfg.refine_cg_iterations or cfg.cg_iterations
+        per_step = 1 + 2 * cfg.cg_iterations + (cfg.gauss_newton - 1) * (1 + 2 * refine)
+        return cfg.steps, cfg.steps * per_step
     return cfg.steps, cfg.steps
 
 
@@ -83,14 +111,15 @@ def run_frontier(
 ) -> pd.DataFrame:
     """One row per (spec, magnitude bin) and one per spec over all magnitudes ("all").
 
-    ``run_spec(config) -> records`` samples and scores the scored objects (per-object dicts
-    with mag_i_true, psnr_mean, psnr_rl, ssim_mean, ssim_rl, chi2, coverage68, coverage95).
+    ``run_spec(config, spec) -> records`` samples and scores the scored objects (per-object
+    dicts with mag_i_true, psnr_mean, psnr_rl, ssim_mean, ssim_rl, chi2, coverage68,
+    coverage95); ``spec`` is passed for what is not a sampler field (``NCHW``).
     """
     rows, ref_seconds = [], None
     for spec in specs:
         cfg = replace(config, sampler=replace(config.sampler, **parse_spec(spec)))
         t0 = time.perf_counter()
-        records = run_spec(cfg)
+        records = run_spec(cfg, spec)
         seconds = time.perf_counter() - t0
         ref_seconds = ref_seconds or seconds
         nets, ops = budget(cfg.sampler)

@@ -107,6 +107,24 @@ def test_mixed_batch_equals_one_by_one(rng):
         torch.testing.assert_close(rc2[sl], reduced_chi2(x[sl], one, op1), rtol=1e-10, atol=0)
 
 
+def test_selected_rows_are_the_operator_and_observations_of_those_rows(rng):
+    """``select`` (the data step's rows that still iterate, ``sampling.dds``) slices the PSF
+    transfer functions and overlap matrices: the same maps, bit for bit, as a new operator."""
+    prob, _, _ = _problem(rng)
+    obs, op, x = prob["obs"], prob["op"], prob["x"]
+    op(x)  # the overlap matrices of this input shape are cached: select slices them too
+    rows = torch.tensor([3, 1])
+    sub_obs, sub_op = obs.select(rows), op.select(rows)
+    fresh = ForwardOperator(op.psf[rows], op.scale[rows], op.offset[rows], op.out_shape)
+    assert sub_op.rows == 2 and torch.equal(sub_obs.valid, obs.valid[rows])
+    y = torch.as_tensor(rng.normal(size=(2, 2, 20, 20)))
+    assert torch.equal(sub_op(x[rows]), op(x)[rows])
+    assert torch.equal(sub_op(x[rows]), fresh(x[rows]))
+    assert torch.equal(sub_op.adjoint(y, (12, 12)), fresh.adjoint(y, (12, 12)))
+    r_sub = whitened_residual(x[rows], sub_obs, sub_op)[0]
+    torch.testing.assert_close(r_sub, whitened_residual(x, obs, op)[0][rows], rtol=0, atol=0)
+
+
 def test_repeated_rows_with_own_redshift(rng):
     # the sampler's layout: each object repeated S times, each row with its own z
     prob, _, _ = _problem(rng, rows=2)

@@ -69,7 +69,10 @@ def test_save_load_round_trip(tmp_path, tiny_cfg, random_unet):
     eps = prior.eps(x, t)
     assert eps.shape == (4, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(eps, model(x, t)[:, :3])
+        # the same weights; on CPU the loaded model runs NHWC (channels_last), which sums in
+        # another order: equal to float32 rounding, not bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(prior.model.parameters(), model.parameters()))
+        torch.testing.assert_close(eps, model(x, t)[:, :3], rtol=1e-5, atol=1e-5)
     eps.sum().backward()  # differentiable in x (DPS needs it)
     assert x.grad is not None and x.grad.abs().max() > 0
     with pytest.raises(ValueError, match="shape"):
@@ -114,7 +117,8 @@ def test_improved_diffusion_checkpoint_with_flags(tmp_path, random_unet):
     x = torch.randn(2, 3, 32, 32)
     t = torch.tensor([3, 600])
     with torch.no_grad():
-        assert torch.equal(prior.eps(x, t), model(x, t)[:, :3])
+        # NHWC on CPU (``Prior``): equal to float32 rounding
+        torch.testing.assert_close(prior.eps(x, t), model(x, t)[:, :3], rtol=1e-5, atol=1e-5)
     with pytest.raises(PriorStatsMissing, match="no prior statistics"):
         _ = prior.stats_var
     # a PriorConfig works as flags too

@@ -43,18 +43,21 @@ def test_randomised_samples_match_the_exact_linear_gaussian_posterior(sigma, ste
     assert_matches_gaussian_posterior(x, m_post, cov, f"dds, linear-Gaussian sigma={sigma}")
 
 
-def test_gauss_newton_iterations_keep_the_linear_gaussian_posterior_exact():
+@pytest.mark.parametrize("warm_start", [False, True], ids=["cold", "warm"])
+def test_gauss_newton_iterations_keep_the_linear_gaussian_posterior_exact(warm_start):
     """With a linear residual the perturbed objective is its own quadratic model: the first
     Gauss-Newton iteration solves it (CG converged), backtracking accepts the full step, and
-    the next iterations start at the optimum and stay there -- still an exact draw."""
+    the next iterations start at the optimum and stay there -- still an exact draw.
+    ``warm_start`` (from the previous step's solution where it is the better start) changes
+    where CG starts, not the objective: the same exact draw."""
     prior, residual, m_post, cov = _linear_gaussian(0.02)
     s = 400
     x = dds_sample(
         prior, ResidualLikelihood(residual), row_generators(0, [1], s), steps=30, cg=10,
-        clip_x0=False, gauss_newton=2,
+        clip_x0=False, gauss_newton=2, warm_start=warm_start,
     )  # fmt: skip
     x = x.reshape(s, -1).double().numpy()
-    assert_matches_gaussian_posterior(x, m_post, cov, "dds gauss_newton=2, linear-Gaussian")
+    assert_matches_gaussian_posterior(x, m_post, cov, f"dds gauss_newton=2 {warm_start=}")
 
 
 def test_backtracking_keeps_a_nonlinear_step_from_raising_the_objective():
@@ -118,16 +121,25 @@ def test_tweedie_variance_limits():
     assert torch.all(tweedie_variance(lam, 1 - 1e-8) < 1.1e-8)
 
 
-@pytest.mark.parametrize("randomize", [True, False])
-def test_samples_do_not_depend_on_the_batch(tiny_unet_prior, rng, randomize):
+ADAPTIVE = {"gauss_newton": 3, "gauss_newton_tol": 0.2, "refine_cg_iterations": 2,
+            "warm_start": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("randomize", "extra"),
+    [(True, {}), (False, {}), (True, ADAPTIVE)],
+    ids=["draw", "mode", "adaptive"],
+)
+def test_samples_do_not_depend_on_the_batch(tiny_unet_prior, rng, randomize, extra):
     """Object 7's samples through ``deconvolve`` (real UNet and operator): alone, first or
-    last in a batch -> the same; another seed -> different."""
+    last in a batch -> the same; another seed -> different. "adaptive": rows stop their
+    Gauss-Newton iterations on their own objective, so batch mates that go on change nothing."""
     obs = _stamps(3, rng)
     z = np.array([0.3, 0.4, 0.5])
     ids = np.array([5, 7, 9])
     cfg = SamplerConfig(
         sampler="dds", steps=6, samples=3, keep_samples=3, cg_iterations=5,
-        dds_randomize=randomize,
+        dds_randomize=randomize, **extra,
     )  # fmt: skip
 
     def run(order, config=cfg):
@@ -181,3 +193,45 @@ def test_only_clip_data_step_keeps_the_data_step_inside_the_prior_range():
     unclipped = run(clip_x0=False)
     np.testing.assert_allclose(float(unclipped.mean()), -1.072, atol=0.01)
     assert torch.equal(unclipped, run(clip_x0=False, clip_data_step=False))
+
+
+def test_rows_whose_objective_stops_falling_take_no_more_gauss_newton_iterations(
+    tiny_unet_prior, rng, monkeypatch
+):
+    """``gauss_newton_tol``: after each Gauss-Newton iteration, the rows whose perturbed
+    objective fell by less than that fraction leave; the next iteration runs on the others
+    (a sliced operator, ``refine_cg_iterations`` CG steps). At 0 every row runs every one."""
+    import d4a_batch.sampling.dds as dds
+
+    calls: list[tuple[int, int, int]] = []  # (rows, CG iterations, rows that kept going)
+    real = dds.perturbed_gauss_newton
+
+    def counted(lik, x, center, inv_r2, xi_y, xi_x, iterations, backtrack=0, objective=False):
+        out = real(lik, x, center, inv_r2, xi_y, xi_x, iterations, backtrack, objective)
+        if objective:
+            _, f0, f1 = out
+            calls.append((x.shape[0], iterations, int((f0 - f1 >= 0.2 * f0.abs()).sum())))
+        return out
+
+    monkeypatch.setattr(dds, "perturbed_gauss_newton", counted)
+    obs, z, ids = _stamps(3, rng), [0.3, 0.4, 0.5], [5, 7, 9]
+    base = SamplerConfig(sampler="dds", steps=4, samples=2, cg_iterations=5, gauss_newton=3)
+    deconvolve(obs, z, tiny_unet_prior, base, ids)
+    assert {(r, it) for r, it, _ in calls} == {(6, 5)} and len(calls) == 4 * 3
+    calls.clear()
+    deconvolve(obs, z, tiny_unet_prior, SamplerConfig(**{**base.__dict__, **ADAPTIVE}), ids)
+    steps: list[list[tuple[int, int, int]]] = []
+    for call in calls:  # a step's first iteration is the only one with 5 CG iterations
+        if call[1] == 5:
+            steps.append([])
+        steps[-1].append(call)
+    assert len(steps) == 4
+    for step in steps:
+        assert step[0][0] == 6 and all(it == 2 for _, it, _ in step[1:]) and len(step) <= 3
+        for (_, _, going), (rows, _, _) in itertools.pairwise(step):
+            assert rows == going  # exactly the rows whose objective kept falling go on
+        if len(step) < 3:
+            assert step[-1][2] == 0  # stopped early: no row was still falling
+    assert sum(len(step) for step in steps) < 12 or min(c[0] for c in calls) < 6, (
+        "the test needs rows that stop early"
+    )

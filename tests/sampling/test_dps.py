@@ -235,3 +235,24 @@ def test_rms_total_rule_pulls_as_far_at_25_and_100_steps():
     per_step = chi2["rms", 25] / chi2["rms", 100]
     assert 0.5 < total < 2.0
     assert abs(np.log(total)) < abs(np.log(per_step))
+
+
+def test_network_precision_bfloat16_is_close_to_float32_and_auto_is_float32_on_cpu(
+    tiny_unet_prior, rng
+):
+    """``network_precision``: "auto" on CPU is float32 (the samples as before, bit for bit);
+    "bfloat16" autocasts only the network (x_t and the data step stay float32): near, not
+    equal."""
+    obs = _stamps(2, rng)
+    cfg = SamplerConfig(sampler="dds", steps=6, samples=2, keep_samples=2, cg_iterations=5)
+
+    def run(precision):
+        c = SamplerConfig(**{**cfg.__dict__, "network_precision": precision})
+        return deconvolve(obs, [0.3, 0.4], tiny_unet_prior, c, [5, 7]).samples_x
+
+    auto, f32, bf16 = run("auto"), run("float32"), run("bfloat16")
+    assert np.array_equal(auto, f32)
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, f32)
+    assert np.abs(bf16 - f32).mean() < 0.05 * np.abs(f32).mean()
+    with pytest.raises(ValueError, match="network_precision"):
+        SamplerConfig(network_precision="float16")

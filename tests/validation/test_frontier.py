@@ -26,7 +26,14 @@ def test_specs_parse_to_sampler_fields():
         "clip_data_step": False,
     }  # fmt: skip
     assert parse_spec("dds:50:10:clip:gn1")["clip_data_step"] is True
-    for bad in ("dsp:50", "daps", "dps:x", "dds:25:10:draw", "dds:25:10:gn0", "dds:25:10:gnx"):
+    assert parse_spec("dds:50:10:gn3:rcg4:tol0.05:bf16") == {
+        "sampler": "dds", "steps": 50, "cg_iterations": 10, "gauss_newton": 3,
+        "refine_cg_iterations": 4, "gauss_newton_tol": 0.05, "network_precision": "bfloat16",
+    }  # fmt: skip
+    assert parse_spec("dds:50:10:gn3:nchw") == parse_spec("dds:50:10:gn3")
+    assert parse_spec("dps:50:fp32")["network_precision"] == "float32"
+    for bad in ("dsp:50", "daps", "dps:x", "dds:25:10:draw", "dds:25:10:gn0", "dds:25:10:gnx",
+                "dds:50:10:tol1.5", "dds:50:10:rcgx", "dds:50:10:nchw:gn3"):  # fmt: skip
         with pytest.raises(ValueError):
             parse_spec(bad)
 
@@ -34,7 +41,7 @@ def test_specs_parse_to_sampler_fields():
 def test_frontier_rows_per_spec_and_magnitude():
     seen = []
 
-    def run_spec(cfg):
+    def run_spec(cfg, spec):
         seen.append(cfg.sampler)
         k = 1.0 if cfg.sampler.sampler == "dps" else 2.0
         return [
@@ -52,5 +59,7 @@ def test_frontier_rows_per_spec_and_magnitude():
     assert budget(seen[1]) == (20, 20 * (2 + 1 + 10))
     dds = SamplerConfig(steps=50, cg_iterations=10, gauss_newton=3)
     assert budget(dds) == (50, 50 * 3 * (1 + 20))
+    refined = SamplerConfig(steps=50, cg_iterations=10, gauss_newton=3, refine_cg_iterations=4)
+    assert budget(refined) == (50, 50 * ((1 + 20) + 2 * (1 + 8)))
     assert table[table["spec"] == "daps:20:2:5"]["chi2"].eq(2.0).all()
     assert table["coverage68_cal"].isna().all()
