@@ -23,7 +23,7 @@ from matplotlib.patches import Circle, Rectangle
 from d4a_batch.config import FlagThresholds
 from d4a_batch.physics.stretch import DEFAULT_A
 from d4a_batch.sampling.residuals import normalised_residual
-from d4a_batch.schema import Col, Flag, Status, band_col
+from d4a_batch.schema import Col, Flag, Status, band_col, obs_col, pct_col
 
 DPI = 100
 RESIDUAL_RANGE = 5.0  # residual/sigma colour scale: ±this
@@ -210,12 +210,17 @@ def run_report(
 
     Panels: hallucination score, reduced χ², upsampling factor (with their flag
     thresholds), flag and status counts, score against the reddest band's magnitude,
-    masked fraction.
+    masked fraction, and the posterior half-light radius and axis ratio (median, 16-84 %)
+    against the observed stamp's (issue 31: what deconvolution changed; empty without those
+    columns).
     """
     t = thresholds or FlagThresholds()
     ok = catalog[catalog[Col.STATUS] == Status.OK.value]
-    fig = Figure(figsize=figsize, dpi=dpi)
-    axes = fig.subplots(2, 3)
+    fig = Figure(figsize=(figsize[0] * 4 / 3, figsize[1]), dpi=dpi)
+    grid = fig.subplots(2, 4)
+    axes = grid[:, :3]
+    _posterior_vs_observed(grid[0, 3], ok, Col.R50_KPC, "r50 (kpc)")
+    _posterior_vs_observed(grid[1, 3], ok, Col.AXIS_RATIO, "axis ratio b/a")
 
     def hist(ax, values, label, limit=None, log=False):
         v = np.asarray(values, dtype=np.float64)
@@ -265,6 +270,31 @@ def run_report(
     )
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _posterior_vs_observed(ax, ok: pd.DataFrame, col: str, label: str) -> None:
+    """A measurement's posterior median (16-84 % bars) against the observed stamp's value,
+    with the one-to-one line (for r50: points below it are galaxies the seeing enlarged)."""
+    post, lo, hi, obs = col, pct_col(col, 16), pct_col(col, 84), obs_col(col)
+    ax.set_xlabel(f"{label}, observed stamp")
+    ax.set_ylabel(f"{label}, posterior (16-84 %)")
+    if not {post, lo, hi, obs} <= set(ok.columns):
+        ax.text(0.5, 0.5, f"no {col} columns", ha="center", va="center", transform=ax.transAxes)
+        return
+    d = ok[[post, lo, hi, obs, Col.FLAGS]].apply(pd.to_numeric, errors="coerce")
+    d = d[np.isfinite(d[[post, obs]]).all(axis=1)]
+    if d.empty:
+        ax.text(0.5, 0.5, f"no measured {col}", ha="center", va="center", transform=ax.transAxes)
+        return
+    clean = d[Col.FLAGS].fillna(0).astype(np.int64) == 0
+    for sel, colour, name in ((clean, "tab:blue", "no flag"), (~clean, "tab:red", "flagged")):
+        g = d[sel]
+        err = np.clip([g[post] - g[lo], g[hi] - g[post]], 0, None)
+        ax.errorbar(g[obs], g[post], yerr=err, fmt="o", ms=3, color=colour, lw=0.8,
+                    label=f"{name} ({len(g)})")  # fmt: skip
+    top = float(np.nanmax(d[[post, obs, hi]].to_numpy()))
+    ax.plot([0, top], [0, top], color="0.5", lw=0.8, ls="--", label="one to one")
+    ax.legend(fontsize=8)
 
 
 def magnitude_figure(

@@ -14,7 +14,7 @@ from d4a_batch.figures import (
     run_report,
     science_figure,
 )
-from d4a_batch.schema import Col, Flag, Status, band_col
+from d4a_batch.schema import Col, Flag, Status, band_col, obs_col, pct_col
 
 
 def _size(path) -> tuple[int, int]:
@@ -85,7 +85,17 @@ def test_run_report_renders_a_catalog_with_errors_and_flags(tmp_path, rng):
     )
     df.loc[df[Col.STATUS] == Status.ERROR.value, [Col.HALLUCINATION, Col.CHI2]] = np.nan
     path = run_report(tmp_path / "report.png", df, figsize=(9, 6), dpi=60)
-    assert _size(path) == (540, 360)
+    assert _size(path) == (720, 360)  # a fourth column: posterior against observed size
+    # with the size columns (issue 31), one NaN size (a flag forbade it) among them
+    r50_obs = rng.uniform(1, 6, n)
+    df[obs_col(Col.R50_KPC)] = r50_obs
+    df[Col.R50_KPC] = 0.7 * r50_obs
+    df[pct_col(Col.R50_KPC, 16)] = 0.6 * r50_obs
+    df[pct_col(Col.R50_KPC, 84)] = 0.8 * r50_obs
+    df.loc[1, Col.R50_KPC] = np.nan
+    path = run_report(tmp_path / "report_sizes.png", df, figsize=(9, 6), dpi=60)
+    assert _size(path) == (720, 360)
+    assert path.read_bytes() != (tmp_path / "report.png").read_bytes()
 
 
 def test_magnitude_and_science_figures_render(tmp_path, rng):
