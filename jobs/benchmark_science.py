@@ -281,7 +281,7 @@ def frontier(args, out: Path, config, scored, truth, prior_cfg, rl_best) -> list
 
     table = run_frontier(args.compare, config, run_spec)
     frontier_figure(out / "frontier.png", table)
-    cols = ["spec", "mag_i", "objects", "net_evals", "op_grads", "time_ratio", "psnr_mean",
+    cols = ["spec", "mag_i", "objects", "net_evals", "op_grads", "time_ratio", "cpu_ratio", "psnr_mean",
             "psnr_rl", "ssim_mean", "ssim_rl", "chi2", "coverage68", "coverage95"]  # fmt: skip
     (out / "frontier.md").write_text(markdown_table(table.to_dict("records"), cols) + "\n")
     log("frontier:\n" + markdown_table(table.to_dict("records"), cols))

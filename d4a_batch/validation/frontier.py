@@ -8,7 +8,10 @@ is scored against the truth like the main run (``score_pack``). Budget columns:
   DAPS: ``steps`` forward passes, no network gradient);
 - ``op_grads``: likelihood (operator) gradients or Jacobian products per sample;
 - ``time_ratio``: wall time / wall time of the reference spec (the first, DPS-50 by
-  default) measured in this process, on this machine, in this run.
+  default) measured in this process, on this machine, in this run;
+- ``cpu_ratio``: the same with this process's CPU time (``time.process_time``), which a
+  shared machine's other load does not inflate (single-threaded torch: CPU time is the
+  work done).
 Per i-magnitude bin (rounded to the nearest magnitude): median PSNR/SSIM of the posterior
 mean and of Richardson-Lucy against the truth, median χ²/dof, mean 68/95 % core coverage.
 ``coverage68_cal``/``coverage95_cal`` are hooks for the calibrated intervals (None until a
@@ -115,13 +118,14 @@ def run_frontier(
     dicts with mag_i_true, psnr_mean, psnr_rl, ssim_mean, ssim_rl, chi2, coverage68,
     coverage95); ``spec`` is passed for what is not a sampler field (``NCHW``).
     """
-    rows, ref_seconds = [], None
+    rows, ref_seconds, ref_cpu = [], None, None
     for spec in specs:
         cfg = replace(config, sampler=replace(config.sampler, **parse_spec(spec)))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         records = run_spec(cfg, spec)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         ref_seconds = ref_seconds or seconds
+        ref_cpu = ref_cpu or cpu
         nets, ops = budget(cfg.sampler)
         df = pd.DataFrame(records)
         df["mag_bin"] = np.round(df["mag_i_true"]).astype(int).astype(str)
@@ -130,6 +134,7 @@ def run_frontier(
             rows.append({
                 "spec": spec, "mag_i": key, "objects": len(g), "net_evals": nets,
                 "op_grads": ops, "seconds": seconds, "time_ratio": seconds / ref_seconds,
+                "cpu_seconds": cpu, "cpu_ratio": cpu / ref_cpu if ref_cpu else None,
                 "psnr_mean": float(g["psnr_mean"].median()),
                 "psnr_rl": float(g["psnr_rl"].median()),
                 "ssim_mean": float(g["ssim_mean"].median()),

@@ -55,7 +55,7 @@ def test_frontier_rows_per_spec_and_magnitude():
     assert seen[1].steps == 20 and seen[1].inner_steps == 2 and seen[1].cg_iterations == 5
     assert list(table["mag_i"]) == ["all", "18", "22"] * 2
     assert list(table["objects"]) == [3, 2, 1] * 2
-    assert table["time_ratio"].iloc[0] == 1.0
+    assert table["time_ratio"].iloc[0] == 1.0 and table["cpu_ratio"].iloc[0] == 1.0
     assert budget(seen[1]) == (20, 20 * (2 + 1 + 10))
     dds = SamplerConfig(steps=50, cg_iterations=10, gauss_newton=3)
     assert budget(dds) == (50, 50 * 3 * (1 + 20))
