@@ -22,8 +22,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import d4a_batch.sampling.dds as dds
 from d4a_batch.config import SamplerConfig
 from d4a_batch.physics.operator import ForwardOperator
 from d4a_batch.prior.artifact import load_prior
@@ -52,8 +54,45 @@ class Timers:
         return timed
 
 
-def profile(prior, cfg: SamplerConfig, mags, z: float) -> dict:
-    """Run ``deconvolve`` on the magnitude galaxy at ``mags`` with timers installed."""
+def cg_traced(records: list[dict], state: dict):
+    """``dds.perturbed_gauss_newton`` recording each call's CG residual trace (see --cg-trace)."""
+    real = dds.perturbed_gauss_newton
+
+    def traced(*args, **kwargs):
+        trace: list[torch.Tensor] = []
+        out = real(*args, **kwargs, trace=trace)
+        if trace:
+            rel = torch.stack(trace).numpy()  # [iterations, rows]
+            records.append({"step": state["step"], "call": state["call"], "rows": rel.shape[1],
+                             "median": np.median(rel, axis=1).tolist(),
+                             "max": rel.max(axis=1).tolist()})  # fmt: skip
+        state["call"] += 1
+        return out
+
+    return traced
+
+
+def cg_table(records: list[dict], steps: int) -> list[dict]:
+    """Per Gauss-Newton iteration and third of the steps: the median over calls of the rows'
+    median and maximum relative residual after the first, third and last CG iteration."""
+    out = []
+    for k in sorted({r["call"] for r in records}):
+        for third, name in enumerate(("early", "middle", "late")):
+            sel = [r for r in records
+                   if r["call"] == k and third * steps // 3 <= r["step"] < (third + 1) * steps // 3]  # fmt: skip
+            if not sel:
+                continue
+            row = {"gauss_newton": k + 1, "steps": name, "calls": len(sel)}
+            for j, label in ((0, "1"), (2, "3"), (-1, "last")):
+                row[f"median_after_{label}"] = float(np.median([r["median"][j] for r in sel]))
+                row[f"max_after_{label}"] = float(np.median([r["max"][j] for r in sel]))
+            out.append(row)
+    return out
+
+
+def profile(prior, cfg: SamplerConfig, mags, z: float, cg_trace: bool = False) -> dict:
+    """Run ``deconvolve`` on the magnitude galaxy at ``mags`` with timers installed (and,
+    with ``cg_trace``, each data step's CG residual trace)."""
     pcfg = prior.config
     obs = make_observations(
         pcfg.bands, pcfg.kpc_per_pixel, pcfg.image_size,
@@ -66,13 +105,24 @@ def profile(prior, cfg: SamplerConfig, mags, z: float) -> dict:
     prior.model.forward = timers.wrap("network", net_forward)
     ForwardOperator.linear = timers.wrap("operator (linear)", lin)
     ForwardOperator.adjoint = timers.wrap("operator (adjoint)", adj)
+    records: list[dict] = []
+    state = {"step": 0, "call": 0}
+    real_pgn = dds.perturbed_gauss_newton
+    if cg_trace:
+        dds.perturbed_gauss_newton = cg_traced(records, state)
+
+    def next_step(i, x):
+        state["step"], state["call"] = state["step"] + 1, 0
+
     try:
         t0 = time.perf_counter()
-        deconvolve(obs.obs, [z] * len(mags), prior, cfg, list(range(1, len(mags) + 1)))
+        deconvolve(obs.obs, [z] * len(mags), prior, cfg, list(range(1, len(mags) + 1)),
+                   callback=next_step)  # fmt: skip
         total = time.perf_counter() - t0
     finally:
         prior.model.forward = net_forward
         ForwardOperator.linear, ForwardOperator.adjoint = lin, adj
+        dds.perturbed_gauss_newton = real_pgn
     rows = []
     for name in ("network", "operator (linear)", "operator (adjoint)"):
         rows.append({"part": name, "seconds": timers.seconds[name], "calls": timers.calls[name],
@@ -81,7 +131,10 @@ def profile(prior, cfg: SamplerConfig, mags, z: float) -> dict:
     rows.append({"part": "rest (CG, GN, amplitudes, Python)", "seconds": rest, "calls": 0,
                  "share": rest / total})  # fmt: skip
     rows.append({"part": "total", "seconds": total, "calls": 0, "share": 1.0})
-    return {"rows": rows, "objects": len(mags), "rows_per_batch": len(mags) * cfg.samples}
+    out = {"rows": rows, "objects": len(mags), "rows_per_batch": len(mags) * cfg.samples}
+    if cg_trace:
+        out["cg_trace"] = cg_table(records, cfg.steps)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations)
     p.add_argument("--gauss-newton", type=int, default=SamplerConfig().gauss_newton)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cg-trace", action="store_true",
+                   help="also record how far each data step's CG gets: the preconditioned "
+                        "residual relative to its start after 1, 3 and all iterations, per "
+                        "Gauss-Newton iteration and third of the steps (dds)")  # fmt: skip
     p.add_argument("--out", type=Path, help="folder for profile.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         SamplerConfig(), sampler=args.sampler, steps=args.steps, samples=args.samples,
         cg_iterations=args.cg, gauss_newton=args.gauss_newton,
     )  # fmt: skip
-    result = profile(prior, cfg, args.mags, args.z)
+    result = profile(prior, cfg, args.mags, args.z, args.cg_trace)
     print(markdown_table(result["rows"], ("part", "seconds", "calls", "share"), ".3g"))
+    if args.cg_trace:
+        cols = ("gauss_newton", "steps", "calls", "median_after_1", "median_after_3",
+                "median_after_last", "max_after_1", "max_after_3", "max_after_last")  # fmt: skip
+        print(markdown_table(result["cg_trace"], cols, ".2g"))
     if args.out is not None:
         doc = {**run_header(), "sampler": dataclasses.asdict(cfg), "mags": args.mags,
                "threads": args.threads, **result}  # fmt: skip

@@ -265,6 +265,7 @@ def perturbed_gauss_newton(
     iterations: int,
     backtrack: int = 0,
     objective: bool = False,
+    trace: list | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One perturb-and-optimise Gauss-Newton step, solved by preconditioned CG per row.
 
@@ -284,6 +285,8 @@ def perturbed_gauss_newton(
 
     ``objective``: return (x + t·δ, F(x)[R], F(x + t·δ)[R]) (F as above; with ``backtrack``
     they come from the backtracking's own evaluations, else at the cost of two more).
+    ``trace`` (a list): gets, per CG iteration, the preconditioned residual norm relative to
+    the start, √(rᵀM⁻¹r / r₀ᵀM⁻¹r₀) per row [R] (``jobs/profile_sampler.py --cg-trace``).
     """
     x = x.detach()
     r0, jvp, vjp = lik.linearize(x)
@@ -300,6 +303,7 @@ def perturbed_gauss_newton(
     z = m_inv * res
     p = z
     rz = _rowdot(res, z)
+    rz0 = rz
     shape = (-1, *([1] * (x.ndim - 1)))
     for _ in range(iterations):
         ap = hess(p)
@@ -312,6 +316,8 @@ def perturbed_gauss_newton(
         beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0).reshape(shape)
         p = z + beta * p
         rz = rz_new
+        if trace is not None:
+            trace.append((rz / torch.where(rz0 > 0, rz0, 1.0)).clamp_min(0).sqrt())
     if backtrack > 0:
         out, f0, f1 = _backtrack(lik, x, delta, center, inv_r2, xi_y, xi_x, backtrack, r0)
         return (out, f0, f1) if objective else out
