@@ -120,3 +120,17 @@ def test_bad_arguments():
         convolve_fft(torch.ones(1, 1, 8, 8), torch.ones(3, 3))
     with pytest.raises(ValueError, match="dtype"):
         convolve_fft(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3, dtype=torch.float64))
+
+
+def test_the_fft_grid_is_only_as_large_as_the_same_output_needs():
+    """H + max(P//2, P-1-P//2) per axis (rounded to a fast size), not H + P - 1: a 64-pixel
+    stamp with a 43-pixel PSF transforms 90² points, not 108² (issue 30). The wrap-around
+    this allows lands only in what 'same' crops: test_fft_equals_direct_float32 (PSFs up to
+    twice the stamp) and test_adjoint_identity hold on this grid."""
+    from d4a_batch.physics.psf import fft_shape
+
+    assert fft_shape((64, 64), (43, 43)) == (90, 90)
+    assert fft_shape((30, 27), (8, 6)) == (36, 30)  # even sides: c = P//2 is the larger half
+    for h, p in ((16, 7), (20, 44), (96, 43)):
+        (n,) = {*fft_shape((h, h), (p, p))}
+        assert h + p // 2 <= n < h + p - 1 or n == h + p - 1
