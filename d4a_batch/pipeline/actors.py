@@ -146,7 +146,7 @@ class DeconvolveActor:
 
     def _sample(self, pack: pa.Table) -> pa.Table:
         """Output rows of a pack of objects to sample."""
-        from d4a_batch.sampling.dps import deconvolve
+        from d4a_batch.sampling.deconvolve import deconvolve
 
         a = pack_arrays(pack)
         self.progress.pack_started(a[Col.OBJECT_ID].tolist())

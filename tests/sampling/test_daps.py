@@ -14,13 +14,15 @@ from d4a_batch.physics.operator import (
     whitened_residual,
 )
 from d4a_batch.physics.stretch import inverse_stretch
-from d4a_batch.sampling.daps import (
+from d4a_batch.sampling.daps import daps_sample
+from d4a_batch.sampling.deconvolve import deconvolve
+from d4a_batch.sampling.dps import dps_sample
+from d4a_batch.sampling.likelihood import (
     OperatorLikelihood,
     ResidualLikelihood,
-    daps_sample,
     profiled_residual_jacobian,
 )
-from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
+from d4a_batch.sampling.rows import row_generators
 from tests.sampling.conftest import (
     assert_matches_gaussian_posterior,
     galaxy_prior,
