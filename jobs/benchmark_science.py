@@ -4,10 +4,10 @@
     python jobs/benchmark_science.py --prior /path/to/prior --n-objects 64 --samples 32 \\
         --steps 100 --out runs/science
 
-What runs: the engine's own staging (``survey.staging.Stager``) and sampling actor
-(``pipeline.actors.DeconvolveActor``: ``sampling.deconvolve`` plus the output rows and
-flags), in this process, without Ray (``validation.science``). The actor keeps all samples
-so the posterior's coverage can be measured.
+What runs: the engine's own staging (``survey.staging.Stager``) and sampling stage
+(``pack_sampler.PackSampler``, which the engine's actor wraps: ``sampling.deconvolve`` plus
+the output rows and flags), in this process, without Ray (``validation.science``). The
+sampler keeps all samples so the posterior's coverage can be measured.
 
 Mock survey (``mock.survey``, truth kept aside): the first ``--n-tune`` objects (by id) tune
 the Richardson-Lucy iterations and are not scored; the others are deconvolved and scored:
@@ -44,7 +44,7 @@ from d4a_batch.validation.metrics import core_mask
 from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.science import (
     hsc_npz_rows,
-    make_actor,
+    make_sampler,
     object_plots,
     read_rows,
     read_truth,
@@ -134,13 +134,13 @@ def calibration_section(results, truth, prior_cfg, config: RunConfig) -> dict | 
     return engine_report(packs, SNR_BINS, core, core_radius=radius * prior_cfg.image_size)
 
 
-def real_hsc(args, out: Path, config: RunConfig, prior_cfg, actor, spec) -> dict:
+def real_hsc(args, out: Path, config: RunConfig, prior_cfg, sampler, spec) -> dict:
     """Deconvolve the sources of the real HSC cutout; χ²/dof and figures."""
     rows = hsc_npz_rows(REAL_NPZ, out / "real" / "fits", prior_cfg.bands, args.real_z)
     objs = stage_objects(rows, str(out / "real" / "fits"), prior_cfg, config)
     errors = {int(o.ident[Col.OBJECT_ID]): o.error for o in objs if o.error}
     ok = [o for o in objs if o.error is None]
-    results = run_packs(actor, spec, ok, args.batch_size, log)
+    results = run_packs(sampler, spec, ok, args.batch_size, log)
     records = []
     for arrays, df, maps in results:
         object_plots(out / "real", arrays, maps, df, arrays[SCALE], prior_cfg, k=len(df))
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_only:
         return compare_only(args, out, config, scored, truth, prior_cfg, prior_meta, rl_best,
                             survey, survey_cfg, t_start)  # fmt: skip
-    actor, spec = make_actor(args.prior, config, args.threads)
+    sampler, spec = make_sampler(args.prior, config, args.threads)
     t0 = time.perf_counter()
-    results = run_packs(actor, spec, scored, args.batch_size, log)
+    results = run_packs(sampler, spec, scored, args.batch_size, log)
     sample_seconds = time.perf_counter() - t0
     records = [
         r
@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                      args.figures)  # fmt: skip
     real = None
     if not args.no_real and REAL_NPZ.exists():
-        real = real_hsc(args, out, config, prior_cfg, actor, spec)
+        real = real_hsc(args, out, config, prior_cfg, sampler, spec)
     doc = {
         **run_header(),
-        "engine_path": "Stager -> make_packs -> DeconvolveActor.process in-process (no Ray)",
+        "engine_path": "Stager -> make_packs -> PackSampler.process in-process (no Ray)",
         "prior": {
             "path": str(Path(args.prior).resolve()),
             **prior_meta,
@@ -272,10 +272,10 @@ def frontier(args, out: Path, config, scored, truth, prior_cfg, rl_best) -> list
     """Sampler specs (``--compare``) on the same scored objects, in turn (validation.frontier)."""
 
     def run_spec(cfg, spec_text: str) -> list[dict]:
-        actor, spec = make_actor(args.prior, cfg, args.threads)
+        sampler, spec = make_sampler(args.prior, cfg, args.threads)
         if spec_text.endswith(":" + NCHW):  # the network's layout before 2026-12-08
-            actor.prior.model.to(memory_format=torch.contiguous_format)
-        res = run_packs(actor, spec, scored, args.batch_size, log)
+            sampler.prior.model.to(memory_format=torch.contiguous_format)
+        res = run_packs(sampler, spec, scored, args.batch_size, log)
         return [r for arrays, df, maps in res
                 for r in score_pack(arrays, df, maps, truth, prior_cfg, cfg, rl_best)]  # fmt: skip
 

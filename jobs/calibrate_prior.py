@@ -13,7 +13,7 @@ arXiv 2202.05265):
    the HSC COSMOS coadd sky variance and gain, ``mock.survey``), not real HSC noise: the
    guarantee holds for data exchangeable with these mocks, and real stamps are not exactly
    (real noise is correlated by the coadd's resampling, real galaxies differ from GalSim's).
-2. Both sets go through the engine's staging and sampling actor in this process
+2. Both sets go through the engine's staging and sampling stage in this process
    (``validation.science``) with the sampler config of ``--sampler`` (the engine's default
    ``RunConfig().sampler``, the demo's, or given fields; all samples kept). Packs are cached under ``--work`` (one ``.npz`` per pack), alternating between the
    two sets, so that an interrupted run keeps what it sampled and a rerun only fits.
@@ -55,7 +55,7 @@ from d4a_batch.validation.metrics import core_mask
 from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import (
-    make_actor,
+    make_sampler,
     observations,
     read_rows,
     read_sampled_pack,
@@ -128,7 +128,7 @@ def sample_sets(args, prior_cfg, config: RunConfig) -> None:
         log(f"{name}: {len(objs)} objects staged, {len(objs) - len(ok)} staging errors")
         (args.work / "packs").mkdir(parents=True, exist_ok=True)
         sets[name] = (root, ok)
-    actor, spec = make_actor(args.prior, config, args.threads)
+    sampler, spec = make_sampler(args.prior, config, args.threads)
     chunks = {
         name: [ok[i : i + args.batch_size] for i in range(0, len(ok), args.batch_size)]
         for name, (_, ok) in sets.items()
@@ -142,7 +142,9 @@ def sample_sets(args, prior_cfg, config: RunConfig) -> None:
                 continue
             truth = read_truth(root)
             chunk = chunks[name][k]
-            for j, (arrays, df, maps) in enumerate(run_packs(actor, spec, chunk, len(chunk), log)):
+            for j, (arrays, df, maps) in enumerate(
+                run_packs(sampler, spec, chunk, len(chunk), log)
+            ):
                 save_sampled_pack(
                     args.work / "packs" / f"{name}_{k:03d}_{j}.npz", arrays, df, maps, truth
                 )

@@ -5,7 +5,7 @@
         --sampler dds --gauss-newton 3 --cg 10 --out docs/results/profile_sampler
 
 The magnitude experiment's galaxy (``validation.magnitude``) at each ``--mags`` is one object
-of one batch, deconvolved by ``sampling.dps.deconvolve`` exactly as the engine does it. The
+of one batch, deconvolved by ``sampling.deconvolve`` exactly as the engine does it. The
 network (``prior.model``'s forward), the operator's linear map and adjoint
 (``ForwardOperator.linear`` / ``adjoint``) are timed around every call (single-threaded CPU
 ops are synchronous, so wall time inside a call is that call's), and counted; the remainder
@@ -29,7 +29,7 @@ import d4a_batch.sampling.dds as dds
 from d4a_batch.config import SamplerConfig
 from d4a_batch.physics.operator import ForwardOperator
 from d4a_batch.prior.artifact import load_prior
-from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.schema import DEMO_PRIOR_DIR
 from d4a_batch.validation.magnitude import MagnitudeConfig, make_observations
 from d4a_batch.validation.report import markdown_table, run_header, write_json

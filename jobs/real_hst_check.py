@@ -8,7 +8,7 @@ The HST/ACS F814W galaxy in ../shared/data (0.03''/px) is observed as HSC would 
 variance of each band of the scarlet COSMOS cutout, i = ``--mag-i``), written as HSC
 cutout-service and PSF-picker FITS files, staged by the engine's Stager at each assumed
 redshift ``--z`` (the galaxy's own redshift is not in the data) and sampled by the engine's
-actor in this process with the run's sampler settings (``RunConfig()`` defaults unless
+sampling stage (``pack_sampler.PackSampler``) in this process with the run's sampler settings (``RunConfig()`` defaults unless
 ``--steps``/``--samples``/``--sampler``). Reported per z: chi2/dof of the re-convolved
 posterior mean and the Pearson correlation with the HST truth (resampled to HSC pixels,
 no PSF) of the posterior mean and of the observation, over the whole model footprint and
@@ -49,7 +49,7 @@ from d4a_batch.validation.real_hst import (
     score_real,
 )
 from d4a_batch.validation.report import run_header, write_json
-from d4a_batch.validation.science import make_actor, object_plots, run_packs, stage_objects
+from d4a_batch.validation.science import make_sampler, object_plots, run_packs, stage_objects
 
 RA, DEC = 150.1, 2.2
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     bands = tuple(prior_cfg.bands)
     i_band = bands.index("i")
     obs = degrade_to_hsc(hst_galaxy(), bands, args.mag_i)
-    actor, spec = make_actor(args.prior, config, args.threads)
+    sampler, spec = make_sampler(args.prior, config, args.threads)
     results = []
     for z in args.z:
         folder = (args.out / f"z{z:g}").resolve()
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if staged[0].error is not None:
             raise RuntimeError(f"staging failed at z = {z}: {staged[0].error}")
         t0 = time.perf_counter()
-        [(arrays, df, maps)] = run_packs(actor, spec, staged, 1)
+        [(arrays, df, maps)] = run_packs(sampler, spec, staged, 1)
         seconds = time.perf_counter() - t0
         rec = {"z": z, "seconds": seconds, "stamp_size": int(arrays["image"].shape[-1])}
         rec |= score_real(

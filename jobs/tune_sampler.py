@@ -46,7 +46,7 @@ from d4a_batch.mock.galaxies import draw_galaxy, sample_params
 from d4a_batch.mock.survey import INV_GAIN, MEDIAN_SEEING, SKY_VARIANCE, draw_psf
 from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, model_pixel_scale
 from d4a_batch.prior.artifact import Prior, load_prior
-from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.sampling.summaries import aperture_mask
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.training.data import to_model_space

@@ -53,7 +53,7 @@ class CalibrationError(ValueError):
 _DPS_REFERENCE_STEPS = 50
 
 
-# SamplerConfig fields each sampler does not read (``sampling.dps.deconvolve``): they cannot
+# SamplerConfig fields each sampler does not read (``sampling.deconvolve``): they cannot
 # change its samples, so a calibration does not depend on them
 _UNUSED_BY = {
     "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton", "clip_data_step",

@@ -5,7 +5,7 @@ large-scale inverse problems", ICLR 2024: a few CG steps on x̂0 under the forwa
 then re-noise); the likelihood step of DAPS (Zhang et al. 2024, arXiv 2407.01521) and PnP-DM
 (Wu et al. 2024, arXiv 2405.18782). Written from the papers; no code copied.
 
-One reverse step at spaced index i (rows r = o*S + k as in ``dps``), no gradient through the
+One reverse step at spaced index i (rows r = o*S + k, ``sampling.rows``), no gradient through the
 network:
 
     x̂0  = x̂0(x_t)                                   one network forward pass
@@ -13,14 +13,14 @@ network:
     x_{t−1} = coef1_i x̂0' + coef2_i x_t + σ_i z         (the prior's own reverse step)
 
 r(x): the object's whitened residual (own operator, per-pixel variance, mask, profiled α, β:
-``daps.OperatorLikelihood``); r_i² = λ s_i² / (λ + s_i²), s_i² = (1 − ᾱ_i)/ᾱ_i, λ the prior's
+``likelihood.OperatorLikelihood``); r_i² = λ s_i² / (λ + s_i²), s_i² = (1 − ᾱ_i)/ᾱ_i, λ the prior's
 pixel variance (``stats_var``): the variance of p(x0 | x_t) for a per-pixel Gaussian prior,
 so the weight of the data against x̂0 comes from the data's own noise and the prior, with no
 step size to tune per object. Bright objects (data curvature 10⁴-10⁵ × the prior's) are
 pulled onto the data as far as their S/N allows; faint ones barely move. As t → 0, r_i → 0
 and the last steps leave x̂0 alone: the final sample is the network's denoised state.
 
-``randomize=True`` (perturb-and-optimise, as in ``daps.perturbed_gauss_newton``): x̂0' is a
+``randomize=True`` (perturb-and-optimise, ``likelihood.perturbed_gauss_newton``): x̂0' is a
 draw of N(x̂0, r_i²)·p(y | x) instead of its mode. For a Gaussian prior and a linear operator,
 that is an exact draw of p(x0 | x_t, y), and the step above an exact draw of
 p(x_{t−1} | x_t, y): the sampler is exact (tests/sampling/test_dds.py). The mode (False)
@@ -51,7 +51,7 @@ pixels that its noise implies, as any linear deconvolution does (docs/HISTORY.md
 Cost per sample: ``steps`` network forward passes (DPS: forward + backward) plus
 ``steps · gauss_newton · (2·cg + 2)`` operator passes (and up to ``BACKTRACK + 2`` residual
 evaluations per Gauss-Newton iteration when ``gauss_newton`` > 1). Randomness: the perturbations of row (o, k) come from
-its own generator (``dps.row_generators``), before that step's z.
+its own generator (``rows.row_generators``), before that step's z.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ import numpy as np
 import torch
 
 from d4a_batch.prior.artifact import Prior
-from d4a_batch.sampling.daps import VAR_FLOOR, perturbed_gauss_newton, perturbed_objective
-from d4a_batch.sampling.dps import ConsistencyFn, StepCallback, dps_sample, randn_rows
+from d4a_batch.sampling.dps import dps_sample
+from d4a_batch.sampling.likelihood import VAR_FLOOR, perturbed_gauss_newton, perturbed_objective
+from d4a_batch.sampling.rows import ConsistencyFn, StepCallback, randn_rows
 
 BACKTRACK = 3  # step halvings tried per Gauss-Newton iteration (t = 1, ½, ¼, ⅛, else 0)
 
@@ -89,12 +90,12 @@ def consistency_step(
 ) -> ConsistencyFn:
     """The data-consistency map ``(i, x̂0[R,C,N,N]) -> x̂0'`` of the sampler with ``steps`` steps.
 
-    ``likelihood``: ``daps.OperatorLikelihood`` or ``daps.ResidualLikelihood`` (row r of the
+    ``likelihood``: ``likelihood.OperatorLikelihood`` or ``likelihood.ResidualLikelihood`` (row r of the
     residual depends on row r only). ``cg``: PCG iterations of the Gauss-Newton system.
     ``generators`` (one per row): randomise the step (see the module docstring); None: the mode.
     ``prior_var[C,N,N]``: λ (default ``prior.stats_var``). ``gauss_newton``: Gauss-Newton
     iterations on the same perturbed objective (re-linearised at each iterate; with more than
-    one, every step is safeguarded by backtracking, ``daps.perturbed_gauss_newton``).
+    one, every step is safeguarded by backtracking, ``likelihood.perturbed_gauss_newton``).
     ``refine_cg``: CG iterations of the Gauss-Newton iterations after the first (0: ``cg``).
     ``gauss_newton_tol`` > 0: a row whose Gauss-Newton iteration lowered its perturbed
     objective by less than this fraction of it takes no more; the later iterations run on
@@ -199,7 +200,7 @@ def dds_sample(
     Gaussian prior and a linear residual), else the mode (re-noised as the prior samples).
     ``likelihood`` None samples the prior. ``clip_x0`` clips the network's x̂0 to [−1, 1];
     ``clip_data_step`` clips x̂0' (and so the sample) too (module docstring). ``refine_cg``,
-    ``gauss_newton_tol``, ``warm_start``: ``consistency_step``; ``network_precision``: ``dps.network_autocast``.
+    ``gauss_newton_tol``, ``warm_start``: ``consistency_step``; ``network_precision``: ``rows.network_autocast``.
     """
     consistency = None
     if likelihood is not None:

@@ -5,8 +5,8 @@
 - **loop**: what a user would write without the engine, in this process: read the
   catalog's partitions, stage every object (``Stager.stage_rows``), pack them
   (``make_packs``), sample each pack with the engine's own per-pack code
-  (``DeconvolveActor.process``: the prior loaded once, torch with all of this
-  process's threads), write the rows to one Parquet file;
+  (``PackSampler.process``, which the engine's actor wraps: the prior loaded once, torch
+  with all of this process's threads), write the rows to one Parquet file;
 - **engine**: ``pipeline.engine.run_survey`` on a Ray cluster already started (its
   start-up is not counted: a cluster serves many runs): fingerprints, ledger, staging
   tasks, the actor pool in its default layout, commits, catalog metadata.
@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from d4a_batch.config import RunConfig, to_dict
+from d4a_batch.config import RunConfig
 from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
 from d4a_batch.prior.artifact import read_prior_config
 
@@ -50,7 +50,7 @@ def plain_loop(
     """Seconds (wall) of the loop over every object of ``survey`` in this process."""
     import torch
 
-    from d4a_batch.pipeline.actors import DeconvolveActor
+    from d4a_batch.pack_sampler import PackSampler
     from d4a_batch.survey.hats_io import open_input_catalog, read_partition
     from d4a_batch.survey.output import OutputSpec, Provenance
     from d4a_batch.survey.packs import make_packs
@@ -73,8 +73,8 @@ def plain_loop(
     spec = OutputSpec(bands=bands, image_size=prior_cfg.image_size, maps=config.write_maps)
     prov = Provenance.new_run(prior_cfg, meta, config)
     try:
-        actor = DeconvolveActor(prior_path, to_dict(config), spec, prov, torch_threads=threads)
-        tables = [actor.process(p["kind"], p["pack"]) for p in packs]
+        sampler = PackSampler(prior_path, config, spec, prov, torch_threads=threads)
+        tables = [sampler.process(p["kind"], p["pack"]) for p in packs]
     finally:
         torch.set_num_threads(before)
     out.parent.mkdir(parents=True, exist_ok=True)

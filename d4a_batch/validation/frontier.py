@@ -1,7 +1,7 @@
 """Sampler frontier: DPS and DAPS at several budgets on the same scored mocks, in one run.
 
 A spec is ``sampler:steps`` or ``daps:steps:inner:cg`` (e.g. ``dps:50``, ``dps:25``,
-``daps:30:4:20``). Each spec re-runs the engine's sampling actor (``make_actor`` /
+``daps:30:4:20``). Each spec re-runs the engine's sampling stage (``make_sampler`` /
 ``run_packs`` of ``validation.science``) on the same staged objects with the same seeds and
 is scored against the truth like the main run (``score_pack``). Budget columns:
 - ``net_evals``: network evaluations per sample (DPS: ``steps`` forward + backward passes;

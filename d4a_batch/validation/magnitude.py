@@ -39,7 +39,7 @@ from d4a_batch.mock.galaxies import draw_galaxy, sample_params
 from d4a_batch.mock.survey import INV_GAIN, MEDIAN_SEEING, SKY_VARIANCE
 from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, model_pixel_scale
 from d4a_batch.prior.artifact import Prior
-from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.survey.fits_io import PSF_SIZE
 from d4a_batch.survey.staging import stamp_size
 from d4a_batch.validation.metrics import aperture_snr, core_mask, coverage, image_scores

@@ -46,7 +46,9 @@ from d4a_batch.config import PhysicsConfig, SamplerConfig
 from d4a_batch.physics.stretch import inverse_stretch
 from d4a_batch.prior.artifact import Prior
 from d4a_batch.sampling.calibrate import observed_snr, usable_calibration
-from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
+from d4a_batch.sampling.deconvolve import deconvolve
+from d4a_batch.sampling.dps import dps_sample
+from d4a_batch.sampling.rows import row_generators
 from d4a_batch.validation.baselines import tune_iterations
 from d4a_batch.validation.calibration import (
     coverage_per_galaxy,

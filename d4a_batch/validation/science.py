@@ -1,9 +1,10 @@
-"""Science validation on catalogs: the engine's staging and sampling actor, scored against truth.
+"""Science validation on catalogs: the engine's staging and sampling stage, scored against truth.
 
 The path is the engine's minus Ray: catalog rows (``hats_io.read_partition``) ->
-``Stager.stage`` -> ``make_packs`` -> ``DeconvolveActor.process`` (``sampling.deconvolve``
-plus the output rows and flags of ``survey.output``), run in this process. The actor keeps
-every sample (``keep_samples = samples``) so that coverage can be measured.
+``Stager.stage`` -> ``make_packs`` -> ``PackSampler.process`` (``sampling.deconvolve``
+plus the output rows and flags of ``survey.output``; the engine's sampling actor wraps the
+same class), run in this process. The sampler keeps every sample (``keep_samples =
+samples``) so that coverage can be measured.
 
 Per object with a known truth (the mock survey's ``truth.parquet``): PSNR/SSIM of the
 posterior mean, of Richardson-Lucy and of the resampled observation against the truth
@@ -28,10 +29,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from d4a_batch.config import ColumnMap, PhysicsConfig, PriorConfig, RunConfig, to_dict
+from d4a_batch.config import ColumnMap, PhysicsConfig, PriorConfig, RunConfig
 from d4a_batch.mock.survey import TRUTH_FILE
+from d4a_batch.pack_sampler import PackSampler
 from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, model_pixel_scale
-from d4a_batch.pipeline.actors import DeconvolveActor
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import Col
 from d4a_batch.survey.fits_io import hsc_tan_wcs, write_hsc_cutout, write_psf
@@ -159,10 +160,10 @@ def stage_objects(
 
 
 # --------------------------------------------------------------------------- the sampler
-def make_actor(
+def make_sampler(
     prior_path: str, config: RunConfig, torch_threads: int | None = 1
-) -> tuple[DeconvolveActor, OutputSpec]:
-    """The engine's sampling actor (in this process) for ``config``, keeping every sample."""
+) -> tuple[PackSampler, OutputSpec]:
+    """The engine's sampling stage (in this process) for ``config``, keeping every sample."""
     config = dataclasses.replace(
         config, sampler=dataclasses.replace(config.sampler, keep_samples=config.sampler.samples)
     )
@@ -171,12 +172,12 @@ def make_actor(
         bands=tuple(cfg.bands), image_size=cfg.image_size, keep_samples=config.sampler.samples
     )
     provenance = Provenance.new_run(cfg, meta, config)
-    actor = DeconvolveActor(str(prior_path), to_dict(config), spec, provenance, torch_threads)
-    return actor, spec
+    sampler = PackSampler(prior_path, config, spec, provenance, torch_threads=torch_threads)
+    return sampler, spec
 
 
 def run_packs(
-    actor: DeconvolveActor,
+    sampler: PackSampler,
     spec: OutputSpec,
     objs: Sequence[StagedObject],
     batch_size: int,
@@ -193,7 +194,7 @@ def run_packs(
         if pack["kind"] != KIND_OBJECTS:
             continue
         t0 = time.perf_counter()
-        table = actor.process(pack["kind"], pack["pack"])
+        table = sampler.process(pack["kind"], pack["pack"])
         seconds = time.perf_counter() - t0
         maps = {name: tensor_numpy(table[name]) for name in spec.map_shapes()}
         df = table.drop_columns(list(maps)).to_pandas()

@@ -45,7 +45,9 @@ from d4a_batch.physics.operator import (
     whitened_residual,
 )
 from d4a_batch.prior.artifact import Prior
-from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
+from d4a_batch.sampling.deconvolve import deconvolve
+from d4a_batch.sampling.dps import dps_sample
+from d4a_batch.sampling.rows import row_generators
 from d4a_batch.validation.magnitude import MagnitudeConfig, make_observations
 
 THROUGHPUT_SAMPLER = "dps"  # the sampler every measurement here runs (see above)

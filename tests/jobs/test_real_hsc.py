@@ -18,7 +18,7 @@ import torch
 from d4a_batch.config import ColumnMap, PhysicsConfig, SamplerConfig, StagingConfig
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import load_prior, read_prior_config
-from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, SHARED_DATA_DIR, Col
 from d4a_batch.survey.hats_io import open_input_catalog, read_partition
 from d4a_batch.survey.staging import IMAGE, PSF, VALID, VARIANCE, Stager

@@ -14,10 +14,10 @@ from d4a_batch.config import (
     StagingConfig,
     to_dict,
 )
+from d4a_batch.pack_sampler import chi2_regions
 from d4a_batch.pipeline.actors import (
     DeconvolveActor,
     actor_resources,
-    chi2_regions,
     split_packs,
     torch_threads_for,
 )

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from d4a_batch.config import SamplerConfig
-from d4a_batch.sampling.daps import (
+from d4a_batch.sampling.dds import dds_sample, tweedie_variance
+from d4a_batch.sampling.deconvolve import deconvolve
+from d4a_batch.sampling.dps import dps_sample
+from d4a_batch.sampling.likelihood import (
     ResidualLikelihood,
     perturbed_gauss_newton,
     perturbed_objective,
 )
-from d4a_batch.sampling.dds import dds_sample, tweedie_variance
-from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
+from d4a_batch.sampling.rows import row_generators
 from tests.sampling.conftest import (
     assert_matches_gaussian_posterior,
     galaxy_prior,

@@ -14,7 +14,9 @@ import torch
 from d4a_batch.config import FlagThresholds, SamplerConfig
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.physics.stretch import inverse_stretch
-from d4a_batch.sampling.dps import deconvolve, dps_sample, row_generators
+from d4a_batch.sampling.deconvolve import deconvolve
+from d4a_batch.sampling.dps import dps_sample
+from d4a_batch.sampling.rows import row_generators
 from tests.sampling.conftest import galaxy_prior, gaussian_psf, observe
 
 Z = 0.3

@@ -10,14 +10,9 @@ import torch
 
 from d4a_batch.config import SamplerConfig
 from d4a_batch.prior.diffusion import space_timesteps
-from d4a_batch.sampling.dps import (
-    deconvolve,
-    dps_sample,
-    draw_photoz,
-    row_generators,
-    sample_seed,
-    scale_guidance,
-)
+from d4a_batch.sampling.deconvolve import deconvolve
+from d4a_batch.sampling.dps import dps_sample, scale_guidance
+from d4a_batch.sampling.rows import draw_photoz, row_generators, sample_seed
 from tests.sampling.conftest import gaussian_prior, observe
 
 N = 8

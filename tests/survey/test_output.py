@@ -14,7 +14,7 @@ from hats.pixel_math import HealpixPixel
 from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, SamplerConfig, StagingConfig
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import load_prior
-from d4a_batch.sampling.dps import deconvolve
+from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.sampling.flags import ObjectFlags, evaluate_flags, flag_objects
 from d4a_batch.schema import (
     Col,

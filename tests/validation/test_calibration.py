@@ -209,14 +209,14 @@ def test_a_bin_without_enough_galaxies_takes_the_pooled_lambda():
 
 
 def test_engine_output_is_scored_raw_and_with_the_catalogs_lambda(tmp_path):
-    """Tiny prior + calibration.json -> the engine's actor -> pack_inputs -> engine_report."""
+    """Tiny prior + calibration.json -> the engine's sampling stage -> pack_inputs -> engine_report."""
     from d4a_batch.config import RunConfig, SamplerConfig, to_dict
     from d4a_batch.prior.calibration import Calibration, sampler_fingerprint, write_calibration
     from d4a_batch.testing import TINY_PRIOR, make_tiny_prior, make_tiny_survey
     from d4a_batch.validation.calibration import engine_report, pack_inputs
     from d4a_batch.validation.metrics import core_mask
     from d4a_batch.validation.science import (
-        make_actor,
+        make_sampler,
         read_rows,
         read_truth,
         run_packs,
@@ -233,8 +233,8 @@ def test_engine_output_is_scored_raw_and_with_the_catalogs_lambda(tmp_path):
     survey = make_tiny_survey(tmp_path / "survey", n_objects=3)
     truth = read_truth(survey)
     objs = stage_objects(read_rows(str(survey), TINY_PRIOR.bands), str(survey), TINY_PRIOR, config)
-    actor, spec = make_actor(str(prior), config)
-    results = run_packs(actor, spec, [o for o in objs if o.error is None][:2], batch_size=2)
+    sampler, spec = make_sampler(str(prior), config)
+    results = run_packs(sampler, spec, [o for o in objs if o.error is None][:2], batch_size=2)
     packs = [pack_inputs(a, df, m, truth, TINY_PRIOR.stretch.a, 1e-6) for a, df, m in results]
     assert packs[0]["flux"].shape[1:] == (4, 3, 16, 16)
     np.testing.assert_array_equal(np.concatenate([p["68"] for p in packs]), 2.0)

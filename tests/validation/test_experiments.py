@@ -17,7 +17,7 @@ from d4a_batch.validation.magnitude import (
     run_magnitude_experiment,
 )
 from d4a_batch.validation.science import (
-    make_actor,
+    make_sampler,
     read_rows,
     read_truth,
     run_packs,
@@ -94,8 +94,8 @@ def test_science_scoring_on_a_tiny_mock_survey(tmp_path):
     assert all(o.error is None for o in objs)
     best, means = tune_rl(objs[:1], truth, [1, 10])
     assert best in (1, 10) and set(means) == {1, 10}
-    actor, spec = make_actor(str(folder), config)
-    packs = run_packs(actor, spec, objs[1:], batch_size=2)
+    sampler, spec = make_sampler(str(folder), config)
+    packs = run_packs(sampler, spec, objs[1:], batch_size=2)
     records = [r for arrays, df, maps in packs for r in score_pack(
         arrays, df, maps, truth, TINY, config, best)]  # fmt: skip
     assert sorted(r["object_id"] for r in records) == sorted(truth)[1:]

@@ -124,7 +124,7 @@ def test_batched_and_naive_sampling_run_the_same_work():
 
 def test_fp32_variant_samples_like_the_prior_and_steps_are_timed():
     from d4a_batch.config import SamplerConfig
-    from d4a_batch.sampling.dps import deconvolve
+    from d4a_batch.sampling.deconvolve import deconvolve
     from d4a_batch.validation.throughput import per_step_seconds, variant_prior
 
     prior = tiny_prior()
