@@ -347,7 +347,7 @@ class FlagThresholds:
     asymmetry_max: float = setting(0.14, non_negative)
     # TRUNCATED: the target's flux outside the model footprint / its total, both from its
     # point-symmetric template on its segment (a neighbour merged on one side does not
-    # count) and its faint outskirts in the Kron ellipse (survey/detection.outskirts_light).
+    # count) and its faint outskirts in the Kron ellipse (survey/symmetry.outskirts_light).
     # The 200 mock targets of jobs/blend_thresholds.py, which fit the field, measure <= 0.061
     # (99 %: <= 0.040; PSF wings, noise, neighbours); of 24 mocks 2-4x larger than usual
     # (jobs/truncation_check.py) 22 are measured within 0.05 of their true fraction (two at
