@@ -1,5 +1,14 @@
 """Frozen configuration dataclasses.
 
+Longer than 400 lines: one concern, the run's configuration. Each dataclass sits with its
+fields, their defaults, the reasons for the defaults and their rules (``setting(default,
+*rules)``, issue 32: rules beside their fields), and with the ~200 lines that parse JSON and
+check every field on construction. ``_install_checks`` wraps the dataclasses *of this
+module* (by ``__module__`` and ``globals()``), and ``to_dict`` / ``from_dict`` /
+``config_hash`` / ``ConfigError`` are imported from here by some forty modules, jobs and
+tests; moving the checks out would need those re-exports or forty import edits, and a
+second module to read to see what a field accepts.
+
 Every configuration object is a frozen dataclass that round-trips through JSON
 (`to_dict` / `from_dict`) and has a stable content hash (`config_hash`). The
 prior's config is saved inside every prior artifact and training checkpoint;
