@@ -1,5 +1,14 @@
 """Frozen configuration dataclasses.
 
+Longer than 400 lines: one concern, the run's configuration. Each dataclass sits with its
+fields, their defaults, the reasons for the defaults and their rules (``setting(default,
+*rules)``, issue 32: rules beside their fields), and with the ~200 lines that parse JSON and
+check every field on construction. ``_install_checks`` wraps the dataclasses *of this
+module* (by ``__module__`` and ``globals()``), and ``to_dict`` / ``from_dict`` /
+``config_hash`` / ``ConfigError`` are imported from here by some forty modules, jobs and
+tests; moving the checks out would need those re-exports or forty import edits, and a
+second module to read to see what a field accepts.
+
 Every configuration object is a frozen dataclass that round-trips through JSON
 (`to_dict` / `from_dict`) and has a stable content hash (`config_hash`). The
 prior's config is saved inside every prior artifact and training checkpoint;
@@ -347,7 +356,7 @@ class FlagThresholds:
     asymmetry_max: float = setting(0.14, non_negative)
     # TRUNCATED: the target's flux outside the model footprint / its total, both from its
     # point-symmetric template on its segment (a neighbour merged on one side does not
-    # count) and its faint outskirts in the Kron ellipse (survey/detection.outskirts_light).
+    # count) and its faint outskirts in the Kron ellipse (survey/symmetry.outskirts_light).
     # The 200 mock targets of jobs/blend_thresholds.py, which fit the field, measure <= 0.061
     # (99 %: <= 0.040; PSF wings, noise, neighbours); of 24 mocks 2-4x larger than usual
     # (jobs/truncation_check.py) 22 are measured within 0.05 of their true fraction (two at

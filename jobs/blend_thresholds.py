@@ -44,7 +44,8 @@ from d4a_batch.mock.survey import (
     _z_scale,
     draw_psf,
 )
-from d4a_batch.survey.detection import DetectionParams, find_sources, footprint_box
+from d4a_batch.survey.detection import DetectionParams, find_sources
+from d4a_batch.survey.detection_image import footprint_box
 
 
 def measure(k: int, cfg: MockSurveyConfig, params: DetectionParams) -> dict:

@@ -3,8 +3,8 @@
     python jobs/calibrate_prior.py                        # demo prior, small sets, default sampler
     python jobs/calibrate_prior.py --n-calib 64 --n-score 32 --work runs/calibration
 
-What runs (``validation.calibration``; DESIGN.md §2b; Angelopoulos et al. 2022,
-arXiv 2202.05265):
+What runs (``validation.calibration``, ``validation.conformal``; DESIGN.md §2b;
+Angelopoulos et al. 2022, arXiv 2202.05265):
 
 1. Two mock HSC surveys (``mock.survey``) with disjoint seeds: the *calibration* mocks
    (``--calib-seed``) fit λ, the *score* mocks (``--score-seed``) measure coverage before
@@ -50,7 +50,8 @@ from d4a_batch.prior.calibration import (
 from d4a_batch.sampling.calibrate import observed_snr
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT, Col, band_col
 from d4a_batch.survey.packs import SCALE
-from d4a_batch.validation.calibration import calibration_report, fit_calibration
+from d4a_batch.validation.calibration import calibration_report
+from d4a_batch.validation.conformal import fit_calibration
 from d4a_batch.validation.metrics import core_mask
 from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.samples import flux_samples

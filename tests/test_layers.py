@@ -207,3 +207,34 @@ def test_the_pure_torch_packages_never_import_ray():
                 n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
             }
             assert not {m for m in imported if m == "ray" or m.startswith("ray.")}, f
+
+
+MAX_LINES = 400
+REASON = "Longer than 400 lines:"
+# Issue 32 item 5: modules over 400 lines whose reason is not written yet because another
+# change of issue 32 (items 1-3: the plain sampling stage, sampling/ without a circle) is
+# restructuring them (pipeline/actors.py too, under 400 lines today). Remove each entry when
+# that lands; the test then holds them too.
+PENDING_RESTRUCTURING = {
+    "sampling/daps.py",
+    "sampling/flags.py",
+    "validation/science.py",
+}
+
+
+def test_no_module_over_400_lines_without_a_reason():
+    """Issue 32: no module over 400 lines without a reason at the top of its docstring."""
+    unexplained = []
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT).as_posix()
+        text = f.read_text()
+        n = len(text.splitlines())
+        if n <= MAX_LINES or rel in PENDING_RESTRUCTURING:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if REASON not in doc:
+            unexplained.append(f"d4a_batch/{rel} ({n} lines)")
+    assert not unexplained, (
+        f"over {MAX_LINES} lines without '{REASON}' in the module docstring (split it, or "
+        f"say why not): {unexplained}"
+    )

@@ -1,5 +1,12 @@
 """Non-parametric morphology of batches of galaxy images (numpy).
 
+Longer than 400 lines: one concern, batched non-parametric morphology. The measurements
+are a chain on shared intermediates (curve of growth -> Petrosian radius -> total aperture
+-> r20/r50/r80 -> the shape's ellipse -> the Gini/M20 segment and the asymmetry aperture),
+on one pixel convention and one ``[G, M, H, W]`` batching, each following statmorph's
+definition where one exists. A split would put the aperture definitions in one file and the measurements
+that depend on them in another.
+
 Why our own code and not statmorph / photutils' per-source tools: a pack holds
 S posterior samples (16 at the default sampler) × C bands of B objects, all on one model
 grid centred on the catalog position. statmorph measures one image per call: 123 ms

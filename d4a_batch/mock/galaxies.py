@@ -1,5 +1,13 @@
 """GalSim mock galaxies: Sersic bulge + exponential disk + star-forming knots, in g, r, i.
 
+Longer than 400 lines: one concern, the mock galaxy model. ``MockGalaxyParams``, the
+drawing of its components (bulge, disk, knots, bar, arms, dust) and the two populations
+that fill it (``sample_params``, ``sample_realistic_params``) are read together: every range
+a sampler draws is a field documented on the dataclass, and the drawing's defaults (no
+arms, no dust) are what make "smooth" exact. The population samplers (~200 lines) are the
+one seam; moving them would split each field's meaning from the numbers drawn for it and
+touch every caller of ``sample_params`` (mock survey, training data, benchmarks, tests).
+
 Lengths are physical (kpc): GalSim's angular unit is read as kpc and images are
 drawn at ``kpc_per_pixel``. Fluxes are arbitrary units (the r-band total is
 ``flux_r``); per-band fluxes follow the component colours (AB magnitudes), so

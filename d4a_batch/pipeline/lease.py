@@ -1,5 +1,12 @@
 """One writer per output: a lease file in the output root (``schema.LEASE_FILE``).
 
+Longer than 400 lines: one concern, the output lease. Its correctness rests on two atomic
+stores (local: hard link + ``flock``; s3://: conditional ``PutObject``) and the protocol
+(acquire, renew, take over a stale lease, release) being read together: the protocol relies
+on each store raising ``_Conflict`` exactly when a conditional write loses. Moving the
+stores out would need the errors (``LeaseError``, raised by both) in a third module and
+would separate the race argument below from the code it is about.
+
 A run takes the lease before it touches its output and gives it back at the end; a
 second run on the same output finds it held and stops at once (``LeaseHeld``; the job
 exits with ``EXIT_LEASE_HELD``) without touching anything. The lease is a small JSON

@@ -1,5 +1,11 @@
 """Prior artifacts: save/load a trained prior, and its prior statistics.
 
+Longer than 400 lines: one concern, the prior artifact's format: the folder layout, the
+``Prior`` object it loads into, its statistics, and the improved-diffusion checkpoints
+accepted in its place (flag parsing, state checks). Saving and loading are read against
+each other (same file names, same metadata keys, same checks on the state dict), so they
+stay in one file.
+
 An artifact is a folder with ``weights.safetensors`` (the EMA UNet state dict),
 ``config.json`` (``to_dict(PriorConfig)`` plus a ``"metadata"`` object) and
 ``stats.safetensors`` (``mean`` and ``var`` [C,N,N] of unconditional samples in

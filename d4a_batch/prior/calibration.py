@@ -6,7 +6,7 @@ level p for a pixel is
 
     mean_flux ± λ_p(bin) · z_p · std_flux,          z_p = Φ⁻¹((1 + p)/2)  (1.0 at 68 %, 1.96 at 95 %)
 
-with λ_p fitted per S/N bin on calibration mocks (``validation.calibration.fit_lambda``;
+with λ_p fitted per S/N bin on calibration mocks (``validation.conformal.fit_lambda``;
 ``jobs/calibrate_prior.py``). The S/N of an object is the observed aperture S/N per pixel
 (``sampling.calibrate.observed_snr``), computable from the observation at run time.
 

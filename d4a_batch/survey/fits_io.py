@@ -1,5 +1,12 @@
 """HSC cutout-service and PSF-picker FITS files: readers, writers, mask helper.
 
+Longer than 400 lines: one concern, the HSC FITS files the engine reads and the mocks
+write: cutouts (IMAGE / MASK / VARIANCE HDUs, mask planes, zero point, the cutout
+service's image-only files) and PSF-picker PSFs, reader beside writer so the two stay
+symmetric, plus the mask-to-valid helper and the TAN WCS both use. The writers serve the
+mock survey, the real-data checks and the tests; splitting them off would let the format
+drift between the two sides.
+
 Cutout (HSC cutout service, coadd): HDU0 empty primary (FLUXMAG0 = 10^(0.4 zp)),
 HDU1 ``IMAGE`` (float32 counts at zero point 27 AB, celestial WCS), HDU2 ``MASK``
 (int32 bit planes; header keywords ``MP_<NAME> = bit`` name them, long names as

@@ -1,5 +1,11 @@
 """The output catalog: one row per input object, the schema, result chunks, FITS maps.
 
+Longer than 400 lines: one concern, the output catalog: its schema (``OutputSpec``), the
+rows (``output_table``), and the files they become (per-object FITS maps, result chunks,
+the partition merge and commit). The writers read and write exactly the schema built here;
+a split would leave two modules to change for every new column. The writing half (~170
+lines from ``fits_maps_bytes`` on) is the seam if the file grows further.
+
 Columns (names from ``d4a_batch.schema.Col``; C bands, N the prior's image side):
 
 - identity: object_id, ra, dec, _healpix_29, photoz (the catalog's photo-z);

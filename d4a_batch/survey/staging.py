@@ -62,7 +62,8 @@ from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
 from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
 from d4a_batch.sampling.flags import photoz_problem
 from d4a_batch.schema import Col
-from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources, footprint_box
+from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources
+from d4a_batch.survey.detection_image import footprint_box
 from d4a_batch.survey.fits_io import (
     HSCCutout,
     InputError,

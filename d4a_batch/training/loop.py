@@ -1,5 +1,12 @@
 """Ray Train (V2) training of the diffusion prior, checkpoints, resume and artifact export.
 
+Longer than 400 lines: one concern, the Ray Train run of the prior and what it leaves:
+``TrainConfig``, the learning-rate schedule, the per-worker loop, the checkpoint folder
+format it writes and resumes from, the driver (``run_training``) and the export of a
+checkpoint to a prior artifact. The checkpoint's layout (``STATE_FILE``, ``CONFIG_FILE``,
+the state dict's keys) is written by the loop and read by resume, listing and export; a
+split would separate the writer of that format from its readers.
+
 ``train_loop_per_worker`` runs on every worker of a ``TorchTrainer``: DDP model
 (gloo on CPU, nccl on GPU, via ``prepare_model``), its shard of the ``"train"``
 dataset (column ``x`` [C,N,N] in x-space), random shifts/flips/rotations, the

@@ -9,12 +9,8 @@ import pytest
 from d4a_batch.config import FlagThresholds
 from d4a_batch.sampling.flags import check_blended, check_truncated, evaluate_flags
 from d4a_batch.schema import Flag
-from d4a_batch.survey.detection import (
-    detection_image,
-    find_sources,
-    footprint_box,
-    psf_fwhm_pixels,
-)
+from d4a_batch.survey.detection import find_sources
+from d4a_batch.survey.detection_image import detection_image, footprint_box, psf_fwhm_pixels
 
 PIX = 0.168
 SIZE = 80
@@ -311,7 +307,9 @@ def test_a_compact_galaxy_is_not_taken_for_a_star(hlr, point_like):
     point-like; exponentials of half-light radius 0.15'' and 0.2'' in 0.7'' seeing, which
     fit the PSF's wing to 7-15 % rms (the old 20 % rule took them for stars), fit a PSF
     convolved with a σ 0.75-1 px Gaussian several times better and are not."""
-    from d4a_batch.survey.detection import _extract, band_weights, point_source_model
+    from d4a_batch.survey.detection import _extract
+    from d4a_batch.survey.detection_image import band_weights
+    from d4a_batch.survey.point_source import point_source_model
 
     dy, dx = -12.8, -9.6
     if hlr is None:

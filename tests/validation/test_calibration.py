@@ -17,15 +17,17 @@ from d4a_batch.validation.calibration import (
     calibration_report,
     coverage_per_galaxy,
     exact_gauss_coverage,
+    patches,
+    pit_histogram,
+    pit_ranks,
+    tarp_curve,
+)
+from d4a_batch.validation.conformal import (
     fit_calibration,
     fit_lambda,
     hb_ucb,
     hoeffding_ucb,
     normalised_residuals,
-    patches,
-    pit_histogram,
-    pit_ranks,
-    tarp_curve,
     wsr_ucb,
 )
 
