@@ -4,6 +4,11 @@ A check returns its bit and a human-readable reason when it fires, ``None`` as
 the reason when it does not. `evaluate_flags` runs every check whose inputs are
 given and ORs the bits. Thresholds come from `FlagThresholds`; bit values and
 their meanings from `d4a_batch.schema` (never redefined here).
+
+Longer than 400 lines: it is the rulebook, one small check per flag bit with the reason
+text a user reads, and the rules are read and changed together (thresholds, wording, the
+order `evaluate_flags` reports them in). Issue 32 item 3 moves quality into one package
+(inputs, regions, rules); there the rules stay one module.
 """
 
 from __future__ import annotations

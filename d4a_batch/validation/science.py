@@ -12,6 +12,13 @@ posterior mean, of Richardson-Lucy and of the resampled observation against the 
 re-convolved mean (from the sampler) and of RL, 68/95% coverage of the core pixels in flux
 space, the hallucination score, and the truth's aperture S/N (``metrics.aperture_snr`` of
 the noiseless truth seen through the object's operator at its true redshift).
+
+Longer than 400 lines: it is the one path from catalog rows to scored objects (read the
+rows and the truth, stage, sample, cache packs, score against the truth and the RL
+baseline, draw), and its callers (benchmark_science, calibrate_prior, real_hst_check, the
+science tests) use it end to end. The seam that exists, the readers of the inputs
+(``read_truth``, ``read_rows``, ``hsc_npz_rows``), is left for issue 32 item 4, which
+moves the jobs' own logic into the package and will redraw these modules.
 """
 
 from __future__ import annotations
