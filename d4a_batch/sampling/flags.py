@@ -271,7 +271,7 @@ def check_truncated(
 ) -> FlagResult:
     """The target's light runs out of the model field: its flux outside the model footprint
     above ``truncated_fraction_max`` (its point-symmetric light on its segment and Kron
-    ellipse, ``survey.detection.outskirts_light``: a neighbour merged into its segment does
+    ellipse, ``survey.symmetry.outskirts_light``: a neighbour merged into its segment does
     not count, faint outskirts do), or, in noise units, the fit's excess χ²/dof outside the
     footprint (``chi2_outside``, ``sampling.residuals``) above ``truncated_chi2_max`` while at
     least ``truncated_light_min`` of the target's flux lies there (a bright galaxy leaves
