@@ -21,4 +21,4 @@ exec nice -n 10 python jobs/train_prior.py --single-process --device cpu --cpus-
     --checkpoint-every-seconds 600 --keep-checkpoints 3 --log-every 100 \
     --batch-size 32 --lr 3e-4 --warmup-steps 200 --lr-schedule constant --ema-decay 0.999 \
     --loss-weighting min_snr --min-snr-gamma 5 --timestep-sampling uniform \
-    --downsample ${DOWNSAMPLE:-2} --save-state "$state" "$@"
+    --downsample ${DOWNSAMPLE:-1} --save-state "$state" "$@"

@@ -109,7 +109,11 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
     def __enter__(self):
-        self.level, self.logger.level = self.logger.level, logging.INFO
+        # setLevel, not ``.level =``: it also clears the loggers' isEnabledFor cache, where
+        # an earlier test's run (root at WARNING) left INFO cached as off; with a plain
+        # assignment every line of this run was dropped, but only in the full suite (CI)
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
         # a logging.config call earlier in the session (dictConfig's
         # disable_existing_loggers) may have disabled it: the run's lines would go nowhere
         self.disabled, self.logger.disabled = self.logger.disabled, False
