@@ -427,9 +427,6 @@ class SamplerConfig:
     # less than this fraction (the residual is near-linear there: faint objects); later
     # iterations run on the other rows only. 0: every row runs all ``gauss_newton`` (issue 30)
     gauss_newton_tol: float = setting(0.0, between(0, 1, hi_open=True))
-    # dds: start each step's Gauss-Newton iterations from the better (lower perturbed
-    # objective) of x̂0 and the row's previous x̂0' (False: from x̂0, as before 2026-12-08)
-    warm_start: bool = setting(False)
     # dds/daps: also clip the data step's output (DDS: x̂0' at every step; both: the final
     # sample) to the prior's range [-1, 1], as clip_x0 clips the network's x̂0. True was the
     # only behaviour before 2026-12-03: it pins empty-sky pixels that the data want below

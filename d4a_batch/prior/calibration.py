@@ -57,16 +57,15 @@ _DPS_REFERENCE_STEPS = 50
 # change its samples, so a calibration does not depend on them
 _UNUSED_BY = {
     "dps": ("inner_steps", "cg_iterations", "dds_randomize", "gauss_newton", "clip_data_step",
-            "refine_cg_iterations", "gauss_newton_tol", "warm_start"),
+            "refine_cg_iterations", "gauss_newton_tol"),
     "dds": ("guidance", "guidance_rule", "inner_steps"),
     "daps": ("guidance", "guidance_rule", "dds_randomize", "gauss_newton",
-             "refine_cg_iterations", "gauss_newton_tol", "warm_start"),
+             "refine_cg_iterations", "gauss_newton_tol"),
 }  # fmt: skip
 # fields added after calibrations were written, with the value that reproduces the sampler
 # as it was before them: at that value they are left out, so older entries keep matching
 _ADDED_LATER = {"gauss_newton": 1, "clip_data_step": True, "refine_cg_iterations": 0,
-                "gauss_newton_tol": 0.0, "network_precision": "auto",
-                "warm_start": False}  # fmt: skip
+                "gauss_newton_tol": 0.0, "network_precision": "auto"}  # fmt: skip
 
 
 def saved_sampler_dict(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,7 +63,7 @@ import torch
 
 from d4a_batch.prior.artifact import Prior
 from d4a_batch.sampling.dps import dps_sample
-from d4a_batch.sampling.likelihood import VAR_FLOOR, perturbed_gauss_newton, perturbed_objective
+from d4a_batch.sampling.likelihood import VAR_FLOOR, perturbed_gauss_newton
 from d4a_batch.sampling.rows import ConsistencyFn, StepCallback, randn_rows
 
 BACKTRACK = 3  # step halvings tried per Gauss-Newton iteration (t = 1, ½, ¼, ⅛, else 0)
@@ -86,7 +86,6 @@ def consistency_step(
     gauss_newton: int = 1,
     refine_cg: int = 0,
     gauss_newton_tol: float = 0.0,
-    warm_start: bool = False,
 ) -> ConsistencyFn:
     """The data-consistency map ``(i, x̂0[R,C,N,N]) -> x̂0'`` of the sampler with ``steps`` steps.
 
@@ -101,11 +100,6 @@ def consistency_step(
     objective by less than this fraction of it takes no more; the later iterations run on
     the other rows only (``likelihood.select``; a likelihood without it runs every row).
     Which rows stop depends on each row's own objective only, never on its batch mates.
-    ``warm_start``: each row starts its Gauss-Newton iterations from whichever of x̂0 and its
-    own previous step's x̂0' has the lower perturbed objective (two residual evaluations):
-    the previous solution already sits on the data, where the non-linear part of the fit
-    (bright cores through the asinh stretch) is done. The objective and its minimiser are
-    unchanged: for a linear residual the draw stays exact when CG converges.
     """
     if gauss_newton < 1:
         raise ValueError(f"consistency_step: gauss_newton must be >= 1, got {gauss_newton}")
@@ -118,21 +112,6 @@ def consistency_step(
     alpha_bar = np.asarray(prior.spaced(steps).alphas_cumprod, dtype=np.float64)
     zero = torch.zeros((), device=device)
     res_shape: list[tuple[int, ...]] = []
-    previous: list[torch.Tensor] = []  # the last step's x̂0' (warm_start)
-
-    def start(x_hat, inv_r2, xi_y, xi_x) -> torch.Tensor:
-        if not warm_start or not previous:
-            return x_hat
-        last = previous[0]
-        f_hat = perturbed_objective(likelihood, x_hat, x_hat, inv_r2, xi_y, xi_x)
-        f_last = perturbed_objective(likelihood, last, x_hat, inv_r2, xi_y, xi_x)
-        better = (f_last < f_hat).reshape(-1, *([1] * (x_hat.ndim - 1)))
-        return torch.where(better, last, x_hat)
-
-    def remember(x: torch.Tensor) -> torch.Tensor:
-        if warm_start:
-            previous[:] = [x]
-        return x
 
     def step(i: int, x_hat: torch.Tensor) -> torch.Tensor:
         if cg <= 0:
@@ -144,11 +123,10 @@ def consistency_step(
                 res_shape.append(tuple(likelihood.residual(x_hat).shape[1:]))
             xi_y = randn_rows(generators, res_shape[0], device)
             xi_x = randn_rows(generators, shape, device)
-        x0 = start(x_hat, inv_r2, xi_y, xi_x)
         if gauss_newton == 1:
-            return remember(perturbed_gauss_newton(likelihood, x0, x_hat, inv_r2, xi_y, xi_x, cg))
+            return perturbed_gauss_newton(likelihood, x_hat, x_hat, inv_r2, xi_y, xi_x, cg)
         adaptive = gauss_newton_tol > 0 and hasattr(likelihood, "select")
-        x, active = x0, None  # active: the rows still iterating (None: all)
+        x, active = x_hat, None  # active: the rows still iterating (None: all)
         for k in range(gauss_newton):
             iters = cg if k == 0 or refine_cg <= 0 else refine_cg
             if active is None:
@@ -169,7 +147,7 @@ def consistency_step(
             active = keep if active is None else active[keep]
             if active.numel() == 0:
                 break
-        return remember(x)
+        return x
 
     return step
 
@@ -190,7 +168,6 @@ def dds_sample(
     refine_cg: int = 0,
     gauss_newton_tol: float = 0.0,
     network_precision: str = "auto",
-    warm_start: bool = False,
 ) -> torch.Tensor:
     """Posterior samples x0[R,C,N,N] (float32, on the prior's device, detached).
 
@@ -200,14 +177,14 @@ def dds_sample(
     Gaussian prior and a linear residual), else the mode (re-noised as the prior samples).
     ``likelihood`` None samples the prior. ``clip_x0`` clips the network's x̂0 to [−1, 1];
     ``clip_data_step`` clips x̂0' (and so the sample) too (module docstring). ``refine_cg``,
-    ``gauss_newton_tol``, ``warm_start``: ``consistency_step``; ``network_precision``: ``rows.network_autocast``.
+    ``gauss_newton_tol``: ``consistency_step``; ``network_precision``: ``rows.network_autocast``.
     """
     consistency = None
     if likelihood is not None:
         gens = generators if randomize else None
         consistency = consistency_step(
             prior, likelihood, steps, cg, gens, prior_var, gauss_newton, refine_cg,
-            gauss_newton_tol, warm_start,
+            gauss_newton_tol,
         )  # fmt: skip
     return dps_sample(
         prior,

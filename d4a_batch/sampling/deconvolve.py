@@ -120,7 +120,6 @@ def deconvolve(
             refine_cg=config.refine_cg_iterations,
             gauss_newton_tol=config.gauss_newton_tol,
             network_precision=config.network_precision,
-            warm_start=config.warm_start,
         )
     elif config.sampler == "dps":
         x = dps_sample(

@@ -41,7 +41,7 @@ def parse_spec(spec: str) -> dict:
     (K Gauss-Newton iterations per step, ``gauss_newton``), ``mode`` for the deterministic
     (DDS) variant, ``clip`` / ``free`` for a clipped / unclipped data step
     (``clip_data_step``), ``rcgK`` (``refine_cg_iterations``), ``tolX``
-    (``gauss_newton_tol``) and ``warm`` (``warm_start``). Any sampler: ``bf16`` / ``fp32`` (``network_precision``), and a
+    (``gauss_newton_tol``). Any sampler: ``bf16`` / ``fp32`` (``network_precision``), and a
     last ``nchw`` (``NCHW``), which the caller applies to the network itself.
     """
     parts = spec.split(":")
@@ -74,8 +74,6 @@ def parse_spec(spec: str) -> dict:
                 out["clip_data_step"] = extra == "clip"
             elif extra.startswith("gn") and extra[2:].isdigit() and int(extra[2:]) > 0:
                 out["gauss_newton"] = int(extra[2:])
-            elif extra == "warm":
-                out["warm_start"] = True
             elif extra.startswith("rcg") and extra[3:].isdigit():
                 out["refine_cg_iterations"] = int(extra[3:])
             elif extra.startswith("tol") and _is_fraction(extra[3:]):
@@ -83,7 +81,7 @@ def parse_spec(spec: str) -> dict:
             else:
                 raise ValueError(
                     f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode', 'clip', 'free', "
-                    "'gnK' (K >= 1), 'rcgK', 'tolX' (0 <= X < 1), 'warm', 'bf16', 'fp32', 'nchw'"
+                    "'gnK' (K >= 1), 'rcgK', 'tolX' (0 <= X < 1), 'bf16', 'fp32', 'nchw'"
                 )
     return out
 

@@ -73,8 +73,9 @@ def test_make_catalog_output_runs_and_image_only_objects_are_flagged(readme_run)
     assert not df.loc[small_psf, Col.FLAGS] & int(Flag.PSF_BAD), df.loc[small_psf, Col.FLAG_REASONS]
 
 
-def test_readme_python_snippets_run_on_a_real_output(readme_run, capsys):
+def test_readme_python_snippets_run_on_a_real_output(readme_run, capsys, tmp_path, monkeypatch):
     catalog, out, table, *_ = readme_run
+    monkeypatch.chdir(tmp_path)  # the size example saves its figure where it runs
     blocks = readme_python_blocks()
     assert len(blocks) >= 2
     assert any('df["flags"]' in b for b in blocks)
