@@ -215,15 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_real and REAL_NPZ.exists():
         real = real_hsc(args, out, config, prior_cfg, sampler, spec)
     doc = {
-        **run_header(),
+        **run_inputs(args, config, prior_cfg, prior_meta, survey, survey_cfg),
         "engine_path": "Stager -> make_packs -> PackSampler.process in-process (no Ray)",
-        "prior": {
-            "path": str(Path(args.prior).resolve()),
-            **prior_meta,
-            "config": to_dict(prior_cfg),
-        },
-        "run_config": to_dict(config),
-        "survey": {"path": str(survey), "config": to_dict(survey_cfg), "true_z": args.true_z},
         "staging_errors": errors,
         "rl": {
             "iterations": rl_best,
@@ -247,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_only(args, out, config, scored, truth, prior_cfg, prior_meta, rl_best, survey,
-                 survey_cfg, t_start) -> int:  # fmt: skip
-    """``--compare-only``: the frontier of the ``--compare`` specs alone, in this process."""
-    doc = {
+def run_inputs(args, config, prior_cfg, prior_meta, survey, survey_cfg) -> dict:
+    """What science.json records of the run's inputs: machine, prior, run config, survey."""
+    return {
         **run_header(),
         "prior": {
             "path": str(Path(args.prior).resolve()),
@@ -259,6 +251,14 @@ def compare_only(args, out, config, scored, truth, prior_cfg, prior_meta, rl_bes
         },
         "run_config": to_dict(config),
         "survey": {"path": str(survey), "config": to_dict(survey_cfg), "true_z": args.true_z},
+    }
+
+
+def compare_only(args, out, config, scored, truth, prior_cfg, prior_meta, rl_best, survey,
+                 survey_cfg, t_start) -> int:  # fmt: skip
+    """``--compare-only``: the frontier of the ``--compare`` specs alone, in this process."""
+    doc = {
+        **run_inputs(args, config, prior_cfg, prior_meta, survey, survey_cfg),
         "rl": {"iterations": rl_best},
         "frontier": frontier(args, out, config, scored, truth, prior_cfg, rl_best),
     }

@@ -185,11 +185,13 @@ def perturbed_gauss_newton(
     For a linear residual F equals its quadratic model, which every CG iterate lowers, so
     t = 1 and the draw stays exact. Costs one residual evaluation per trial (``perturbed_objective``).
 
-    ``objective``: return (x + t·δ, F(x)[R], F(x + t·δ)[R]) (F as above; with ``backtrack``
-    they come from the backtracking's own evaluations, else at the cost of two more).
+    ``objective`` (with ``backtrack`` > 0): return (x + t·δ, F(x)[R], F(x + t·δ)[R]), F as
+    above, from the backtracking's own evaluations.
     ``trace`` (a list): gets, per CG iteration, the preconditioned residual norm relative to
     the start, √(rᵀM⁻¹r / r₀ᵀM⁻¹r₀) per row [R] (``jobs/profile_sampler.py --cg-trace``).
     """
+    if objective and backtrack <= 0:
+        raise ValueError("perturbed_gauss_newton: objective needs backtrack > 0")
     x = x.detach()
     r0, jvp, vjp = lik.linearize(x)
 
@@ -224,11 +226,7 @@ def perturbed_gauss_newton(
         out, f0, f1 = _backtrack(lik, x, delta, center, inv_r2, xi_y, xi_x, backtrack, r0)
         return (out, f0, f1) if objective else out
     out = x + delta
-    out = torch.where(torch.isfinite(out), out, x)
-    if not objective:
-        return out
-    f0 = perturbed_objective(lik, x, center, inv_r2, xi_y, xi_x, r0.detach())
-    return out, f0, perturbed_objective(lik, out, center, inv_r2, xi_y, xi_x)
+    return torch.where(torch.isfinite(out), out, x)
 
 
 def perturbed_objective(
