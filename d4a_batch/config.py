@@ -321,7 +321,7 @@ CLASS_RULES["PriorConfig"] = (
 # --------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class FlagThresholds:
-    """Thresholds of the quality checks (owner: sampling.flags)."""
+    """Thresholds of the quality checks (owner: quality.rules)."""
 
     # variance-ratio score in the core above this: prior-dominated
     hallucination_max: float = setting(0.5, positive)
@@ -338,7 +338,7 @@ class FlagThresholds:
     # a PSF larger than StagingConfig.psf_size is cropped (and renormalised): PSF_BAD when
     # the crop loses more than this fraction of its flux (issue 11)
     psf_crop_loss_max: float = setting(0.01, between(0, 1))
-    # BLENDED (survey/detection.py; measured by jobs/blend_thresholds.py on mock targets
+    # BLENDED (quality/detection.py; measured by jobs/blend_thresholds.py on mock targets
     # with one neighbour at 4-30 px, i 20-23.5 -> docs/results/blend_thresholds.json):
     # contamination = the neighbours' light left on the used stamp pixels in noise units,
     # sum (T^2/V) per used pixel: the chi2/dof it adds to a perfect fit of the target (the
@@ -356,7 +356,7 @@ class FlagThresholds:
     asymmetry_max: float = setting(0.14, non_negative)
     # TRUNCATED: the target's flux outside the model footprint / its total, both from its
     # point-symmetric template on its segment (a neighbour merged on one side does not
-    # count) and its faint outskirts in the Kron ellipse (survey/symmetry.outskirts_light).
+    # count) and its faint outskirts in the Kron ellipse (quality/symmetry.outskirts_light).
     # The 200 mock targets of jobs/blend_thresholds.py, which fit the field, measure <= 0.061
     # (99 %: <= 0.040; PSF wings, noise, neighbours); of 24 mocks 2-4x larger than usual
     # (jobs/truncation_check.py) 22 are measured within 0.05 of their true fraction (two at
@@ -364,7 +364,7 @@ class FlagThresholds:
     # 0.15 outside at i < 23 and none with less than 0.05
     truncated_fraction_max: float = setting(0.1, between(0, 1))
     # TRUNCATED also in noise units: the fit's excess chi2/dof outside the model footprint
-    # (sampling/residuals.py, "outside") above truncated_chi2_max while the target's own
+    # (quality/regions.py, "outside") above truncated_chi2_max while the target's own
     # symmetric light there is at least truncated_light_min of its flux (so the misfit is
     # its light, not an undetected neighbour's alone). A bright galaxy can lose little of
     # its flux and still leave many sigma beyond the field: the HST galaxy of
@@ -375,7 +375,7 @@ class FlagThresholds:
     # cannot hold may raise a perfect fit's chi2/dof to about 1.2 unflagged
     truncated_chi2_max: float = setting(0.2, non_negative, finite)
     truncated_light_min: float = setting(0.01, between(0, 1))
-    # where a poor fit's excess chi2 lies (sampling/residuals.py): the core is the disc of
+    # where a poor fit's excess chi2 lies (quality/regions.py): the core is the disc of
     # core_radius_fwhm x the PSF FWHM around the object (HSC seeing 3.5-5 px: 5-8 px);
     # CORE_MISFIT when POOR_FIT and the core holds at least core_misfit_share of the
     # positive excess (a majority: the core explains most of the misfit). Measured: real
@@ -478,7 +478,7 @@ class StagingConfig:
     psf_size: int = setting(43, positive, odd)
     # stamp side = smallest bucket >= ceil(n_out) + 2 * psf_margin (HSC pixels), else the largest
     psf_margin: int = setting(8, non_negative)
-    # neighbours (survey/detection.py): sep detection on the inverse-variance-weighted band
+    # neighbours (quality/detection.py): sep detection on the inverse-variance-weighted band
     # sum, in a stamp detection_pad pixels wider on each side than the sampler's stamp
     detect_neighbours: bool = setting(True)  # False: no detection, no neighbour mask, no BLENDED
     # sigma per pixel (1.5 found noise peaks as neighbours)

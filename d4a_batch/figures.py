@@ -22,7 +22,7 @@ from matplotlib.patches import Circle, Rectangle
 
 from d4a_batch.config import FlagThresholds
 from d4a_batch.physics.stretch import DEFAULT_A
-from d4a_batch.sampling.residuals import normalised_residual
+from d4a_batch.quality.regions import normalised_residual
 from d4a_batch.schema import Col, Flag, Status, band_col, obs_col, pct_col
 
 DPI = 100
@@ -94,7 +94,7 @@ def object_figure(
     (the pixels the likelihood used), ``reconvolved`` (PSF ⊛ R(mean) + background,
     ``validation.metrics.reconvolve``). Model grid ([C,N,N], counts per model pixel):
     ``mean_flux``, ``std_flux``, ``truth`` (optional), ``samples_flux[K,C,N,N]`` (up to 4
-    shown); ``variance_ratio[N,N]``. Detection (optional, ``survey.detection``): ``segmap``
+    shown); ``variance_ratio[N,N]``. Detection (optional, ``quality.detection``): ``segmap``
     [H,W] with the ``target`` segment, ``neighbour_mask`` [H,W] (pixels masked for
     neighbours), ``footprint`` (model footprint side, HSC pixels) around the object at
     ``offset`` (dy, dx) from the stamp centre.

@@ -4,28 +4,32 @@
 one stamp size, Parquet bytes or a table) into output rows (``survey.output``). For a pack
 of objects it chains::
 
-    deconvolve (sampling.deconvolve)        posterior samples and summaries
+    pack_arrays, pack_observations          the pack decoded (below: the one decoder)
+    deconvolve (sampling.deconvolve)        posterior samples and summaries, the
+                                            re-convolved mean and its chi2 (once per pack)
     observed_snr, calibrated_columns        the calibrated interval columns (sampling.calibrate)
-    chi2_regions (below)                    where the excess chi2 lies (sampling.residuals)
-    detection_flag_inputs, flag_objects     the quality flags (survey.detection, sampling.flags)
+    chi2_regions                            where the excess chi2 lies (quality.regions)
+    detection_flag_inputs, flag_objects     the quality flags (quality.detection, .reasons)
     output_table                            the rows (survey.output)
 
 An error pack becomes error rows; a pack whose sampling fails becomes error rows that say
 why. The engine's Ray actor (``pipeline.actors.DeconvolveActor``) wraps one in a few lines;
 validation, benchmarks and tests use it directly, in their own process.
+``pack_observations`` is the one decoder from a pack's arrays to the sampler's
+``ObservationBatch`` (the stage, validation and the figures use it).
 
 Why a top-level module, not ``sampling/`` or ``pipeline/``: the stage joins the sampler
-(``sampling``) with the pack and row formats (``survey``). Inside ``sampling/`` it would make
-``sampling`` import ``survey`` while ``survey`` still imports ``sampling.flags`` (issue 32
-item 3), a two-package circle that tests/test_layers.py forbids; inside ``pipeline/`` the
-validation code that runs "the engine without Ray" would sit above the Ray engine. It never
-imports Ray (tests/test_layers.py).
+(``sampling``) with the pack and row formats (``survey``) and the flags (``quality``); inside
+``sampling/`` it would make the pure-torch sampler depend on the formats it does not need;
+inside ``pipeline/`` the validation code that runs "the engine without Ray" would sit above
+the Ray engine. It never imports Ray (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -36,13 +40,13 @@ import torch
 from d4a_batch.config import RunConfig
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import load_prior
+from d4a_batch.quality.detection import detection_flag_inputs
+from d4a_batch.quality.reasons import flag_objects
+from d4a_batch.quality.regions import chi2_regions
 from d4a_batch.sampling.calibrate import calibrated_columns, observed_snr, usable_calibration
 from d4a_batch.sampling.deconvolve import deconvolve
-from d4a_batch.sampling.flags import flag_objects
-from d4a_batch.sampling.residuals import chi2_localisation, normalised_residual
-from d4a_batch.sampling.summaries import PosteriorSummaries, reconvolved_flux
+from d4a_batch.sampling.summaries import PosteriorSummaries
 from d4a_batch.schema import Col
-from d4a_batch.survey.detection import detection_flag_inputs, psf_fwhm_pixels
 from d4a_batch.survey.hats_io import INPUT_PHOTOZ_HI, INPUT_PHOTOZ_LO
 from d4a_batch.survey.output import OutputSpec, Provenance, output_table
 from d4a_batch.survey.packs import (
@@ -64,6 +68,31 @@ from d4a_batch.survey.packs import (
 from d4a_batch.survey.tensors import tensor_numpy
 
 log = logging.getLogger(__name__)
+
+
+def pack_observations(
+    arrays: Mapping[str, np.ndarray],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> ObservationBatch:
+    """The observations of B staged objects from their pack arrays (``survey.packs
+    .pack_arrays``, or a ``StagedObject``'s arrays with a leading axis of 1).
+
+    ``arrays``: ``image``, ``variance`` [B,C,H,W], ``valid`` [B,C,H,W] (uint8 or bool),
+    ``psf`` [B,C,P,P], ``offset`` [B,2]. A pixel is valid where the pack says so, and its
+    value is finite with variance > 0 (``ObservationBatch.from_arrays``). The sampler takes
+    float32 on its device; scores and figures float64 on the CPU.
+    """
+    return ObservationBatch.from_arrays(
+        arrays[IMAGE],
+        arrays[VARIANCE],
+        np.asarray(arrays[VALID]).astype(bool),
+        arrays[PSF],
+        arrays[OFFSET],
+        dtype=dtype,
+        device=device,
+    )
 
 
 class PackProgress(Protocol):
@@ -154,22 +183,12 @@ class PackSampler:
         summaries: PosteriorSummaries | None = None,
         messages: list[str | None] | None = None,
         calibrated: dict[str, np.ndarray] | None = None,
-        regions: dict[str, np.ndarray] | None = None,
+        fit: dict[str, np.ndarray] | None = None,
     ) -> pa.Table:
-        """Output rows of a pack: flags decided by ``sampling.flags``, written by ``output``.
+        """Output rows of a pack: flags decided by ``quality.reasons``, written by ``output``.
 
-        ``regions``: where each object's excess chi2 lies (``chi2_regions``)."""
+        ``fit``: the sampled objects' flag inputs (``_fit_inputs``; None: nothing sampled)."""
         messages = pack[Col.MESSAGE].to_pylist() if messages is None else messages
-        fit = None
-        if summaries is not None:
-            fit = {
-                "masked_fraction": pack[Col.MASKED_FRACTION].to_numpy(),
-                "upsampling": 1.0 / pack[SCALE].to_numpy(),
-                "hallucination": summaries.hallucination,
-                "chi2_reduced": summaries.chi2,
-                **detection_flag_inputs(pack, self.prior.config),
-                **(regions or {}),
-            }
         flags = flag_objects(
             self.config.sampler.flags,
             z_range=self.z_range,
@@ -193,14 +212,7 @@ class PackSampler:
         a = pack_arrays(pack)
         self.progress.pack_started(a[Col.OBJECT_ID].tolist())
         try:
-            obs = ObservationBatch.from_arrays(
-                a[IMAGE],
-                a[VARIANCE],
-                a[VALID].astype(bool),
-                a[PSF],
-                a[OFFSET],
-                device=self.prior.device,
-            )
+            obs = pack_observations(a, device=self.prior.device)
             summaries = deconvolve(
                 obs,
                 a[Col.PHOTOZ],
@@ -221,34 +233,30 @@ class PackSampler:
             log.exception("sampling failed for %d objects", pack.num_rows)
             why = f"sampling failed: {type(e).__name__}: {e}"
             return self._table(pack, None, [why] * pack.num_rows)
-        try:  # a refinement of the POOR_FIT reason: without it, the flags stay as they are
-            regions = chi2_regions(pack, a, summaries.mean_flux, self.config.sampler.flags)
+        fit = self._fit_inputs(a, summaries)
+        return self._table(pack, summaries, calibrated=calibrated, fit=fit)
+
+    def _fit_inputs(
+        self, a: dict[str, np.ndarray], summaries: PosteriorSummaries
+    ) -> dict[str, np.ndarray]:
+        """The flag inputs [B] of a sampled pack (``quality.reasons.flag_objects``' ``fit``):
+        staging's geometry and detection measurements, the summaries' score and chi2, and
+        where the excess chi2 lies (``quality.regions.chi2_regions``, on the re-convolved
+        mean the chi2 was computed from; when that fails, the POOR_FIT reason goes without)."""
+        n = len(a[Col.OBJECT_ID])
+        regions: dict[str, np.ndarray] = {}
+        try:
+            regions = chi2_regions(
+                a[IMAGE], a[VARIANCE], a[VALID], summaries.reconvolved, a[PSF], a[OFFSET],
+                a[Col.N_OUT], a.get(NEIGHBOUR_MASK), self.config.sampler.flags.core_radius_fwhm,
+            )  # fmt: skip
         except Exception:
-            log.exception("locating the excess chi2 failed for %d objects", pack.num_rows)
-            regions = None
-        return self._table(pack, summaries, calibrated=calibrated, regions=regions)
-
-
-def chi2_regions(pack: pa.Table, a: dict[str, np.ndarray], mean_flux: np.ndarray, thresholds):
-    """Where the excess chi2 of each object of a pack lies (``sampling.residuals``):
-    {"chi2_core", "chi2_neighbours", "chi2_footprint", "chi2_outside"} arrays [B].
-
-    ``a``: the pack's arrays (``pack_arrays``); ``mean_flux[B,C,N,N]``: the posterior mean
-    flux. The residual/σ is that of the figures (``normalised_residual`` of the re-convolved
-    mean, on CPU in float64); the core's radius scales with the widest band's PSF FWHM.
-    """
-    obs = ObservationBatch.from_arrays(
-        a[IMAGE], a[VARIANCE], a[VALID].astype(bool), a[PSF], a[OFFSET], dtype=torch.float64
-    )
-    model = reconvolved_flux(np.asarray(mean_flux, np.float64), obs, a[SCALE])
-    residual = normalised_residual(a[IMAGE], model, a[VARIANCE], obs.valid.numpy())
-    fwhm = np.array([max(psf_fwhm_pixels(p) for p in psfs) for psfs in a[PSF]])
-    nm = (
-        tensor_numpy(pack[NEIGHBOUR_MASK]).astype(bool)
-        if NEIGHBOUR_MASK in pack.column_names
-        else None
-    )
-    return chi2_localisation(
-        residual, a[OFFSET], fwhm, pack[Col.N_OUT].to_numpy(), nm,
-        thresholds.core_radius_fwhm,
-    )  # fmt: skip
+            log.exception("locating the excess chi2 failed for %d objects", n)
+        return {
+            "masked_fraction": a[Col.MASKED_FRACTION],
+            "upsampling": 1.0 / a[SCALE],
+            "hallucination": summaries.hallucination,
+            "chi2_reduced": summaries.chi2,
+            **detection_flag_inputs(a, n, self.prior.config),
+            **regions,
+        }

@@ -53,7 +53,7 @@ class Flag(enum.IntFlag):
     NOISE_ESTIMATED = 1 << 7  # image-only cutout: noise (and/or mask) estimated from the stamp
     BLENDED = 1 << 8  # a neighbour's light reaches the target's model footprint (detection.py)
     TRUNCATED = 1 << 9  # the target's light extends past the model footprint (detection.py)
-    CORE_MISFIT = 1 << 10  # POOR_FIT with most excess chi2 at the core (sampling/residuals.py)
+    CORE_MISFIT = 1 << 10  # POOR_FIT with most excess chi2 at the core (quality/regions.py)
 
 
 FLAG_REASONS: dict[Flag, str] = {
@@ -103,12 +103,12 @@ class Col:
     # unusable pixels of the model footprint (all bands) in the cutout itself: bad MASK bits,
     # non-finite, outside the cutout; neighbour masking is not counted (MASKED_FRACTION_HIGH)
     MASKED_FRACTION = "masked_fraction"
-    # neighbours and truncation (survey/detection.py, measured at staging)
+    # neighbours and truncation (quality/detection.py, measured at staging)
     N_NEIGHBOURS_MASKED = "n_neighbours_masked"  # neighbour segments made invalid pixels
     NEIGHBOUR_MASKED_FRACTION = "neighbour_masked_fraction"  # stamp pixels masked for them
     BLEND_FRACTION = "blend_fraction"  # neighbour light on used footprint pixels / target's
     # the neighbours' light left on the used stamp pixels in noise units: the chi2/dof it
-    # adds to a perfect fit of the target (BLENDED; survey/detection.py)
+    # adds to a perfect fit of the target (BLENDED; quality/detection.py)
     CONTAMINATION = "contamination"
     ASYMMETRY = "asymmetry"  # target segment light with no point-mirror image / its flux
     TRUNCATED_FRACTION = "truncated_fraction"  # target segment flux outside the footprint

@@ -4,7 +4,7 @@
 
 Per mock target (``mock.survey`` galaxies, i = 20-23.5, z = 0.25-1, PSF FWHM 0.62-0.8'',
 HSC COSMOS noise) one neighbour at 4-30 HSC pixels, 1 mag brighter to 1.5 mag fainter:
-staging's detection (``survey.detection.find_sources``, default ``StagingConfig``) masks
+staging's detection (``quality.detection.find_sources``, default ``StagingConfig``) masks
 it; then, knowing the truth, we measure
 
 - ``true_fraction``: the neighbour's true light on the used footprint pixels / the target's;
@@ -44,8 +44,8 @@ from d4a_batch.mock.survey import (
     _z_scale,
     draw_psf,
 )
-from d4a_batch.survey.detection import DetectionParams, find_sources
-from d4a_batch.survey.detection_image import footprint_box
+from d4a_batch.quality.detection import DetectionParams, find_sources
+from d4a_batch.quality.detection_image import footprint_box
 
 
 def measure(k: int, cfg: MockSurveyConfig, params: DetectionParams) -> dict:

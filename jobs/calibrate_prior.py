@@ -39,6 +39,7 @@ import torch
 
 from d4a_batch.config import RunConfig, from_dict, to_dict
 from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
+from d4a_batch.pack_sampler import pack_observations
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.prior.calibration import (
     Calibration,
@@ -57,7 +58,6 @@ from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import (
     make_sampler,
-    observations,
     read_rows,
     read_sampled_pack,
     read_truth,
@@ -219,7 +219,7 @@ def load_set(args, name: str, prior_cfg, config: RunConfig) -> dict[str, np.ndar
         truth = np.stack([truths[i]["truth"] for i in ids])
         z_true = np.array([truths[i]["z_true"] for i in ids])
         mag = np.array([truths[i]["i_mag_true"] for i in ids])
-        obs = observations(arrays)
+        obs = pack_observations(arrays, dtype=torch.float64)
         flux, _ = flux_samples(samples_x, obs, arrays[SCALE], prior_cfg.stretch.a,
                                physics.profile_ridge)  # fmt: skip
         beta = np.stack([rows[band_col(Col.BETA, b)].to_numpy() for b in prior_cfg.bands], 1)

@@ -8,7 +8,7 @@ galaxies are drawn ``large_factor`` times larger than usual on a grid that many 
 (``MockSurveyConfig.large_factor``): the truth table's ``flux_outside_field`` is each galaxy's
 exact flux share outside the prior's field. Every object is staged as the engine stages it
 (``survey.staging.Stager``, default ``StagingConfig``, the demo prior's 64 × 0.5 kpc field),
-and its ``truncated_fraction`` (``survey.symmetry.outskirts_light``) is compared with the
+and its ``truncated_fraction`` (``quality.symmetry.outskirts_light``) is compared with the
 truth; one survey of usual-size galaxies (factor 1: nothing outside) checks false alarms.
 Prints a table and a summary, writes both as JSON.
 """

@@ -6,16 +6,28 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from d4a_batch.config import RunConfig, SamplerConfig, to_dict
-from d4a_batch.pack_sampler import PackSampler
+from d4a_batch.pack_sampler import PackSampler, pack_observations
 from d4a_batch.pipeline.actors import DeconvolveActor
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import Col, Status
 from d4a_batch.survey.output import OutputSpec, Provenance
-from d4a_batch.survey.packs import KIND_ERRORS, pack_from_bytes, pack_to_bytes
+from d4a_batch.survey.packs import (
+    IMAGE,
+    KIND_ERRORS,
+    OFFSET,
+    PSF,
+    VALID,
+    VARIANCE,
+    pack_arrays,
+    pack_from_bytes,
+    pack_to_bytes,
+)
 from tests.pipeline.test_actors import _pack_rows
 from tests.survey.conftest import tiny_prior, tiny_survey
 
@@ -111,3 +123,23 @@ def test_the_sampling_stage_loads_without_ray():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["False"]
+
+
+def test_pack_observations_is_the_one_decoder_of_a_packs_stamps(tiny_survey):
+    """A pack's arrays -> the sampler's observations: the staged stamps as they are, valid
+    pixels and-ed with finite values and variance > 0, in the dtype asked for."""
+    _, packs = _pack_rows(tiny_survey)
+    a = pack_arrays(pack_from_bytes(next(p["pack"] for p in packs if p["kind"] != KIND_ERRORS)))
+    a[VARIANCE][0, 0, 0, 0] = 0.0
+    a[IMAGE][0, 1, 2, 3] = np.nan
+    obs = pack_observations(a)
+    assert obs.image.dtype == torch.float32 and obs.valid.dtype == torch.bool
+    np.testing.assert_array_equal(obs.psf.numpy(), a[PSF])
+    np.testing.assert_array_equal(obs.offset.numpy(), a[OFFSET].astype(np.float32))
+    valid = a[VALID].astype(bool) & np.isfinite(a[IMAGE]) & (a[VARIANCE] > 0)
+    assert not valid[0, 0, 0, 0] and not valid[0, 1, 2, 3]
+    np.testing.assert_array_equal(obs.valid.numpy(), valid)
+    wide = pack_observations(a, dtype=torch.float64)
+    assert wide.image.dtype == torch.float64
+    np.testing.assert_array_equal(wide.valid.numpy(), valid)
+    np.testing.assert_array_equal(wide.variance.numpy(), a[VARIANCE].astype(np.float64))

@@ -30,12 +30,12 @@ import torch
 
 from d4a_batch.config import RunConfig, from_dict
 from d4a_batch.figures import object_figure, run_report
-from d4a_batch.physics.operator import ObservationBatch
+from d4a_batch.pack_sampler import pack_observations
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.sampling.summaries import flux_samples, reconvolved_flux
 from d4a_batch.schema import DATASET_DIR, FIGURES_DIR, RUN_CONFIG_FILE, Col, Status
 from d4a_batch.survey.hats_io import InputCatalog, open_input_catalog, read_partition
-from d4a_batch.survey.packs import IMAGE, PSF, VALID, VARIANCE
+from d4a_batch.survey.packs import IMAGE, OFFSET, PSF, VALID, VARIANCE
 from d4a_batch.survey.staging import Stager
 from d4a_batch.survey.storage import absolute_uri, filesystem, join_uri
 from d4a_batch.survey.tensors import tensor_numpy
@@ -137,10 +137,8 @@ def write_object_figures(
                 result[oid] = f"cannot stage it again: {obj.error if obj else 'not in the input'}"
                 continue
             k, arr = rows[oid], obj.arrays
-            obs = ObservationBatch.from_arrays(
-                arr[IMAGE][None], arr[VARIANCE][None], arr[VALID][None].astype(bool),
-                arr[PSF][None], np.asarray([obj.offset]), dtype=torch.float64,
-            )  # fmt: skip
+            one = {name: arr[name][None] for name in (IMAGE, VARIANCE, VALID, PSF)}
+            obs = pack_observations(one | {OFFSET: np.asarray([obj.offset])}, dtype=torch.float64)
             scale = np.asarray([obj.scale])
             mean_flux = maps[Col.MEAN_FLUX][k : k + 1].astype(np.float64)
             if Col.SAMPLES_X in maps:

@@ -1,1 +1,1 @@
-"""Diffusion posterior sampling, posterior summaries and quality flags. Pure torch."""
+"""Diffusion posterior sampling and posterior summaries. Pure torch (the quality flags: ``quality``)."""

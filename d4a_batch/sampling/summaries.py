@@ -30,6 +30,8 @@ Definitions (per object; C bands, N×N model pixels, samples x_k in x-space):
   of the residual per band) and the amplitude alpha_c fitted per sample (inside the flux
   image), at the nominal redshift; dof = valid pixels − 2 per band (alpha and beta), the
   one rule of ``physics.operator.degrees_of_freedom`` (also ``reduced_chi2``'s).
+  ``reconvolved`` [C,H,W] keeps that model (computed once per pack): the POOR_FIT
+  regions are taken from it (``quality.regions.chi2_regions``).
 - ``flux``, ``flux_err`` [C]: mean and std over samples of sum(F_k) (counts); ``mag`` =
   zp − 2.5 log10(flux) (NaN when flux ≤ 0), ``mag_err`` = std of the per-sample
   magnitudes. These are the sampler's raw posterior widths; their coverage on mocks is
@@ -92,17 +94,23 @@ def reconvolve(mean_flux: torch.Tensor, obs: ObservationBatch, op: ForwardOperat
     return m + beta[..., None, None]
 
 
-def reconvolved_chi2(
-    mean_flux: torch.Tensor, obs: ObservationBatch, op: ForwardOperator
-) -> torch.Tensor:
-    """Reduced chi² [B] of y ≈ ``reconvolve(mean_flux)`` (see the module docstring's dof).
-
-    mean_flux[B,C,N,N] in counts per model pixel; NaN where no dof is left.
-    """
-    res = obs.masked_image() - reconvolve(mean_flux, obs, op)
+def model_chi2(model: torch.Tensor, obs: ObservationBatch) -> torch.Tensor:
+    """Reduced chi² [B] of y ≈ model[B,C,H,W] (a ``reconvolve``d mean; see the module
+    docstring's dof); NaN where no dof is left."""
+    res = obs.masked_image() - model
     chi2 = (obs.weight() * res * res).sum((1, 2, 3))
     dof = degrees_of_freedom(obs.valid).to(chi2.dtype)
     return chi2 / torch.where(dof > 0, dof, float("nan"))
+
+
+def reconvolved_chi2(
+    mean_flux: torch.Tensor, obs: ObservationBatch, op: ForwardOperator
+) -> torch.Tensor:
+    """Reduced chi² [B] of y ≈ ``reconvolve(mean_flux)`` (``model_chi2``).
+
+    mean_flux[B,C,N,N] in counts per model pixel; NaN where no dof is left.
+    """
+    return model_chi2(reconvolve(mean_flux, obs, op), obs)
 
 
 def flux_operator(
@@ -182,6 +190,9 @@ class PosteriorSummaries:
     samples_x: np.ndarray | None = None  # [B,K,C,N,N], K = config.keep_samples
     morphology: dict[str, np.ndarray] | None = None  # {column: [B]} (measure.catalog)
     measure_notes: list[str] | None = None  # [B] "; "-joined, "" when none
+    # [B,C,H,W] the re-convolved mean flux (``reconvolve``) the chi2 was computed from, on
+    # the observation's stamp: the POOR_FIT regions use it (``quality.regions.chi2_regions``)
+    reconvolved: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.object_id.shape[0])
@@ -239,7 +250,8 @@ class PosteriorSummaries:
             mag_mean = torch.where(mag_ok, mag_s, 0.0).sum(1) / mag_ok.sum(1).clamp_min(1)
             mag_dev = torch.where(mag_ok, mag_s - mag_mean[:, None], 0.0)
             mag_err = (mag_dev.pow(2).sum(1) / (mag_ok.sum(1) - 1).clamp_min(0)).sqrt()
-            chi2 = reconvolved_chi2(mean_flux, obs, op)
+            reconvolved = reconvolve(mean_flux, obs, op)  # once: the chi2 and its regions
+            chi2 = model_chi2(reconvolved, obs)
             masked = 1.0 - obs.valid.double().mean((1, 2, 3))
         scale = np.asarray(scale, dtype=np.float64)
         keep = min(int(config.keep_samples), n_samp)
@@ -276,6 +288,7 @@ class PosteriorSummaries:
             samples_x=_np(x[:, :keep]).astype(np.float32) if keep > 0 else None,
             morphology=morphology,
             measure_notes=notes,
+            reconvolved=_np(reconvolved),
         )
 
     def columns(self, maps: bool = True) -> dict[str, np.ndarray]:

@@ -11,10 +11,10 @@ Columns (names from ``d4a_batch.schema.Col``; C bands, N the prior's image side)
 - identity: object_id, ra, dec, _healpix_29, photoz (the catalog's photo-z);
 - status: status ("ok" | "error"), status_message (why, for errors), flags (int64
   bitmask of ``schema.Flag``), flag_names ("|"-joined names), flag_reasons ("; "-joined),
-  as ``sampling.flags.flag_objects`` decided them (this module only writes them);
+  as ``quality.reasons.flag_objects`` decided them (this module only writes them);
 - geometry: model_pixel_arcsec, upsampling, footprint_hsc_pixels, stamp_size,
   masked_fraction;
-- neighbours and truncation (staging, ``survey/detection.py``): n_neighbours_masked
+- neighbours and truncation (staging, ``quality/detection.py``): n_neighbours_masked
   (int32, null: not measured), neighbour_masked_fraction, blend_fraction, asymmetry,
   truncated_fraction (NaN: not measured or target not detected);
 - summaries: hallucination_score, variance_ratio_mean, chi2_reduced and per band
@@ -49,7 +49,7 @@ import io
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -60,8 +60,8 @@ from astropy.io import fits
 from d4a_batch import __version__
 from d4a_batch.config import PriorConfig, RunConfig, config_hash
 from d4a_batch.measure.catalog import apply_flag_rules
+from d4a_batch.quality.detection import DETECTION_COLUMNS
 from d4a_batch.schema import Col, Status, band_col, morphology_columns
-from d4a_batch.survey.detection import DETECTION_COLUMNS
 from d4a_batch.survey.fits_io import hsc_tan_wcs
 from d4a_batch.survey.hats_io import ORDER, PIXEL, partition_uri, write_partition
 from d4a_batch.survey.packs import SCALE, pack_id
@@ -71,8 +71,7 @@ from d4a_batch.survey.tensors import tensor_array, tensor_numpy, tensor_type
 if TYPE_CHECKING:  # HealpixPixel: not at run time, the write tasks need no hats (see hats_io)
     from hats.pixel_math import HealpixPixel
 
-    from d4a_batch.sampling.flags import ObjectFlags
-    from d4a_batch.sampling.summaries import PosteriorSummaries
+    from d4a_batch.quality.reasons import ObjectFlags
 
 PER_BAND = (Col.FLUX, Col.FLUX_ERR, Col.MAG, Col.MAG_ERR, Col.ALPHA, Col.BETA)
 SUMMARIES = (Col.HALLUCINATION, Col.VARIANCE_RATIO_MEAN, Col.CHI2)
@@ -179,9 +178,21 @@ class Provenance:
         return {k: pa.array([v] * n, t) for k, (v, t) in values.items()}
 
 
+class SampledColumns(Protocol):
+    """What ``output_table`` reads of the sampled objects' summaries: a
+    ``sampling.summaries.PosteriorSummaries`` (named here by what it offers: survey does not
+    import sampling, tests/test_layers.py)."""
+
+    measure_notes: list[str] | None  # [B] why a morphology column is NaN ("" when none)
+
+    def columns(self, maps: bool = True) -> dict[str, np.ndarray]:
+        """Column arrays [B] / [B, ...] by ``Col`` name, the maps with ``maps``."""
+        ...
+
+
 def output_table(
     pack: pa.Table,
-    summaries: PosteriorSummaries | None,
+    summaries: SampledColumns | None,
     flags: ObjectFlags,
     spec: OutputSpec,
     provenance: Provenance,
@@ -192,7 +203,7 @@ def output_table(
 
     ``summaries``: the pack's objects sampled, in pack order, or None when they were not
     (their messages say why); ``messages``: per object, overrides the pack's (e.g. when
-    sampling itself failed); ``flags``: decided by ``sampling.flags.flag_objects``.
+    sampling itself failed); ``flags``: decided by ``quality.reasons.flag_objects``.
     Geometry (θ, upsampling, footprint, masked fraction) comes from staging.
     ``calibrated``: the calibrated interval columns of the sampled objects
     (``sampling.calibrate.calibrated_columns``, [B] scalars and [B,C,N,N] maps); absent -> NaN.

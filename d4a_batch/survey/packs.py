@@ -7,7 +7,7 @@ A pack is up to ``pack_size`` staged objects of one stamp size in an Arrow table
   68 % bounds), ``status_message`` (null for staged objects);
 - geometry: stamp_size int32, ``model_pixel_arcsec``, ``model_scale`` (θ/0.168''),
   ``footprint_hsc_pixels``, ``masked_fraction`` float64; ``offset`` [2] float64;
-- neighbours and truncation (``detection.DETECTION_COLUMNS``, float64, NaN: not measured):
+- neighbours and truncation (``quality.detection.DETECTION_COLUMNS``, float64, NaN: not measured):
   n_neighbours_masked, neighbour_masked_fraction, blend_fraction, asymmetry,
   truncated_fraction;
 - PSF checks: ``psf_sum``, ``psf_centroid_offset``, ``psf_crop_loss`` [C] float64 (NaN: not read);
@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from d4a_batch.quality.detection import DETECTION_COLUMNS
 from d4a_batch.schema import Col
-from d4a_batch.survey.detection import DETECTION_COLUMNS
 from d4a_batch.survey.hats_io import INPUT_PHOTOZ_HI, INPUT_PHOTOZ_LO, ORDER, PIXEL
 from d4a_batch.survey.tensors import tensor_array, tensor_numpy
 
@@ -54,7 +54,7 @@ SCALE = "model_scale"  # model pixel width in HSC pixels, θ/0.168''
 # VARIANCE); the NOISE_ESTIMATED flag's reason (survey/noise.py)
 NOISE_NOTE = "noise_estimate"
 IMAGE, VARIANCE, VALID, PSF = "image", "variance", "valid", "psf"
-# [H,W] uint8: pixels staging made invalid for neighbours (survey/detection.py; all 0 when
+# [H,W] uint8: pixels staging made invalid for neighbours (quality/detection.py; all 0 when
 # staged without detection): where POOR_FIT looks for neighbour light past the mask
 NEIGHBOUR_MASK = "neighbour_mask"
 IDENTITY = (Col.OBJECT_ID, Col.RA, Col.DEC, Col.HEALPIX, ORDER, PIXEL, Col.PHOTOZ,
@@ -90,7 +90,7 @@ def _common_columns(objs: list[StagedObject]) -> dict[str, pa.Array]:
     for name, attr in ((Col.THETA_ARCSEC, "theta_arcsec"), (SCALE, "scale"),
                        (Col.N_OUT, "footprint"), (Col.MASKED_FRACTION, "masked_fraction")):  # fmt: skip
         cols[name] = pa.array([getattr(o, attr) for o in objs], pa.float64())
-    for name, attr in DETECTION_COLUMNS:  # neighbours, truncation (survey/detection.py)
+    for name, attr in DETECTION_COLUMNS:  # neighbours, truncation (quality/detection.py)
         cols[name] = pa.array([float(getattr(o, attr)) for o in objs], pa.float64())
     return cols
 
@@ -159,11 +159,21 @@ def pack_from_bytes(data: bytes) -> pa.Table:
 
 
 def pack_arrays(table: pa.Table) -> dict[str, np.ndarray]:
-    """numpy arrays (writable copies) of a pack of staged objects: tensors ``[B, ...]``, scalars ``[B]``."""
+    """numpy arrays (writable copies) of a pack of staged objects: tensors ``[B, ...]``, scalars ``[B]``.
+
+    The stamps, offset and PSF checks; ``neighbour_mask`` [B,H,W] and the detection columns
+    (``DETECTION_COLUMNS``, float64) when the pack has them (staged before detection: not);
+    the identity, ``model_scale``, ``footprint_hsc_pixels`` and ``masked_fraction``.
+    ``pack_sampler.pack_observations`` turns them into the sampler's observations.
+    """
     tensors = (*STAMPS, OFFSET, PSF_SUM, PSF_CENTROID)
-    out = {name: np.array(tensor_numpy(table[name])) for name in tensors}
-    for name in (*IDENTITY, SCALE, Col.MASKED_FRACTION):
+    optional = [NEIGHBOUR_MASK] if NEIGHBOUR_MASK in table.column_names else []
+    out = {name: np.array(tensor_numpy(table[name])) for name in (*tensors, *optional)}
+    for name in (*IDENTITY, SCALE, Col.N_OUT, Col.MASKED_FRACTION):
         out[name] = table[name].to_numpy()
+    for name, _ in DETECTION_COLUMNS:
+        if name in table.column_names:
+            out[name] = np.asarray(table[name].to_numpy(zero_copy_only=False), np.float64)
     b = table.num_rows
     for name in STAMPS:
         if out[name].ndim != 4 or out[name].shape[0] != b:

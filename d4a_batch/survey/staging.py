@@ -18,7 +18,7 @@ Per object (a row of ``hats_io.read_partition``; C = the prior's bands):
    its variance is estimated from the whole cutout (``noise.fill_missing_planes``: sky
    from source-free pixels + source term) and ``noise_note`` says how, per band (the
    NOISE_ESTIMATED flag's reason); a cutout whose noise cannot be estimated is an error.
-5. neighbours (``StagingConfig.detect_neighbours``): ``detection.find_sources`` on a
+5. neighbours (``StagingConfig.detect_neighbours``): ``quality.detection.find_sources`` on a
    stamp ``detection_pad`` pixels wider: the other sources' segments, dilated by about
    the PSF FWHM, become invalid pixels (like bad MASK bits, so the likelihood, χ² and
    every score skip them); the number of masked neighbours, the masked fraction, the
@@ -60,10 +60,10 @@ import numpy as np
 
 from d4a_batch.config import PhysicsConfig, PriorConfig, StagingConfig
 from d4a_batch.physics.cosmology import footprint_hsc_pixels, model_pixel_arcsec
-from d4a_batch.sampling.flags import photoz_problem
+from d4a_batch.quality.detection import DetectionParams, StampSources, find_sources
+from d4a_batch.quality.detection_image import footprint_box
+from d4a_batch.quality.rules import photoz_problem
 from d4a_batch.schema import Col
-from d4a_batch.survey.detection import DetectionParams, StampSources, find_sources
-from d4a_batch.survey.detection_image import footprint_box
 from d4a_batch.survey.fits_io import (
     HSCCutout,
     InputError,
@@ -112,7 +112,7 @@ class StagedObject:
     # [C] flux fraction lost by cropping each PSF to StagingConfig.psf_size (0: padded or
     # already that size, NaN: not read)
     psf_crop_loss: np.ndarray = field(default_factory=lambda: np.full(0, np.nan))
-    # neighbours and truncation (survey/detection.py; NaN: not measured)
+    # neighbours and truncation (quality/detection.py; NaN: not measured)
     n_neighbours_masked: float = math.nan
     neighbour_masked_fraction: float = math.nan
     blend_fraction: float = math.nan
@@ -136,7 +136,7 @@ def unstaged(row: dict[str, Any], n_bands: int, error: str | None = None) -> Sta
 
 def photoz_error(z: float | None) -> str | None:
     """Why ``z`` cannot be used as the object's redshift (None when it can): the one
-    photo-z rule, ``sampling.flags.photoz_problem``, without the prior's range."""
+    photo-z rule, ``quality.rules.photoz_problem``, without the prior's range."""
     return photoz_problem(z)
 
 

@@ -310,14 +310,20 @@ def pack_inputs(
     samples), truth [B,C,N,N], the catalog's observed S/N ``Col.SNR`` [B] and the λ it
     applied (``Col.CALIB_LAMBDA68``/``95``; NaN without a matching calibration).
     """
+    import torch
+
+    from d4a_batch.pack_sampler import pack_observations
     from d4a_batch.schema import Col
     from d4a_batch.survey.packs import SCALE
     from d4a_batch.validation.samples import flux_samples
-    from d4a_batch.validation.science import observations
 
     ids = [int(v) for v in arrays[Col.OBJECT_ID]]
     flux, _ = flux_samples(
-        maps[Col.SAMPLES_X], observations(arrays), arrays[SCALE], stretch_a, ridge
+        maps[Col.SAMPLES_X],
+        pack_observations(arrays, dtype=torch.float64),
+        arrays[SCALE],
+        stretch_a,
+        ridge,
     )
     nan = np.full(len(ids), np.nan)
     return {

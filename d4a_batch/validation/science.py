@@ -38,7 +38,7 @@ import torch
 
 from d4a_batch.config import ColumnMap, PhysicsConfig, PriorConfig, RunConfig
 from d4a_batch.mock.survey import TRUTH_FILE
-from d4a_batch.pack_sampler import PackSampler
+from d4a_batch.pack_sampler import PackSampler, pack_observations
 from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, model_pixel_scale
 from d4a_batch.prior.artifact import read_prior_config
 from d4a_batch.schema import Col
@@ -260,18 +260,6 @@ def read_sampled_pack(path: str | os.PathLike) -> SampledPack:
     return arrays, rows, maps, truth
 
 
-def observations(arrays: dict[str, np.ndarray]) -> ObservationBatch:
-    """float64 ObservationBatch of a pack's arrays."""
-    return ObservationBatch.from_arrays(
-        arrays[IMAGE],
-        arrays[VARIANCE],
-        arrays[VALID].astype(bool),
-        arrays[PSF],
-        arrays[OFFSET],
-        dtype=torch.float64,
-    )
-
-
 # --------------------------------------------------------------------------- scoring
 def tune_rl(
     objs: Sequence[StagedObject],
@@ -336,7 +324,7 @@ def score_pack(
     """Per-object scores of one sampled pack against the truth (see the module docstring)."""
     physics, sampler = config.physics, config.sampler
     n = prior_cfg.image_size
-    obs = observations(arrays)
+    obs = pack_observations(arrays, dtype=torch.float64)
     scale = arrays[SCALE]
     a = prior_cfg.stretch.a
     rl, raw = baselines_for(arrays, n, rl_iterations)
@@ -407,7 +395,7 @@ def object_plots(folder: Path, arrays, maps, rows, scale, cfg, truth=None, k: in
     ``arrays``/``maps``/``rows`` as ``run_packs`` returns them; returns the paths."""
     from d4a_batch.figures import object_figure  # matplotlib: only when drawing
 
-    obs = observations(arrays)
+    obs = pack_observations(arrays, dtype=torch.float64)
     flux, _ = flux_samples(
         maps[Col.SAMPLES_X][:k], head_observations(obs, k), scale[:k], cfg.stretch.a
     )

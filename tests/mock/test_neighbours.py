@@ -26,9 +26,9 @@ from d4a_batch.mock.survey import (
 )
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.artifact import load_prior
+from d4a_batch.quality.detection import find_sources
 from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.schema import DEMO_PRIOR_DIR
-from d4a_batch.survey.detection import find_sources
 from d4a_batch.survey.staging import stamp_size
 from d4a_batch.validation.metrics import psnr
 

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from d4a_batch.config import (
     ColumnMap,
@@ -14,7 +15,7 @@ from d4a_batch.config import (
     StagingConfig,
     to_dict,
 )
-from d4a_batch.pack_sampler import chi2_regions
+from d4a_batch.pack_sampler import pack_observations
 from d4a_batch.pipeline.actors import (
     DeconvolveActor,
     actor_resources,
@@ -22,6 +23,8 @@ from d4a_batch.pipeline.actors import (
     torch_threads_for,
 )
 from d4a_batch.prior.artifact import read_prior_config
+from d4a_batch.quality.regions import chi2_regions
+from d4a_batch.sampling.summaries import reconvolved_flux
 from d4a_batch.schema import Col, Status
 from d4a_batch.survey.hats_io import ORDER, PIXEL, open_input_catalog, read_partition
 from d4a_batch.survey.output import OutputSpec, Provenance
@@ -29,6 +32,9 @@ from d4a_batch.survey.packs import (
     IMAGE,
     KIND_ERRORS,
     NEIGHBOUR_MASK,
+    OFFSET,
+    PSF,
+    SCALE,
     VALID,
     VARIANCE,
     make_packs,
@@ -131,7 +137,12 @@ def test_the_chi2_regions_add_up_to_the_catalog_chi2(actor, tiny_survey):
     assert NEIGHBOUR_MASK in pack.column_names
     assert out[Col.OBJECT_ID].to_pylist() == pack[Col.OBJECT_ID].to_pylist()
     a = pack_arrays(pack)
-    regions = chi2_regions(pack, a, tensor_numpy(out[Col.MEAN_FLUX]), CONFIG.sampler.flags)
+    obs = pack_observations(a, dtype=torch.float64)
+    model = reconvolved_flux(tensor_numpy(out[Col.MEAN_FLUX]).astype(np.float64), obs, a[SCALE])
+    regions = chi2_regions(
+        a[IMAGE], a[VARIANCE], a[VALID], model, a[PSF], a[OFFSET], a[Col.N_OUT],
+        a[NEIGHBOUR_MASK], CONFIG.sampler.flags.core_radius_fwhm,
+    )  # fmt: skip
     used = a[VALID].astype(bool) & np.isfinite(a[IMAGE]) & (a[VARIANCE] > 0)
     n_used = used.sum((1, 2, 3))
     dof = n_used - 2 * (used.sum((2, 3)) > 0).sum(1)

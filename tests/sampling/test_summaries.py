@@ -11,6 +11,7 @@ from d4a_batch.physics.stretch import inverse_stretch
 from d4a_batch.sampling.summaries import (
     PosteriorSummaries,
     aperture_mask,
+    model_chi2,
     reconvolve,
     reconvolved_chi2,
 )
@@ -88,6 +89,10 @@ def test_reductions_match_numpy(rng):
     assert s.samples_x.shape == (B, 3, C, N, N)
     np.testing.assert_array_equal(s.samples_x, xn[:, :3].astype(np.float32))
     assert (s.steps, s.samples, s.seed) == (7, S, 5)
+    # the re-convolved mean is kept: the one model of the chi2 and of the POOR_FIT regions
+    model = reconvolve(torch.as_tensor(s.mean_flux), obs, op)
+    np.testing.assert_array_equal(s.reconvolved, model.double().numpy())
+    np.testing.assert_array_equal(s.chi2, model_chi2(model, obs).double().numpy())
 
 
 def test_reconvolved_chi2_is_one_for_the_truth_and_large_for_a_wrong_image(rng):

@@ -15,7 +15,7 @@ from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, StagingCo
 from d4a_batch.mock.galaxies import draw_galaxy, sample_params
 from d4a_batch.mock.survey import INV_GAIN, SKY_VARIANCE, draw_psf
 from d4a_batch.physics.operator import ForwardOperator
-from d4a_batch.sampling.flags import flag_objects
+from d4a_batch.quality.reasons import flag_objects
 from d4a_batch.schema import Col, Flag
 from d4a_batch.survey.fits_io import (
     hsc_tan_wcs,

@@ -12,10 +12,10 @@ from astropy.wcs import WCS
 from hats.pixel_math import HealpixPixel
 
 from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, SamplerConfig, StagingConfig
-from d4a_batch.physics.operator import ObservationBatch
+from d4a_batch.pack_sampler import pack_observations
 from d4a_batch.prior.artifact import load_prior
+from d4a_batch.quality.reasons import ObjectFlags, evaluate_flags, flag_objects
 from d4a_batch.sampling.deconvolve import deconvolve
-from d4a_batch.sampling.flags import ObjectFlags, evaluate_flags, flag_objects
 from d4a_batch.schema import (
     Col,
     Flag,
@@ -44,12 +44,7 @@ from d4a_batch.survey.output import (
     write_chunks,
 )
 from d4a_batch.survey.packs import (
-    IMAGE,
     KIND_ERRORS,
-    OFFSET,
-    PSF,
-    VALID,
-    VARIANCE,
     make_packs,
     pack_arrays,
     pack_from_bytes,
@@ -84,16 +79,14 @@ def sampled(packs, tiny_prior):
     prior = load_prior(tiny_prior)
     pack = packs["objects"][0]
     a = pack_arrays(pack)
-    obs = ObservationBatch.from_arrays(
-        a[IMAGE], a[VARIANCE], a[VALID].astype(bool), a[PSF], a[OFFSET]
-    )
+    obs = pack_observations(a)
     err = np.stack([a[INPUT_PHOTOZ_LO], a[INPUT_PHOTOZ_HI]], 1)
     summ = deconvolve(obs, a[Col.PHOTOZ], prior, SAMPLER, a[Col.OBJECT_ID].tolist(), photoz_err=err)
     return pack, summ
 
 
 def _flags(pack, summ=None, messages=None):
-    """The pack's flags as the actor decides them (sampling.flags)."""
+    """The pack's flags as the sampling stage decides them (quality.reasons)."""
     messages = pack[Col.MESSAGE].to_pylist() if messages is None else messages
     fit = None
     if summ is not None:

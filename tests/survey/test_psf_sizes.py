@@ -12,7 +12,8 @@ import torch
 from d4a_batch.config import ColumnMap, FlagThresholds, PhysicsConfig, StagingConfig
 from d4a_batch.mock.survey import draw_psf
 from d4a_batch.physics.psf import convolve_fft
-from d4a_batch.sampling.flags import check_psf, flag_objects
+from d4a_batch.quality.reasons import flag_objects
+from d4a_batch.quality.rules import check_psf
 from d4a_batch.schema import Flag
 from d4a_batch.survey.fits_io import InputError, fit_psf_size, read_psf, write_psf
 from d4a_batch.survey.hats_io import open_input_catalog, psf_column, read_partition

@@ -17,8 +17,8 @@ import pytest
 from astropy.io import fits
 
 from d4a_batch.config import ColumnMap, PhysicsConfig, StagingConfig
+from d4a_batch.quality.detection_image import footprint_box
 from d4a_batch.schema import Col, Flag
-from d4a_batch.survey.detection_image import footprint_box
 from d4a_batch.survey.fits_io import (
     HSC_MASK_PLANES,
     HSCCutout,

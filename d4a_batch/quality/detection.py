@@ -44,40 +44,41 @@ the sampler's stamp so that a large target's segment is not cut at the stamp edg
 
 Where each part lives: this module detects (``sep``), picks the target, masks the
 neighbours and runs the steps in order (``find_sources``); the detection image and the
-pixel helpers the steps share (step 1) are in ``survey/detection_image.py``, the point-source
-fit of step 3 in ``survey/point_source.py``, the symmetric-template measurements of steps 5
-and 6 in ``survey/symmetry.py``.
+pixel helpers the steps share (step 1) are in ``quality/detection_image.py``, the point-source
+fit of step 3 in ``quality/point_source.py``, the symmetric-template measurements of steps 5
+and 6 in ``quality/symmetry.py``.
 
-All positions follow ``staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in
+All positions follow ``survey.staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in
 pixel-edge coordinates of the stamp.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import sep
 from scipy import ndimage
 
-from d4a_batch.schema import Col
-from d4a_batch.survey.detection_image import (
+from d4a_batch.config import PriorConfig
+from d4a_batch.quality.detection_image import (
     band_weights,
     detection_image,
     disc,
     footprint_box,
     psf_fwhm_pixels,
 )
-from d4a_batch.survey.point_source import point_source_model
-from d4a_batch.survey.symmetry import (
+from d4a_batch.quality.point_source import point_source_model
+from d4a_batch.quality.symmetry import (
     asymmetric_excess,
     contamination,
     neighbour_light,
     outskirts_light,
     residual_sky,
 )
+from d4a_batch.schema import Col
 
 # what staging measures here, as (pack/output column, StagedObject attribute); float64 in
 # packs (NaN: not measured), n_neighbours_masked int32 in the output catalog
@@ -329,18 +330,21 @@ def find_sources(
     )
 
 
-def detection_flag_inputs(pack: pa.Table, prior_config=None) -> dict[str, np.ndarray]:
-    """The BLENDED / TRUNCATED inputs of ``sampling.flags.flag_objects`` from a pack's columns.
+def detection_flag_inputs(
+    columns: Mapping[str, np.ndarray], n: int, prior_config: PriorConfig | None = None
+) -> dict[str, np.ndarray]:
+    """The BLENDED / TRUNCATED inputs of ``quality.reasons.flag_objects`` from what staging
+    measured: ``columns``, a pack's columns as arrays [B] by ``Col`` name
+    (``survey.packs.pack_arrays``), ``n`` = B.
 
-    Arrays [B]; NaN when the pack has no such column (staged without detection).
-    ``prior_config`` (a ``PriorConfig``) gives the model field's width in kpc for the reason.
+    Arrays [B]; NaN for a column not given (staged without detection). ``prior_config``
+    gives the model field's width in kpc for the reason.
     """
-    n = pack.num_rows
 
     def col(name: str) -> np.ndarray:
-        if name not in pack.column_names:
+        if name not in columns:
             return np.full(n, np.nan)
-        return np.asarray(pack[name].to_numpy(zero_copy_only=False), np.float64)
+        return np.asarray(columns[name], np.float64)
 
     field = math.nan
     if prior_config is not None:

@@ -3,8 +3,9 @@
     residual = (y − m) / σ on the used pixels (NaN elsewhere)      ``normalised_residual``
     E_R = Σ_{p ∈ R, bands} (residual² − 1)                           ``excess_chi2_regions``
 
-m is the re-convolved posterior mean (``summaries.reconvolved_flux``: PSF ⊛ R(mean flux)
-+ the profiled background), y the observation, σ² its variance. A perfect model leaves
+m is the re-convolved posterior mean (``sampling.summaries.reconvolve``: PSF ⊛ R(mean flux)
++ the profiled background; the sampler computes it once per pack, with the χ², and keeps it
+as ``PosteriorSummaries.reconvolved``), y the observation, σ² its variance. A perfect model leaves
 residual² − 1 of mean 0 on every pixel, so E_R is the misfit a region of the stamp holds,
 and Σ_R E_R ≈ χ² − n_used (χ²/dof − 1 per dof). Every used pixel belongs to exactly one
 region, in this order of priority (positions follow ``survey.staging.cut_stamp``: the object
@@ -14,13 +15,14 @@ lies at (H/2 + dy, W/2 + dx) in pixel-edge coordinates):
   here is a core more compact (or more extended) than the prior reproduces, a point source
   (AGN, a star taken for the target), or a PSF that is not the image's;
 - ``neighbours``: within ``ring_fwhm`` × the FWHM (at least 2 px) of a pixel masked for a
-  neighbour (``survey.detection``): the neighbour's light leaking past the dilated mask;
+  neighbour (``quality.detection``): the neighbour's light leaking past the dilated mask;
 - ``footprint``: the rest of the model footprint (structure the prior does not reproduce:
   arms, clumps, a neighbour merged into the target's segment);
 - ``outside``: the stamp's margin outside the footprint (the target's light beyond the model
   field, an undetected neighbour).
 
-numpy only; the same ``normalised_residual`` draws the figures' residual panel.
+``chi2_regions`` is what the sampling stage calls for a pack; numpy only; the same
+``normalised_residual`` draws the figures' residual panel.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from d4a_batch.quality.detection_image import psf_fwhm_pixels
+
 REGIONS = ("core", "neighbours", "footprint", "outside")
-# how each region's misfit reads in the POOR_FIT reason (sampling.flags.check_chi2)
+# how each region's misfit reads in the POOR_FIT reason (quality.rules.check_chi2)
 REGION_WORDS = {
     "core": "a core more compact than the prior reproduces, or a PSF mismatch",
     "neighbours": "neighbour light leaking past the mask",
@@ -133,7 +137,7 @@ def chi2_localisation(
     residual [B,C,H,W] (``normalised_residual``); offsets [B,2]; psf_fwhm [B] (px);
     footprint [B] (px); neighbour_mask [B,H,W] or None. Returns {"chi2_core",
     "chi2_neighbours", "chi2_footprint", "chi2_outside"} arrays [B] (NaN: no used pixel):
-    the keywords ``sampling.flags.evaluate_flags`` takes.
+    the keywords ``quality.reasons.evaluate_flags`` takes.
     """
     r = np.asarray(residual)
     if r.ndim != 4:
@@ -149,3 +153,28 @@ def chi2_localisation(
             for k in REGIONS:
                 out[f"chi2_{k}"][i] = e[k] / e["n_used"]
     return out
+
+
+def chi2_regions(
+    image: np.ndarray,
+    variance: np.ndarray,
+    valid: np.ndarray,
+    model: np.ndarray,
+    psf: np.ndarray,
+    offsets: np.ndarray,
+    footprint: np.ndarray,
+    neighbour_mask: np.ndarray | None = None,
+    core_radius_fwhm: float = 1.5,
+) -> dict[str, np.ndarray]:
+    """Where the excess χ² of each of B objects lies: ``chi2_localisation`` of the
+    ``normalised_residual`` of the re-convolved posterior mean.
+
+    image, variance, valid [B,C,H,W] (a pixel also needs a finite value and variance > 0 to
+    count); model [B,C,H,W]: the re-convolved posterior mean (``PosteriorSummaries
+    .reconvolved``); psf [B,C,P,P]: the core's radius scales with the widest band's FWHM;
+    offsets [B,2]; footprint [B] (px); neighbour_mask [B,H,W] (None: none). Returns
+    {"chi2_core", "chi2_neighbours", "chi2_footprint", "chi2_outside"} arrays [B].
+    """
+    residual = normalised_residual(image, model, variance, np.asarray(valid, bool))
+    fwhm = np.array([max(psf_fwhm_pixels(p) for p in psfs) for psfs in psf])
+    return chi2_localisation(residual, offsets, fwhm, footprint, neighbour_mask, core_radius_fwhm)

@@ -1,5 +1,5 @@
 """Light measured with point-symmetric templates on a stamp's segmentation: steps 5 and 6
-of ``survey/detection.py``'s module docstring, which ``detection.find_sources`` calls once
+of ``quality/detection.py``'s module docstring, which ``detection.find_sources`` calls once
 the sources are detected.
 
 - the neighbours' light (BLENDED): ``neighbour_light`` (on the detection image, the flux
@@ -13,7 +13,7 @@ the sources are detected.
 
 A galaxy is about point-symmetric (the SDSS deblender's idea): light at p that its mirror
 point p' does not match belongs to something else. All positions follow
-``staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in pixel-edge coordinates
+``survey.staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in pixel-edge coordinates
 of the stamp.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-from d4a_batch.survey.detection_image import disc, sky_level
+from d4a_batch.quality.detection_image import disc, sky_level
 
 
 def neighbour_light(d: np.ndarray, segmap: np.ndarray, objects: np.ndarray, target: int):

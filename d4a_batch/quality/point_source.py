@@ -1,6 +1,6 @@
 """Is the bright peak that swallowed the target a point source? (``point_source_model``)
 
-Step 3 of ``survey/detection.py``'s module docstring: when a much brighter source stays
+Step 3 of ``quality/detection.py``'s module docstring: when a much brighter source stays
 merged with the target after finer deblending, ``detection.find_sources`` fits the PSF of
 the detection image to its peak here; a point-like peak (a saturated star beside a large
 galaxy) is subtracted and detection runs again, a slightly extended one (a compact galaxy)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from d4a_batch.config import FlagThresholds
-from d4a_batch.sampling import flags as F
+from d4a_batch.quality import rules
+from d4a_batch.quality.reasons import evaluate_flags
 from d4a_batch.schema import Flag, flag_names
 
 T = FlagThresholds()
@@ -28,7 +29,7 @@ CLEAN = {
 
 
 def test_clean_object_has_no_flags():
-    bits, reasons = F.evaluate_flags(T, **CLEAN)
+    bits, reasons = evaluate_flags(T, **CLEAN)
     assert bits == 0 and reasons == []
 
 
@@ -67,7 +68,7 @@ def test_clean_object_has_no_flags():
     ],
 )
 def test_each_flag_fires_alone(change, flag, words):
-    bits, reasons = F.evaluate_flags(T, **{**CLEAN, **change})
+    bits, reasons = evaluate_flags(T, **{**CLEAN, **change})
     assert bits == int(flag), flag_names(bits)
     assert len(reasons) == 1
     assert reasons[0].startswith(f"{flag.name}: ") and words in reasons[0]
@@ -84,9 +85,9 @@ def test_thresholds_are_used_and_boundaries_do_not_fire():
         "psf_centroid_offset": [T.psf_centroid_tolerance] * 3,
         "photoz": Z_RANGE[1],
     }
-    assert F.evaluate_flags(T, **at_limit) == (0, [])
+    assert evaluate_flags(T, **at_limit) == (0, [])
     strict = FlagThresholds(hallucination_max=0.1, chi2_max=1.0, upsampling_max=1.5)
-    bits, _ = F.evaluate_flags(strict, **CLEAN)
+    bits, _ = evaluate_flags(strict, **CLEAN)
     assert bits == Flag.PRIOR_DOMINATED | Flag.POOR_FIT | Flag.UPSAMPLING_HIGH
 
 
@@ -94,7 +95,7 @@ def test_summary_checks_skip_without_values_and_bits_combine():
     failed = {**CLEAN, "error": "no cutout", "photoz": math.nan, "psf_sum": None}
     for k in ("masked_fraction", "upsampling", "hallucination", "chi2_reduced"):
         failed[k] = None
-    bits, reasons = F.evaluate_flags(T, **failed)
+    bits, reasons = evaluate_flags(T, **failed)
     assert bits == Flag.INPUT_ERROR | Flag.PHOTOZ_BAD | Flag.PSF_BAD
     assert [r.split(":")[0] for r in reasons] == ["INPUT_ERROR", "PHOTOZ_BAD", "PSF_BAD"]
 
@@ -104,25 +105,25 @@ def test_blended_is_in_noise_units_not_a_flux_share():
     demo's false BLENDED of the old flux-share rule) is not flagged; a bright one with a
     small share but a large chi2 contribution is."""
     faint = {**CLEAN, "contamination": 0.02, "blend_fraction": 0.07, "asymmetry": 0.05}
-    assert F.evaluate_flags(T, **faint) == (0, [])
+    assert evaluate_flags(T, **faint) == (0, [])
     bright = {**CLEAN, "contamination": 1.5, "blend_fraction": 0.005, "asymmetry": 0.05}
-    bits, reasons = F.evaluate_flags(T, **bright)
+    bits, reasons = evaluate_flags(T, **bright)
     assert bits == Flag.BLENDED and "0.5 % of the target's light" in reasons[0]
     at_limit = {**CLEAN, "contamination": T.contamination_max, "asymmetry": T.asymmetry_max}
-    assert F.evaluate_flags(T, **at_limit) == (0, [])
+    assert evaluate_flags(T, **at_limit) == (0, [])
     unmeasured = {**CLEAN, "contamination": math.nan, "asymmetry": math.nan}
-    assert F.evaluate_flags(T, **unmeasured) == (0, [])
+    assert evaluate_flags(T, **unmeasured) == (0, [])
 
 
 def test_single_checks_return_their_bit_when_quiet():
     for bit, reason in (
-        F.check_prior_dominated(0.1, T),
-        F.check_upsampling(1.0, T),
-        F.check_chi2(1.0, T),
-        F.check_masked_fraction(0.0, T),
-        F.check_psf(np.ones(3), np.zeros((3, 2)), T),
-        F.check_photoz(0.5, *Z_RANGE),
-        F.check_input_error(None),
+        rules.check_prior_dominated(0.1, T),
+        rules.check_upsampling(1.0, T),
+        rules.check_chi2(1.0, T),
+        rules.check_masked_fraction(0.0, T),
+        rules.check_psf(np.ones(3), np.zeros((3, 2)), T),
+        rules.check_photoz(0.5, *Z_RANGE),
+        rules.check_input_error(None),
     ):
         assert isinstance(bit, Flag) and reason is None
 
@@ -134,20 +135,20 @@ def test_truncated_also_in_noise_units():
     target light there that the noise hides."""
     # the HST galaxy at z = 0.8 with demo-64: 4.0 % outside, 1.66 of chi2/dof there
     bright = {**CLEAN, "chi2_reduced": 2.91, "truncated_fraction": 0.040, "chi2_outside": 1.66}
-    bits, reasons = F.evaluate_flags(T, **bright)
+    bits, reasons = evaluate_flags(T, **bright)
     assert bits == Flag.TRUNCATED, flag_names(bits)
     assert "4.0 % of the target's flux" in reasons[0] and "adds 1.66 to χ²/dof" in reasons[0]
     # boundaries: at the thresholds nothing fires
     edge = {**bright, "chi2_outside": T.truncated_chi2_max}
-    assert F.evaluate_flags(T, **edge) == (0, [])
+    assert evaluate_flags(T, **edge) == (0, [])
     neighbour = {**bright, "truncated_fraction": 0.5 * T.truncated_light_min}
-    assert F.evaluate_flags(T, **neighbour) == (0, [])
+    assert evaluate_flags(T, **neighbour) == (0, [])
     faint = {**bright, "chi2_outside": 0.05}
-    assert F.evaluate_flags(T, **faint) == (0, [])
-    assert F.evaluate_flags(T, **{**bright, "chi2_outside": math.nan}) == (0, [])
+    assert evaluate_flags(T, **faint) == (0, [])
+    assert evaluate_flags(T, **{**bright, "chi2_outside": math.nan}) == (0, [])
     # the flux share alone still fires, with both reasons when both hold
     both = {**bright, "truncated_fraction": 0.25}
-    bits, reasons = F.evaluate_flags(T, **both)
+    bits, reasons = evaluate_flags(T, **both)
     assert bits == Flag.TRUNCATED
     assert "25 % of the target's flux" in reasons[0] and "(> 10 %)" in reasons[0]
     assert "adds 1.66" in reasons[0]

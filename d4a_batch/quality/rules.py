@@ -1,27 +1,22 @@
-"""Quality flags: one check per `Flag` bit, each returning ``(bit, reason | None)``.
+"""The quality rules: one check per `Flag` bit, each returning ``(bit, reason | None)``.
 
-A check returns its bit and a human-readable reason when it fires, ``None`` as
-the reason when it does not. `evaluate_flags` runs every check whose inputs are
-given and ORs the bits. Thresholds come from `FlagThresholds`; bit values and
-their meanings from `d4a_batch.schema` (never redefined here).
-
-Longer than 400 lines: it is the rulebook, one small check per flag bit with the reason
-text a user reads, and the rules are read and changed together (thresholds, wording, the
-order `evaluate_flags` reports them in). Issue 32 item 3 moves quality into one package
-(inputs, regions, rules); there the rules stay one module.
+A check returns its bit and a human-readable reason when it fires, ``None`` as the reason
+when it does not; ``quality.reasons.evaluate_flags`` runs them and ORs the bits. Thresholds
+come from `FlagThresholds`; bit values and their meanings from `d4a_batch.schema` (never
+redefined here). ``photoz_problem`` is the one photo-z rule, shared by staging (which refuses
+an unusable photo-z) and PHOTOZ_BAD. numpy only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from d4a_batch.config import FlagThresholds
-from d4a_batch.sampling.residuals import REGION_WORDS, REGIONS
-from d4a_batch.schema import Flag, flag_names
+from d4a_batch.quality.regions import REGION_WORDS, REGIONS
+from d4a_batch.schema import Flag
 
 FlagResult = tuple[Flag, str | None]
 
@@ -53,7 +48,7 @@ def check_upsampling(upsampling: float, thresholds: FlagThresholds) -> FlagResul
 
 
 def _region_shares(regions: Mapping[str, float] | None) -> dict[str, float] | None:
-    """Each region's share of the positive excess chi2 (``sampling.residuals``), or None when
+    """Each region's share of the positive excess chi2 (``quality.regions``), or None when
     the regions are unknown (missing or not finite) or hold no positive excess."""
     if not regions:
         return None
@@ -82,7 +77,7 @@ def check_chi2(
     """Reduced chi2 of the re-convolved posterior mean above ``chi2_max`` (or not finite).
 
     ``regions``: the excess chi2 per dof of each region of the stamp (``chi2_core``,
-    ``chi2_neighbours``, ``chi2_footprint``, ``chi2_outside``: ``sampling.residuals``); the
+    ``chi2_neighbours``, ``chi2_footprint``, ``chi2_outside``: ``quality.regions``); the
     reason then names the region holding most of the excess, with its share and what a
     misfit there means, and the others' shares.
     """
@@ -229,7 +224,7 @@ def check_blended(
     n_neighbours: float | None = None,
     blend_fraction: float | None = None,
 ) -> FlagResult:
-    """A neighbour's light the mask cannot remove (``survey.detection``; thresholds measured,
+    """A neighbour's light the mask cannot remove (``quality.detection``; thresholds measured,
     see ``FlagThresholds.contamination_max``).
 
     Fires when ``contamination`` (the neighbours' light left on the used pixels in noise
@@ -271,9 +266,9 @@ def check_truncated(
 ) -> FlagResult:
     """The target's light runs out of the model field: its flux outside the model footprint
     above ``truncated_fraction_max`` (its point-symmetric light on its segment and Kron
-    ellipse, ``survey.symmetry.outskirts_light``: a neighbour merged into its segment does
+    ellipse, ``quality.symmetry.outskirts_light``: a neighbour merged into its segment does
     not count, faint outskirts do), or, in noise units, the fit's excess χ²/dof outside the
-    footprint (``chi2_outside``, ``sampling.residuals``) above ``truncated_chi2_max`` while at
+    footprint (``chi2_outside``, ``quality.regions``) above ``truncated_chi2_max`` while at
     least ``truncated_light_min`` of the target's flux lies there (a bright galaxy leaves
     many σ beyond the field with a few % of its flux). NaN: not measured, does not fire.
     ``field_kpc``/``footprint`` (HSC pixels) only word the reason."""
@@ -309,142 +304,3 @@ def check_truncated(
 def check_input_error(error: str | None) -> FlagResult:
     """Input could not be read or used: ``error`` is its message (None or "" when fine)."""
     return Flag.INPUT_ERROR, (f"input error: {error}" if error else None)
-
-
-def evaluate_flags(
-    thresholds: FlagThresholds,
-    *,
-    photoz: float | None,
-    z_range: tuple[float, float],
-    psf_sum: Sequence[float] | np.ndarray | None,
-    psf_centroid_offset: Sequence[float] | np.ndarray | None,
-    bands: Sequence[str] | None = None,
-    masked_fraction: float | None = None,
-    upsampling: float | None = None,
-    hallucination: float | None = None,
-    chi2_reduced: float | None = None,
-    error: str | None = None,
-    noise_estimated: str | None = None,
-    psf_crop_loss: Sequence[float] | np.ndarray | None = None,
-    blend_fraction: float | None = None,
-    contamination: float | None = None,
-    asymmetry: float | None = None,
-    n_neighbours: float | None = None,
-    truncated_fraction: float | None = None,
-    field_kpc: float | None = None,
-    footprint: float | None = None,
-    chi2_core: float | None = None,
-    chi2_neighbours: float | None = None,
-    chi2_footprint: float | None = None,
-    chi2_outside: float | None = None,
-) -> tuple[int, list[str]]:
-    """All flags of one object -> ``(bits, reasons)`` (one reason per fired check).
-
-    The input checks (photo-z, PSF, error) always run. The summary checks run
-    only when their value is given (``None``: not available, e.g. the object
-    failed before sampling), so a failed object is not also flagged for a fit
-    that never happened. ``chi2_core`` .. ``chi2_outside``: where the excess chi2 lies
-    (``sampling.residuals.chi2_localisation``), for the POOR_FIT reason and CORE_MISFIT.
-    """
-    results = [
-        check_input_error(error),
-        check_photoz(photoz, *z_range),
-        check_psf(psf_sum, psf_centroid_offset, thresholds, bands, psf_crop_loss),
-        check_noise_estimated(noise_estimated),
-    ]
-    if masked_fraction is not None:
-        results.append(check_masked_fraction(masked_fraction, thresholds))
-    if upsampling is not None:
-        results.append(check_upsampling(upsampling, thresholds))
-    if hallucination is not None:
-        results.append(check_prior_dominated(hallucination, thresholds))
-    if chi2_reduced is not None:
-        regions = {"chi2_core": chi2_core, "chi2_neighbours": chi2_neighbours,
-                   "chi2_footprint": chi2_footprint, "chi2_outside": chi2_outside}  # fmt: skip
-        results.append(check_chi2(chi2_reduced, thresholds, regions))
-        results.append(check_core_misfit(chi2_reduced, regions, thresholds))
-    if contamination is not None or asymmetry is not None:
-        results.append(
-            check_blended(
-                math.nan if contamination is None else contamination,
-                math.nan if asymmetry is None else asymmetry,
-                thresholds,
-                n_neighbours,
-                blend_fraction,
-            )
-        )
-    if truncated_fraction is not None:
-        results.append(
-            check_truncated(truncated_fraction, thresholds, field_kpc, footprint, chi2_outside)
-        )
-    bits = 0
-    reasons: list[str] = []
-    for bit, reason in results:
-        if reason is not None:
-            bits |= int(bit)
-            reasons.append(f"{bit.name}: {reason}")
-    return bits, reasons
-
-
-@dataclass(frozen=True)
-class ObjectFlags:
-    """The flags of B objects as the output catalog stores them."""
-
-    bits: np.ndarray  # [B] int64 bitmask of ``schema.Flag``
-    names: list[str]  # [B] "|"-joined flag names
-    reasons: list[str]  # [B] "; "-joined reasons
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def flag_objects(
-    thresholds: FlagThresholds,
-    *,
-    z_range: tuple[float, float],
-    bands: Sequence[str],
-    photoz: np.ndarray,
-    psf_sum: np.ndarray,
-    psf_centroid_offset: np.ndarray,
-    errors: Sequence[str | None],
-    fit: Mapping[str, np.ndarray] | None = None,
-    noise_notes: Sequence[str | None] | None = None,
-    psf_crop_loss: np.ndarray | None = None,
-) -> ObjectFlags:
-    """``evaluate_flags`` for each of B objects.
-
-    ``photoz[B]``, ``psf_sum[B,C]``, ``psf_centroid_offset[B,C]``, ``errors[B]`` (None: the
-    object is usable); ``fit``: the sampled objects' ``masked_fraction``, ``upsampling``,
-    ``hallucination``, ``chi2_reduced`` arrays [B] (None: nothing was sampled), and
-    optionally staging's ``contamination``, ``blend_fraction``, ``asymmetry``, ``n_neighbours``,
-    ``truncated_fraction``, ``footprint``, ``field_kpc`` (any ``evaluate_flags`` keyword
-    taking a float) for BLENDED and TRUNCATED, and ``chi2_core``, ``chi2_neighbours``,
-    ``chi2_footprint``, ``chi2_outside`` (``sampling.residuals.chi2_localisation``) for the
-    POOR_FIT reason and CORE_MISFIT. An object
-    with an error gets no fit checks. ``noise_notes[B]``: how staging estimated an
-    image-only cutout's noise (None: not estimated), the NOISE_ESTIMATED reason;
-    ``psf_crop_loss[B,C]``: flux lost cropping each PSF to the configured size (PSF_BAD).
-    """
-    n = len(errors)
-    if len(photoz) != n or len(psf_sum) != n or len(psf_centroid_offset) != n:
-        raise ValueError(f"flag_objects: {n} errors but inputs of {len(photoz)}, {len(psf_sum)}")
-    bits = np.zeros(n, np.int64)
-    names, reasons = [], []
-    for i in range(n):
-        values = {k: float(v[i]) for k, v in fit.items()} if fit and errors[i] is None else {}
-        b, why = evaluate_flags(
-            thresholds,
-            photoz=float(photoz[i]),
-            z_range=z_range,
-            psf_sum=psf_sum[i],
-            psf_centroid_offset=psf_centroid_offset[i],
-            bands=bands,
-            error=errors[i],
-            noise_estimated=None if noise_notes is None else noise_notes[i],
-            psf_crop_loss=None if psf_crop_loss is None else psf_crop_loss[i],
-            **values,
-        )
-        bits[i] = b
-        names.append("|".join(flag_names(b)))
-        reasons.append("; ".join(why))
-    return ObjectFlags(bits, names, reasons)

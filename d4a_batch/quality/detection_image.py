@@ -1,15 +1,15 @@
 """The detection image of a stamp, and the pixel helpers that detection
-(``survey/detection.py``) and its symmetric-template measurements (``survey/symmetry.py``)
+(``quality/detection.py``) and its symmetric-template measurements (``quality/symmetry.py``)
 share.
 
-Step 1 of ``survey/detection.py``'s module docstring: per band the sky level
+Step 1 of ``quality/detection.py``'s module docstring: per band the sky level
 (``sky_level``: ``sep.Background`` over the whole stamp, one sigma-clipped mode) is
 subtracted and the bands are summed with inverse-variance weights w_c = 1 / median(VARIANCE_c)
 (``detection_image``, ``band_weights``). Also here: the PSF's FWHM in pixels
 (``psf_fwhm_pixels``), the model footprint's square (``footprint_box``) and the disc
 structuring element of the dilations (``disc``).
 
-All positions follow ``staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in
+All positions follow ``survey.staging.cut_stamp``: the object lies at (H/2 + dy, W/2 + dx) in
 pixel-edge coordinates of the stamp.
 """
 

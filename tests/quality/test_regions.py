@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from d4a_batch.config import FlagThresholds
-from d4a_batch.sampling import flags as F
-from d4a_batch.sampling.residuals import (
+from d4a_batch.quality.detection_image import psf_fwhm_pixels
+from d4a_batch.quality.reasons import evaluate_flags
+from d4a_batch.quality.regions import (
     REGIONS,
     chi2_localisation,
+    chi2_regions,
     excess_chi2_regions,
     normalised_residual,
     region_masks,
@@ -54,7 +56,7 @@ def _regions(residual, neighbour_mask=None):
 def _flags(residual, neighbour_mask=None):
     regions = {k: float(v[0]) for k, v in _regions(residual, neighbour_mask).items()}
     chi2 = float(np.nansum(residual**2) / np.isfinite(residual).sum())
-    return chi2, regions, F.evaluate_flags(
+    return chi2, regions, evaluate_flags(
         T, photoz=0.4, z_range=(0.02, 1.5), psf_sum=[1.0] * C,
         psf_centroid_offset=[[0.0, 0.0]] * C, chi2_reduced=chi2, **regions,
     )  # fmt: skip
@@ -151,9 +153,36 @@ def test_light_beyond_the_footprint_is_named(rng):
 
 
 def test_unknown_regions_leave_the_plain_reason():
-    bits, reasons = F.evaluate_flags(
+    bits, reasons = evaluate_flags(
         T, photoz=0.4, z_range=(0.02, 1.5), psf_sum=[1.0], psf_centroid_offset=[[0.0, 0.0]],
         chi2_reduced=9.0, chi2_core=math.nan, chi2_neighbours=0.0, chi2_footprint=0.0,
         chi2_outside=0.0,
     )  # fmt: skip
     assert bits == Flag.POOR_FIT and reasons == ["POOR_FIT: reduced chi2 9 > 3"]
+
+
+def test_chi2_regions_is_the_localisation_of_the_residual_on_valid_pixels(rng):
+    """What the sampling stage calls: B objects' stamps and re-convolved means -> the same
+    regions as ``chi2_localisation`` of their residual; the core follows the widest PSF."""
+    obs, model, var = _stamps(1.5, 2.5, rng)
+    valid = np.ones(obs.shape, np.uint8)
+    valid[0, :5] = 0  # a masked strip, and a pixel with no variance: neither is used
+    var[1, 30, 30] = 0.0
+    yy, xx = np.mgrid[0:9, 0:9] - 4
+    psf = np.stack([np.exp(-0.5 * (yy**2 + xx**2) / s**2) for s in (1.0, 1.7, 1.2)])
+    psf /= psf.sum((1, 2), keepdims=True)
+    got = chi2_regions(
+        obs[None], var[None], valid[None], model[None], psf[None], np.array([OFFSET]),
+        np.array([FOOTPRINT]), None, T.core_radius_fwhm,
+    )  # fmt: skip
+    residual = normalised_residual(obs, model, var, valid.astype(bool))
+    assert np.isnan(residual[0, :5]).all() and np.isnan(residual[1, 30, 30])
+    fwhm = max(psf_fwhm_pixels(p) for p in psf)
+    expected = chi2_localisation(
+        residual[None], np.array([OFFSET]), np.array([fwhm]), np.array([FOOTPRINT]), None,
+        T.core_radius_fwhm,
+    )  # fmt: skip
+    assert got.keys() == expected.keys() == {f"chi2_{k}" for k in REGIONS}
+    for k in got:
+        np.testing.assert_array_equal(got[k], expected[k])
+    assert got["chi2_core"][0] > 0.5 * sum(v[0] for v in got.values())  # too wide a model

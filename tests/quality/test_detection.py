@@ -1,4 +1,4 @@
-"""Neighbours and truncation (survey/detection.py) on GalSim stamps with known sources."""
+"""Neighbours and truncation (quality/detection.py) on GalSim stamps with known sources."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from d4a_batch.config import FlagThresholds
-from d4a_batch.sampling.flags import check_blended, check_truncated, evaluate_flags
+from d4a_batch.quality.detection import find_sources
+from d4a_batch.quality.detection_image import detection_image, footprint_box, psf_fwhm_pixels
+from d4a_batch.quality.reasons import evaluate_flags
+from d4a_batch.quality.rules import check_blended, check_truncated
 from d4a_batch.schema import Flag
-from d4a_batch.survey.detection import find_sources
-from d4a_batch.survey.detection_image import detection_image, footprint_box, psf_fwhm_pixels
 
 PIX = 0.168
 SIZE = 80
@@ -133,7 +134,7 @@ def test_merged_neighbour_outside_the_footprint_is_not_truncation():
     """A compact target with a neighbour 13 px away merged into its segment (no
     deblending): the old segment-flux measure called a third of the light "outside the
     field"; the target's symmetric template leaves the one-sided neighbour out."""
-    from d4a_batch.survey.detection import DetectionParams
+    from d4a_batch.quality.detection import DetectionParams
 
     model = _draw(**TARGET) + _draw(0.5, 150.0, dy=0.0, dx=13.0)
     img, var, valid = _observe(model, 6)
@@ -192,7 +193,7 @@ def test_nothing_detected_measures_nothing():
 
 def test_detection_defaults_are_the_staging_config_defaults():
     from d4a_batch.config import StagingConfig
-    from d4a_batch.survey.detection import DetectionParams
+    from d4a_batch.quality.detection import DetectionParams
 
     assert DetectionParams() == DetectionParams.from_staging(StagingConfig())
 
@@ -223,7 +224,7 @@ def test_a_star_no_threshold_separates_is_fitted_with_the_psf_and_masked():
     deblending threshold (the demo's 15.6 mag star and large galaxy): the star's PSF model
     is subtracted, detection runs again, and the star becomes a masked neighbour; the
     galaxy keeps its centre and its truncated fraction is the one it has alone."""
-    import d4a_batch.survey.detection as det
+    import d4a_batch.quality.detection as det
 
     def gaussian_galaxy():
         g = galsim.Convolve(galsim.Gaussian(half_light_radius=1.5, flux=300.0),
@@ -307,9 +308,9 @@ def test_a_compact_galaxy_is_not_taken_for_a_star(hlr, point_like):
     point-like; exponentials of half-light radius 0.15'' and 0.2'' in 0.7'' seeing, which
     fit the PSF's wing to 7-15 % rms (the old 20 % rule took them for stars), fit a PSF
     convolved with a σ 0.75-1 px Gaussian several times better and are not."""
-    from d4a_batch.survey.detection import _extract
-    from d4a_batch.survey.detection_image import band_weights
-    from d4a_batch.survey.point_source import point_source_model
+    from d4a_batch.quality.detection import _extract
+    from d4a_batch.quality.detection_image import band_weights
+    from d4a_batch.quality.point_source import point_source_model
 
     dy, dx = -12.8, -9.6
     if hlr is None:
@@ -326,3 +327,30 @@ def test_a_compact_galaxy_is_not_taken_for_a_star(hlr, point_like):
     segment = segmap == segmap[round(SIZE / 2 + dy - 0.5), round(SIZE / 2 + dx - 0.5)]
     found = point_source_model(d, segment, usable, _psf(), band_weights(var, valid))
     assert (found is not None) == point_like
+
+
+def test_detection_flag_inputs_from_a_packs_columns():
+    """The BLENDED / TRUNCATED inputs of the flags from a pack's decoded columns: float64
+    arrays [B], NaN for a column the pack does not have (staged without detection)."""
+    from d4a_batch.quality.detection import detection_flag_inputs
+    from d4a_batch.schema import Col
+    from d4a_batch.testing import TINY_PRIOR
+
+    columns = {Col.CONTAMINATION: np.array([0.5, np.nan]), Col.N_OUT: np.array([12.0, 14.5]),
+               Col.N_NEIGHBOURS_MASKED: np.array([2, 0])}  # fmt: skip
+    got = detection_flag_inputs(columns, 2, TINY_PRIOR)
+    assert all(v.dtype == np.float64 and v.shape == (2,) for v in got.values())
+    np.testing.assert_array_equal(got["contamination"], [0.5, np.nan])
+    np.testing.assert_array_equal(got["n_neighbours"], [2.0, 0.0])
+    np.testing.assert_array_equal(got["footprint"], [12.0, 14.5])
+    assert np.isnan(got["asymmetry"]).all() and np.isnan(got["truncated_fraction"]).all()
+    field = TINY_PRIOR.image_size * TINY_PRIOR.kpc_per_pixel
+    np.testing.assert_array_equal(got["field_kpc"], [field, field])
+    assert np.isnan(detection_flag_inputs({}, 3)["field_kpc"]).all()
+    # what evaluate_flags takes: BLENDED fires on the first object's contamination only
+    bits = [
+        evaluate_flags(FlagThresholds(), photoz=0.5, z_range=(0.02, 1.5), psf_sum=[1.0],
+                       psf_centroid_offset=[0.0], **{k: float(v[i]) for k, v in got.items()})[0]
+        for i in range(2)
+    ]  # fmt: skip
+    assert bits == [int(Flag.BLENDED), 0]
