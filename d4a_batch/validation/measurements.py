@@ -37,8 +37,8 @@ import pandas as pd
 
 from d4a_batch.measure.catalog import measure_posterior, measurement_band
 from d4a_batch.physics.cosmology import model_pixel_arcsec
+from d4a_batch.quality.detection_image import psf_fwhm_pixels
 from d4a_batch.schema import PERCENTILES, Col, obs_col, pct_col
-from d4a_batch.survey.detection_image import psf_fwhm_pixels
 from d4a_batch.survey.packs import IMAGE, OFFSET, PSF, SCALE, VALID, VARIANCE
 
 # quantity -> how its error is measured
