@@ -47,8 +47,9 @@ from typing import Any
 import torch
 
 from d4a_batch import testing
-from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, from_dict, to_dict
+from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, to_dict
 from d4a_batch.prior.artifact import Prior, load_prior
+from d4a_batch.sampler_spec import SPEC_HELP, sampler_arg, sampler_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.report import markdown_table, run_header, write_json
 from d4a_batch.validation.throughput import (
@@ -103,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--engine-sampler",
         default=json.dumps(ENGINE_SAMPLER),
-        help="SamplerConfig fields (JSON) of the engine-vs-loop section",
+        type=sampler_arg,
+        help="SamplerConfig fields (JSON) of the engine-vs-loop section, or any " + SPEC_HELP,
     )
     p.add_argument("--engine-batch", type=int, default=8, help="objects per pack (both)")
     p.add_argument(
@@ -115,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--layout-sampler",
         default=json.dumps(LAYOUT_SAMPLER),
-        help="SamplerConfig fields (JSON) of the actor-layout section",
+        type=sampler_arg,
+        help="SamplerConfig fields (JSON) of the actor-layout section, or any SPEC",
     )
     p.add_argument("--layout-repeats", type=int, default=1, help="rounds of the layouts")
     p.add_argument("--engine-only", action="store_true", help="sections 6 and 7 alone")
@@ -219,14 +222,14 @@ def engine_sections(prior_path: str, args, work: Path) -> dict[str, Any]:
     try:
         sizes = [int(v) for v in args.engine_sizes.split(",") if v]
         if sizes:
-            sampler = from_dict(SamplerConfig, json.loads(args.engine_sampler))
+            sampler = sampler_config(args.engine_sampler)
             config = RunConfig(sampler=sampler, write_maps=False)
             doc["engine_vs_loop"] = {
                 "sampler": to_dict(sampler), "batch_size": args.engine_batch,
                 "rows": engine_vs_loop(prior_path, sizes, config, work, args.engine_batch, log),
             }  # fmt: skip
         if args.layout_objects:
-            sampler = from_dict(SamplerConfig, json.loads(args.layout_sampler))
+            sampler = sampler_config(args.layout_sampler)
             config = RunConfig(sampler=sampler, write_maps=False)
             doc["layouts"] = {
                 "sampler": to_dict(sampler), "objects": args.layout_objects,
