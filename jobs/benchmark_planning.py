@@ -21,136 +21,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from d4a_batch.schema import LEDGER_DIR, Col  # noqa: E402
-
-BANDS = ("g", "r", "i")
-ORDER = 10  # ~0.0033 deg^2 per partition
-ROWS_PER_PARTITION = 1000
-BUCKET = "bench"
-COUNT_PATH = "/__d4a_requests__"
-CREDS = {"key": "testing", "secret": "testing"}
-
-
-# --------------------------------------------------------------------------- moto server
-def serve_moto() -> None:
-    """Run moto's S3 server on a free loopback port (prints it), counting requests."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    app = DomainDispatcherApplication(create_backend_app)
-    counts: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def counting(environ, start_response):
-        if environ.get("PATH_INFO") == COUNT_PATH:
-            with lock:
-                body = json.dumps(counts).encode()
-                if "reset" in environ.get("QUERY_STRING", ""):
-                    counts.clear()
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [body]
-        with lock:
-            m = environ["REQUEST_METHOD"]
-            counts[m] = counts.get(m, 0) + 1
-        return app(environ, start_response)
-
-    server = make_server("127.0.0.1", 0, counting, threaded=True)
-    print(server.server_address[1], flush=True)
-    server.serve_forever()
-
-
-def requests(url: str, reset: bool = False) -> dict[str, int]:
-    with urllib.request.urlopen(url + COUNT_PATH + ("?reset=1" if reset else "")) as r:
-        return json.loads(r.read())
-
-
-# --------------------------------------------------------------------------- catalogs
-def build_files(root: str, n_files: int, storage_options=None) -> None:
-    """The shared pool: ``{root}/{cutouts,psfs}/{band}/{k}.fits`` (small files; planning
-    reads only their listing)."""
-    from d4a_batch.survey.storage import filesystem
-
-    fs, path = filesystem(root, storage_options)
-    for kind in ("cutouts", "psfs"):
-        for b in BANDS:
-            fs.makedirs(f"{path}/{kind}/{b}", exist_ok=True)
-            for k in range(n_files):
-                fs.pipe_file(f"{path}/{kind}/{b}/{k}.fits", f"{kind} {b} {k}\n".encode() * 4)
-
-
-def build_catalog(root: Path, rows: int, files_root: str, n_files: int, seed: int = 0) -> int:
-    """A HATS catalog of ``rows`` rows at ``root`` whose URIs point into ``files_root``;
-    returns its partition count."""
-    from hats.pixel_math.spatial_index import compute_spatial_index
-
-    from d4a_batch.survey.hats_io import write_catalog_metadata, write_partition
-
-    rng = np.random.default_rng(seed)
-    area = rows / ROWS_PER_PARTITION * 41252.96 / (12 * 4**ORDER)  # deg^2
-    side = math.sqrt(area)  # a square patch near the equator
-    ra = 150.0 + rng.uniform(0, side, rows)
-    dec = 2.0 + rng.uniform(0, side, rows)
-    hp = compute_spatial_index(ra, dec)
-    pix = hp >> (2 * (29 - ORDER))
-    z = rng.uniform(0.2, 1.0, rows)
-    pick = rng.integers(0, n_files, (len(BANDS), 2, rows))
-    cols: dict[str, Any] = {
-        Col.OBJECT_ID: np.arange(rows, dtype=np.int64) + 10**12,
-        Col.RA: ra,
-        Col.DEC: dec,
-        "photoz_best": z,
-        "photoz_err68_min": z - 0.05,
-        "photoz_err68_max": z + 0.05,
-        Col.HEALPIX: hp,
-    }
-    for i, b in enumerate(BANDS):
-        for j, kind in enumerate(("cutout", "psf")):
-            folder = f"{files_root}/{kind}s/{b}"
-            names = np.array([f"{folder}/{k}.fits" for k in range(n_files)], dtype=object)
-            cols[f"{b}_{kind}_uri"] = pa.array(names[pick[i, j]], pa.string()).dictionary_encode()
-    table = pa.table(cols)
-    order = np.argsort(pix, kind="stable")
-    pix_sorted = pix[order]
-    bounds = np.flatnonzero(np.diff(pix_sorted)) + 1
-    pixels = []
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, rows]):
-        p = int(pix_sorted[lo])
-        write_partition(table.take(order[lo:hi]), str(root), ORDER, p)
-        pixels.append((ORDER, p))
-    write_catalog_metadata(str(root), pixels, f"bench_{rows}")
-    return len(pixels)
+from d4a_batch.validation.planning import (  # noqa: E402
+    BUCKET,
+    CREDS,
+    ORDER,
+    ROWS_PER_PARTITION,
+    build_catalog,
+    build_files,
+    ledger_bytes,
+    peak_rss_kb,
+    requests,
+    results_table,
+    serve_moto,
+)
 
 
 # --------------------------------------------------------------------------- one plan
-def _peak_rss_kb() -> int:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent
-    across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[str, Any]:
     """Plan a run as ``run_survey`` does, in this (fresh) process; what it cost."""
     from d4a_batch.config import RunConfig
@@ -161,7 +59,7 @@ def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[st
     from d4a_batch.ray_setup import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    base_kb = _peak_rss_kb()
+    base_kb = peak_rss_kb()
     opts = ExecutionOptions(storage_options=so)
     t0 = time.monotonic()
     job = planning.check_job(catalog, output, prior, RunConfig(), opts)
@@ -170,7 +68,7 @@ def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[st
     plan = planning.plan_run(job, ledger)
     start_run(plan, ledger)
     seconds = time.monotonic() - t0
-    peak_kb = _peak_rss_kb()
+    peak_kb = peak_rss_kb()
     return {
         "seconds": seconds,
         "partitions": len(plan.todo) + len(plan.done) + len(plan.failed),
@@ -179,13 +77,6 @@ def plan_once(catalog: str, output: str, prior: str, so: dict | None) -> dict[st
         "driver_peak_mb": peak_kb / 1024,
         "driver_growth_mb": (peak_kb - base_kb) / 1024,
     }
-
-
-def _ledger_bytes(output: str, so: dict | None) -> int:
-    from d4a_batch.survey.storage import filesystem, join_uri
-
-    fs, path = filesystem(join_uri(output, LEDGER_DIR), so)
-    return sum(int(info["size"]) for info in fs.find(path, detail=True).values())
 
 
 def run_plan(catalog, output, prior, so, moto_url) -> dict[str, Any]:
@@ -206,7 +97,7 @@ def run_plan(catalog, output, prior, so, moto_url) -> dict[str, Any]:
         counted = requests(moto_url)
         res["requests"] = sum(counted.values())
         res["requests_by_method"] = counted
-    res["ledger_bytes"] = _ledger_bytes(output, so)
+    res["ledger_bytes"] = ledger_bytes(output, so)
     return res
 
 
@@ -280,22 +171,7 @@ def main() -> None:
     finally:
         moto.terminate()
         moto.wait(timeout=30)
-    head = (
-        f"{'storage':>7} {'rows':>9} {'parts':>6} {'seconds':>8} {'requests':>9} "
-        f"{'req/part':>8} {'peak MB':>8} {'growth MB':>9} "
-        f"{'ledger kB':>9}"
-    )
-    print(head)
-    for r in results:
-        req = r.get("requests")
-        per_part = f"{req / r['partitions']:.2f}" if req else "-"
-        print(
-            f"{r['storage']:>7} {r['catalog_rows']:>9} {r['partitions']:>6} {r['seconds']:>8.1f} "
-            f"{req if req is not None else '-':>9} "
-            f"{per_part:>8} "
-            f"{r['driver_peak_mb']:>8.0f} {r['driver_growth_mb']:>9.0f} "
-            f"{r['ledger_bytes'] / 1024:>9.1f}"
-        )
+    print(results_table(results))
     doc = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "files_per_band_kind": args.files,

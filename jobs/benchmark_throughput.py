@@ -47,32 +47,23 @@ from typing import Any
 import torch
 
 from d4a_batch import testing
-from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, from_dict, to_dict
-from d4a_batch.prior.artifact import Prior, load_prior
+from d4a_batch.config import PriorConfig, to_dict
+from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampler_spec import SPEC_HELP, sampler_arg, sampler_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
-from d4a_batch.validation.report import markdown_table, run_header, write_json
-from d4a_batch.validation.throughput import (
-    THROUGHPUT_SAMPLER,
-    VARIANTS,
-    PeakMemory,
-    dps_step_flops,
-    measured_peak,
-    naive_loop,
-    per_step_seconds,
-    return_freed_memory,
-    sample_once,
-    select,
-    synthetic_batch,
-    variant_prior,
+from d4a_batch.validation.engine_throughput import EngineSections, actor_sweep, engine_sections
+from d4a_batch.validation.report import run_header, write_json
+from d4a_batch.validation.throughput import measured_peak, return_freed_memory
+from d4a_batch.validation.throughput_sections import (
+    SamplerTiming,
+    batch_sweep,
+    batched_vs_naive,
+    gpu_variants,
+    paper_config,
+    random_prior,
+    report,
 )
 
-# the published diffusion4astro prior (arXiv:2411.19158): 256 px, improved-diffusion flags
-PAPER_PRIOR = PriorConfig(
-    name="paper-256-random", image_size=256, num_channels=192, num_res_blocks=3,
-    channel_mult=(1, 1, 2, 2, 4, 4), attention_resolutions=(16, 8), num_heads=4,
-    noise_schedule="cosine", rescale_timesteps=True, learn_sigma=False,
-)  # fmt: skip
-PAPER_STEPS = 1000
 # section 6: small, so that 256 objects twice (loop and engine) fit a session on 2 CPUs;
 # section 7: the default's 16 samples per object (the rows a pack feeds the network), fewer steps
 ENGINE_SAMPLER = {"sampler": "dds", "steps": 4, "samples": 2, "gauss_newton": 1, "cg_iterations": 2}
@@ -103,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--engine-sampler",
         default=json.dumps(ENGINE_SAMPLER),
-        help="SamplerConfig fields (JSON) of the engine-vs-loop section",
+        type=sampler_arg,
+        help="SamplerConfig fields (JSON) of the engine-vs-loop section, or any " + SPEC_HELP,
     )
     p.add_argument("--engine-batch", type=int, default=8, help="objects per pack (both)")
     p.add_argument(
@@ -115,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--layout-sampler",
         default=json.dumps(LAYOUT_SAMPLER),
-        help="SamplerConfig fields (JSON) of the actor-layout section",
+        type=sampler_arg,
+        help="SamplerConfig fields (JSON) of the actor-layout section, or any SPEC",
     )
     p.add_argument("--layout-repeats", type=int, default=1, help="rounds of the layouts")
     p.add_argument("--engine-only", action="store_true", help="sections 6 and 7 alone")
@@ -131,145 +124,9 @@ def log(msg: str) -> None:
     print(f"[throughput] {msg}", flush=True)
 
 
-def random_prior(cfg: PriorConfig, device: str | torch.device) -> Prior:
-    """A prior with random weights (the UNet's initialisation plus N(0, 0.02²) on every
-    parameter, so the zero-initialised output layers are not zero) and unit prior variance."""
-    return testing.random_prior(cfg, weight_std=0.02, keep_init=True, device=device)
-
-
-def batched_vs_naive(prior: Prior, args) -> dict[str, Any]:
-    obs, z, ids = synthetic_batch(prior, args.objects)
-    n_samples = args.objects * args.samples
-    sample_once(prior, select(obs, slice(0, 1)), z[:1], ids[:1], 2, 2)  # warm-up
-    t_batched, t_naive, peak = float("inf"), float("inf"), 0
-    for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
-        with PeakMemory(prior.device) as mem:
-            t = sample_once(prior, obs, z, ids, args.steps, args.samples, clock=args.clock)
-        t_batched, peak = min(t_batched, t), max(peak, mem.peak)
-        t = naive_loop(prior, obs, z, ids, args.steps, args.samples, args.naive_batch, args.clock)
-        t_naive = min(t_naive, t)
-    flops = dps_step_flops(prior, obs, z, args.samples)
-    return {
-        "objects": args.objects, "samples": args.samples, "steps": args.steps,
-        "naive_batch": args.naive_batch,
-        "batched_seconds": t_batched, "naive_seconds": t_naive,
-        "batched_objects_per_s": args.objects / t_batched,
-        "naive_objects_per_s": args.objects / t_naive,
-        "batched_samples_per_s": n_samples / t_batched,
-        "naive_samples_per_s": n_samples / t_naive,
-        "speedup": t_naive / t_batched,
-        "repeats": args.repeats,
-        "batched_peak_memory_bytes": peak, "memory_kind": mem.kind,
-        "flops_per_step": flops, "flops_per_row_step": flops / n_samples,
-        "achieved_flops_per_s": flops * args.steps / t_batched,
-    }  # fmt: skip
-
-
-def batch_sweep(prior: Prior, args) -> list[dict[str, Any]]:
-    rows = []
-    for b in (int(v) for v in args.batch_sizes.split(",") if v):
-        obs, z, ids = synthetic_batch(prior, b)
-        with PeakMemory(prior.device) as mem:
-            t = sample_once(prior, obs, z, ids, args.steps, args.samples, clock=args.clock)
-        rows.append({
-            "objects_per_call": b, "rows": b * args.samples, "seconds": t,
-            "objects_per_s": b / t, "samples_per_s": b * args.samples / t,
-            "peak_memory_mib": mem.peak / 2**20,
-        })  # fmt: skip
-        log(f"B={b}: {b / t:.3f} objects/s, peak memory {mem.peak / 2**20:.0f} MiB")
-    return rows
-
-
-def actor_sweep(prior_path: str, prior_cfg: PriorConfig, args, work: Path) -> list[dict]:
-    """The whole engine (Ray Data: read, stage, sample, write) on a small mock survey."""
-    from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
-    from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
-    from d4a_batch.ray_setup import init_ray
-
-    # small HATS partitions: the read tasks then feed the actor pool several blocks at once
-    survey = ensure_mock_survey(work / "survey", MockSurveyConfig(
-        n_objects=args.actor_objects, bands=tuple(prior_cfg.bands),
-        kpc_per_pixel=prior_cfg.kpc_per_pixel, n_model=prior_cfg.image_size,
-        partition_rows=max(2, args.actor_objects // 4),
-    ))  # fmt: skip
-    ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-    config = RunConfig(sampler=SamplerConfig(sampler=THROUGHPUT_SAMPLER, steps=args.steps,
-                                             samples=args.samples))  # fmt: skip
-    rows = []
-    try:
-        for n in (int(v) for v in args.actors.split(",") if v):
-            opts = ExecutionOptions(actors=n, batch_size=max(1, args.actor_objects // (2 * n)),
-                                    overwrite=True)  # fmt: skip
-            s = run_survey(str(survey), str(work / f"out-{n}"), prior_path, config, opts)
-            rows.append({"actors": n, "objects": s.objects, "seconds": s.seconds,
-                         "objects_per_s": s.objects_per_s, "batch_size": opts.batch_size})  # fmt: skip
-            log(f"{n} actor(s): {s.line()}")
-    finally:
-        ray.shutdown()
-    return rows
-
-
-def engine_sections(prior_path: str, args, work: Path) -> dict[str, Any]:
-    """Sections 6 and 7 on one local Ray cluster (its start-up not counted)."""
-    from d4a_batch.ray_setup import init_ray
-    from d4a_batch.validation.engine_throughput import engine_vs_loop, small_run_layouts
-
-    doc: dict[str, Any] = {}
-    ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-    try:
-        sizes = [int(v) for v in args.engine_sizes.split(",") if v]
-        if sizes:
-            sampler = from_dict(SamplerConfig, json.loads(args.engine_sampler))
-            config = RunConfig(sampler=sampler, write_maps=False)
-            doc["engine_vs_loop"] = {
-                "sampler": to_dict(sampler), "batch_size": args.engine_batch,
-                "rows": engine_vs_loop(prior_path, sizes, config, work, args.engine_batch, log),
-            }  # fmt: skip
-        if args.layout_objects:
-            sampler = from_dict(SamplerConfig, json.loads(args.layout_sampler))
-            config = RunConfig(sampler=sampler, write_maps=False)
-            doc["layouts"] = {
-                "sampler": to_dict(sampler), "objects": args.layout_objects,
-                "rows": small_run_layouts(prior_path, args.layout_objects, config, work,
-                                          args.engine_batch, args.layout_repeats, log),
-            }  # fmt: skip
-    finally:
-        ray.shutdown()
-    return doc
-
-
-def gpu_variants(prior: Prior, args) -> list[dict[str, Any]]:
-    obs, z, ids = synthetic_batch(prior, args.objects)
-    rows = []
-    for variant in VARIANTS:
-        try:
-            p = variant_prior(prior, variant)
-            sample_once(p, obs, z, ids, 3, args.samples)  # warm-up / compile
-            with PeakMemory(prior.device) as mem:
-                step = per_step_seconds(p, obs, z, ids, args.samples, clock=args.clock)
-            rows.append({"variant": variant, "step_seconds": step,
-                         "row_steps_per_s": args.objects * args.samples / step,
-                         "peak_memory_mib": mem.peak / 2**20})  # fmt: skip
-        except Exception as e:  # a variant that does not run is a result too
-            rows.append({"variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
-        log(f"{variant}: {rows[-1]}")
-    return rows
-
-
-def paper_config(device: torch.device, rows: int, clock: str) -> dict[str, Any]:
-    """Seconds per posterior sample of the paper's 256-px UNet (random weights) at 1000 steps."""
-    prior = random_prior(PAPER_PRIOR, device)
-    n_params = sum(p.numel() for p in prior.model.parameters())
-    obs, z, ids = synthetic_batch(prior, rows)
-    sample_once(prior, obs, z, ids, 2, 1)  # warm-up
-    with PeakMemory(device) as mem:
-        step = per_step_seconds(prior, obs, z, ids, 1, steps=(2, 4), clock=clock)
-    return {
-        "config": to_dict(PAPER_PRIOR), "parameters": n_params, "rows": rows,
-        "step_seconds": step, "seconds_per_sample_1000_steps": step / rows * PAPER_STEPS,
-        "peak_memory_mib": mem.peak / 2**20,
-        "autocast": "bf16" if device.type == "cuda" else "none (CPU)",
-    }  # fmt: skip
+def ints(text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4] ('' -> [])."""
+    return [int(v) for v in text.split(",") if v]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,24 +152,31 @@ def main(argv: list[str] | None = None) -> int:
                            "prior_config": to_dict(prior.config)}  # fmt: skip
     doc["clock"] = args.clock
     doc["load_average_at_start"] = os.getloadavg()
+    sections = EngineSections(
+        tuple(ints(args.engine_sizes)), sampler_config(args.engine_sampler), args.engine_batch,
+        args.layout_objects, sampler_config(args.layout_sampler), args.layout_repeats,
+    )  # fmt: skip
     if args.engine_only:
-        doc.update(engine_sections(prior_path, args, work))
+        doc.update(engine_sections(prior_path, sections, work, log))
         return finish(doc, out, t0)
+    timing = SamplerTiming(args.objects, args.samples, args.steps, args.naive_batch,
+                           args.repeats, args.clock)  # fmt: skip
     doc["peak"] = measured_peak(device, clock=args.clock)
     log(f"measured peak FLOP/s: {doc['peak']}")
-    doc["batched_vs_naive"] = bvn = batched_vs_naive(prior, args)
+    doc["batched_vs_naive"] = bvn = batched_vs_naive(prior, timing)
     bvn["fraction_of_peak"] = bvn["achieved_flops_per_s"] / max(doc["peak"].values())
     log(f"batched {bvn['batched_samples_per_s']:.2f} samples/s, naive "
         f"{bvn['naive_samples_per_s']:.2f} samples/s: x{bvn['speedup']:.2f}")  # fmt: skip
-    doc["batch_sweep"] = batch_sweep(prior, args)
+    doc["batch_sweep"] = batch_sweep(prior, timing, ints(args.batch_sizes), log)
     if args.actors:
-        doc["actor_sweep"] = actor_sweep(prior_path, prior.config, args, work)
+        doc["actor_sweep"] = actor_sweep(prior_path, prior.config, ints(args.actors),
+                                         args.actor_objects, args.steps, args.samples, work, log)  # fmt: skip
     if device.type == "cuda":
-        doc["gpu_variants"] = gpu_variants(prior, args)
+        doc["gpu_variants"] = gpu_variants(prior, timing, log)
     if device.type == "cuda" or args.paper:
         doc["paper_config"] = paper_config(device, args.paper_rows, args.clock)
         log(f"paper config: {doc['paper_config']['seconds_per_sample_1000_steps']:.1f} s/sample")
-    doc.update(engine_sections(prior_path, args, work))
+    doc.update(engine_sections(prior_path, sections, work, log))
     return finish(doc, out, t0)
 
 
@@ -327,80 +191,6 @@ def finish(doc: dict[str, Any], out: Path, t0: float) -> int:
     print(text)
     log(f"wrote {out} in {doc['seconds']:.0f} s")
     return 0
-
-
-def engine_report(doc: dict[str, Any]) -> list[str]:
-    """Markdown of sections 6 and 7."""
-    lines: list[str] = []
-    if doc.get("engine_vs_loop"):
-        e = doc["engine_vs_loop"]
-        s = e["sampler"]
-        lines += ["", f"Engine vs a plain loop in one process, same mock objects, wall clock "
-                  f"(Ray start-up excluded); sampler {s['sampler']} {s['steps']} steps x "
-                  f"{s['samples']} samples, {s['gauss_newton']} Gauss-Newton x "
-                  f"{s['cg_iterations']} CG; packs of <= {e['batch_size']}; load average "
-                  f"{doc['load_average_at_start'][0]:.1f} at the start:", "",
-                  markdown_table([{**r, "loop_load": r["loop"]["load_before"],
-                                   "engine_load": r["engine"]["load_before"]} for r in e["rows"]],
-                                 ["objects", "loop_seconds", "engine_seconds",
-                                  "loop_objects_per_s", "engine_objects_per_s",
-                                  "engine_over_loop", "loop_load", "engine_load"])]  # fmt: skip
-    if doc.get("layouts"):
-        e = doc["layouts"]
-        s = e["sampler"]
-        lines += ["", f"The engine on {e['objects']} objects in three actor layouts (sampler "
-                  f"{s['sampler']} {s['steps']} steps x {s['samples']} samples):", "",
-                  markdown_table([{**r, "load": r["load_before"]} for r in e["rows"]],
-                                 ["layout", "round", "seconds", "objects_per_s", "load",
-                                  "chosen"])]  # fmt: skip
-    return lines
-
-
-def report(doc: dict[str, Any]) -> str:
-    """Markdown tables of a throughput run."""
-    if "batched_vs_naive" not in doc:  # --engine-only
-        return "\n".join(engine_report(doc)).strip()
-    b = doc["batched_vs_naive"]
-    lines = [
-        f"{doc['machine']['processor']}, {doc['machine']['cpu_count']} CPUs, "
-        f"{doc['machine']['torch_threads']} torch threads, device {doc['device']}; prior: "
-        f"{doc['prior']}; B={b['objects']} objects × S={b['samples']} samples, {b['steps']} steps; "
-        f"sampler timings on the {doc['clock']} clock.",
-        "",
-        markdown_table([
-            {"sampler": "batched (one call, B·S rows)", "seconds": b["batched_seconds"],
-             "objects/s": b["batched_objects_per_s"], "samples/s": b["batched_samples_per_s"]},
-            {"sampler": f"naive (per object, {b['naive_batch']} sample(s)/call)",
-             "seconds": b["naive_seconds"], "objects/s": b["naive_objects_per_s"],
-             "samples/s": b["naive_samples_per_s"]},
-        ], ["sampler", "seconds", "objects/s", "samples/s"]),
-        "",
-        f"Best of {b['repeats']} interleaved timings each. Speed-up batched/naive: ×{b['speedup']:.2f}. One DPS step over the batch: "
-        f"{b['flops_per_step'] / 1e9:.3g} GFLOP ({b['flops_per_row_step'] / 1e6:.4g} MFLOP per "
-        f"row); achieved {b['achieved_flops_per_s'] / 1e9:.3g} GFLOP/s = "
-        f"{100 * b['fraction_of_peak']:.1f}% of the measured peak "
-        f"(matmul {doc['peak']['matmul'] / 1e9:.3g}, conv3x3 {doc['peak']['conv3x3'] / 1e9:.3g} "
-        f"GFLOP/s). Peak memory of the batched call: {b['batched_peak_memory_bytes'] / 2**20:.0f} "
-        f"MiB ({b['memory_kind']}).",
-        "",
-        markdown_table(doc["batch_sweep"], ["objects_per_call", "rows", "seconds",
-                                            "objects_per_s", "samples_per_s", "peak_memory_mib"]),
-    ]  # fmt: skip
-    if doc.get("actor_sweep"):
-        lines += ["", "Engine (Ray Data, mock survey, wall clock, Ray cluster start-up excluded) vs actors:", "",
-                  markdown_table(doc["actor_sweep"], ["actors", "objects", "batch_size",
-                                                      "seconds", "objects_per_s"])]  # fmt: skip
-    if doc.get("gpu_variants"):
-        lines += ["", markdown_table(doc["gpu_variants"], ["variant", "step_seconds",
-                                     "row_steps_per_s", "peak_memory_mib", "error"])]  # fmt: skip
-    if doc.get("paper_config"):
-        p = doc["paper_config"]
-        lines += ["", f"Paper configuration (256 px, {p['parameters'] / 1e6:.1f} M parameters, "
-                  f"random weights, {p['autocast']}): {p['step_seconds']:.3g} s per DPS step for "
-                  f"{p['rows']} rows -> {p['seconds_per_sample_1000_steps']:.3g} s per posterior "
-                  f"sample at {PAPER_STEPS} steps; peak memory {p['peak_memory_mib']:.0f} MiB."]  # fmt: skip
-    lines += engine_report(doc)
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 
 from d4a_batch.config import FlagThresholds, StagingConfig
+from d4a_batch.mock.observe import add_hsc_noise
 from d4a_batch.mock.survey import (
-    INV_GAIN,
-    SKY_VARIANCE,
     MockSurveyConfig,
     _galaxy,
     _render,
@@ -63,9 +62,7 @@ def measure(k: int, cfg: MockSurveyConfig, params: DetectionParams) -> dict:
     dm = float(rng.uniform(-1.0, 1.5))
     zn = float(rng.uniform(0.25, 1.0))
     nb = _render(_galaxy(rng, cfg, mag + dm), psf, _z_scale(zn, cfg), noff, size)
-    var = np.stack([SKY_VARIANCE[b] + np.clip(target[c] + nb[c], 0, None) * INV_GAIN[b]
-                    for c, b in enumerate(cfg.bands)])  # fmt: skip
-    img = target + nb + rng.standard_normal(target.shape) * np.sqrt(var)
+    img, var = add_hsc_noise(target + nb, cfg.bands, rng)
     pad = 16
     s = find_sources(img, var, np.ones(img.shape, bool), psf, off, n_out, params, pad)
     used = np.broadcast_to(footprint_box((size, size), off, n_out) & ~s.neighbour_mask, img.shape)

@@ -33,104 +33,20 @@ from pathlib import Path
 
 import numpy as np
 
-from d4a_batch.mock.population import (
-    MAG_LIMIT_I,
-    light_radius_in_square,
-    number_density,
-    sample_population,
+from d4a_batch.mock.population import MAG_LIMIT_I
+from d4a_batch.physics.cosmology import arcsec_per_kpc
+from d4a_batch.validation.field_choice import (
+    choose_field,
+    dndz_weights,
+    field_row,
+    measure_real,
+    p_max,
+    population_s90,
+    s90_quantiles,
+    z_grid,
 )
-from d4a_batch.physics.cosmology import HSC_PIXEL_ARCSEC, arcsec_per_kpc, get_cosmology
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-HST_PIXEL_ARCSEC = 0.03
-
-
-def measure_hsc_cutouts(data_dir: Path) -> list[dict]:
-    """sep sizes (arcsec, observed) of the detected sources in the scarlet HSC cutouts."""
-    import sep
-
-    rows = []
-    for name in ("hsc_cosmos_35.npz", "hsc_cosmos.npz"):
-        path = data_dir / "scarlet" / name
-        if not path.exists():
-            continue
-        d = np.load(path)
-        bands = list(d["filters"])
-        img = sum(d["images"][bands.index(b)].astype(np.float64) for b in ("g", "r", "i"))
-        img = np.ascontiguousarray(img)
-        bkg = sep.Background(img, bw=16, bh=16)
-        data = img - bkg.back()
-        objs, seg = sep.extract(
-            data, 1.5, err=bkg.globalrms, segmentation_map=True, deblend_cont=0.005
-        )
-        seg_id = np.arange(1, len(objs) + 1, dtype=np.int32)
-        masked = dict(seg_id=seg_id, segmap=seg)  # other sources' segments are masked
-        kron, _ = sep.kron_radius(
-            data, objs["x"], objs["y"], objs["a"], objs["b"], objs["theta"], 6.0, **masked
-        )
-        flux, _, _ = sep.sum_ellipse(
-            data, objs["x"], objs["y"], objs["a"], objs["b"], objs["theta"],
-            2.5 * np.maximum(kron, 1.0), subpix=1, **masked,
-        )  # fmt: skip
-        rmax = 2.5 * np.maximum(kron, 1.0) * objs["a"]
-        radii, rflag = sep.flux_radius(
-            data, objs["x"], objs["y"], rmax, [0.5, 0.9], normflux=flux, subpix=5, **masked
-        )
-        for k, o in enumerate(objs):
-            rows.append(
-                {
-                    "cutout": name,
-                    "x": float(o["x"]),
-                    "y": float(o["y"]),
-                    "segment_pixels": int((seg == k + 1).sum()),
-                    "segment_radius_arcsec": float(
-                        np.sqrt((seg == k + 1).sum() / np.pi) * HSC_PIXEL_ARCSEC
-                    ),
-                    "r50_arcsec": float(radii[k, 0] * HSC_PIXEL_ARCSEC),
-                    "r90_arcsec": float(radii[k, 1] * HSC_PIXEL_ARCSEC),
-                    "axis_ratio": float(o["b"] / o["a"]),
-                    "sep_flag": int(rflag[k]),
-                }
-            )
-    return rows
-
-
-def measure_hst_galaxy(data_dir: Path) -> dict | None:
-    """Radii (arcsec) holding 50 / 90 % of the HST galaxy's light: circles and centred squares."""
-    from d4a_batch.validation.real_hst import hst_galaxy_and_centre
-
-    path = data_dir / "galsim" / "cosmos_147246_f814w.fits"
-    if not path.exists():
-        return None
-    img, (gy, gx) = hst_galaxy_and_centre(path)  # sky-subtracted, cut to 3.5''
-    y, x = np.indices(img.shape)
-    r = np.hypot(y - gy, x - gx)
-    inside = r < 3.5 / HST_PIXEL_ARCSEC
-    out = {"file": path.name, "aperture_arcsec": 3.5}
-    for kind, dist in (("circle", r), ("square", np.maximum(np.abs(y - gy), np.abs(x - gx)))):
-        order = np.argsort(dist[inside])
-        cum = np.cumsum(img[inside][order])
-        for f in (0.5, 0.9):
-            rad = float(np.interp(f * cum[-1], cum, dist[inside][order])) * HST_PIXEL_ARCSEC
-            out[f"{kind}_r{int(f * 100)}_arcsec"] = rad
-    m = img / img.sum()
-    qyy, qxx = (m * (y - gy) ** 2).sum(), (m * (x - gx) ** 2).sum()
-    qxy = (m * (y - gy) * (x - gx)).sum()
-    ev = np.linalg.eigvalsh([[qxx, qxy], [qxy, qyy]])
-    out["axis_ratio"] = float(np.sqrt(ev[0] / ev[1]))
-    return out
-
-
-def population_s90(
-    z_grid: np.ndarray, n_gal: int, n_points: int, seed: int, mag_limit: float
-) -> dict[float, np.ndarray]:
-    """{z: s90[n_gal]} (kpc) of the i < mag_limit population model."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for z in z_grid:
-        pop = sample_population(rng, float(z), n_gal, mag_limit)
-        out[float(z)] = light_radius_in_square(rng, pop, 0.9, n_points)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,20 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-json", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    z_grid = np.round(np.arange(args.z_min, args.z_max + 1e-9, args.z_step), 4)
-    p_max = HSC_PIXEL_ARCSEC / float(arcsec_per_kpc(args.u_from_z))
-    s90 = population_s90(z_grid, args.n_gal, args.n_points, args.seed, MAG_LIMIT_I)
-    s90_bright = population_s90(z_grid, args.n_gal, args.n_points, args.seed + 1, args.bright_mag)
-    dv = get_cosmology().differential_comoving_volume(z_grid).value
-    w = dv * np.array([number_density(float(z)) for z in z_grid])
-    w = w / w.sum()
+    zs = z_grid(args.z_min, args.z_max, args.z_step)
+    p_limit = p_max(args.u_from_z)
+    s90 = population_s90(zs, args.n_gal, args.n_points, args.seed, MAG_LIMIT_I)
+    s90_bright = population_s90(zs, args.n_gal, args.n_points, args.seed + 1, args.bright_mag)
+    w = dndz_weights(zs)
 
-    print(f"p_max for u >= 1 from z = {args.u_from_z}: {p_max:.3f} kpc/pixel")
+    print(f"p_max for u >= 1 from z = {args.u_from_z}: {p_limit:.3f} kpc/pixel")
     print("\ni < 24 population model: s90 = half-side (kpc) of the centred square with 90 % light")
     print(
         f"{'z':>5} {'s90 p50':>8} {'p90':>6} {'p95':>6} | i<{args.bright_mag:g}: {'p50':>5} {'p90':>6}"
     )
-    for z in z_grid:
+    for z in zs:
         a, b = s90[float(z)], s90_bright[float(z)]
         print(
             f"{z:5.2f} {np.median(a):8.2f} {np.percentile(a, 90):6.2f} {np.percentile(a, 95):6.2f}"
@@ -182,60 +96,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{'min i<22':>9}")  # fmt: skip
     for n in args.sizes:
         for p in args.kpc:
-            half = n * p / 2
-            frac = np.array([np.mean(s90[float(z)] <= half) for z in z_grid])
-            frac_b = np.array([np.mean(s90_bright[float(z)] <= half) for z in z_grid])
-            u = HSC_PIXEL_ARCSEC / (p * arcsec_per_kpc(z_grid))
-            row = {
-                "N": n,
-                "kpc_per_pixel": p,
-                "field_kpc": n * p,
-                "u_min_from_z": float(HSC_PIXEL_ARCSEC / (p * arcsec_per_kpc(args.u_from_z))),
-                "u_at_z_max": float(u[-1]),
-                "fraction_by_z": dict(zip(map(float, z_grid), frac.tolist())),
-                "fraction_min": float(frac.min()),
-                "fraction_pooled": float((w * frac).sum()),
-                "fraction_min_bright": float(frac_b.min()),
-            }
-            grid.append(row)
+            grid.append(row := field_row(n, p, s90, s90_bright, zs, w, args.u_from_z))
             print(
-                f"{n:4d} {p:5.2f} {n * p:9.1f} {row['u_min_from_z']:7.2f} {u[-1]:7.2f} "
-                f"{frac.min():6.3f} {row['fraction_pooled']:7.3f} {frac_b.min():9.3f}"
+                f"{n:4d} {p:5.2f} {n * p:9.1f} {row['u_min_from_z']:7.2f} {row['u_at_z_max']:7.2f} "
+                f"{row['fraction_min']:6.3f} {row['fraction_pooled']:7.3f} "
+                f"{row['fraction_min_bright']:9.3f}"
             )
 
-    p_choice = float(np.floor(p_max / 0.05 + 1e-9) * 0.05)
-    n_choice = None
-    samples = [s90, s90_bright] if args.require_bright else [s90]
-    for n in range(16, 1025, 16):
-        half = n * p_choice / 2
-        if all(np.mean(s[float(z)] <= half) >= args.target for s in samples for z in z_grid):
-            n_choice = n
-            break
-    half = n_choice * p_choice / 2
-    frac = np.array([np.mean(s90[float(z)] <= half) for z in z_grid])
-    frac_b = np.array([np.mean(s90_bright[float(z)] <= half) for z in z_grid])
-    u = HSC_PIXEL_ARCSEC / (p_choice * arcsec_per_kpc(z_grid))
-    choice = {
-        "N": n_choice,
-        "kpc_per_pixel": p_choice,
-        "field_kpc": n_choice * p_choice,
-        "fraction_by_z": dict(zip(map(float, z_grid), frac.tolist())),
-        "fraction_by_z_bright": dict(zip(map(float, z_grid), frac_b.tolist())),
-        "u_by_z": dict(zip(map(float, z_grid), u.tolist())),
-        "field_arcsec_by_z": dict(
-            zip(map(float, z_grid), (n_choice * p_choice * arcsec_per_kpc(z_grid)).tolist())
-        ),
-    }
+    choice = choose_field(s90, s90_bright, zs, p_limit, args.target, args.require_bright)
+    n_choice, p_choice = choice["N"], choice["kpc_per_pixel"]
     print(f"\nchoice: N = {n_choice}, p = {p_choice} kpc/pixel ({n_choice * p_choice:.1f} kpc)")
     print(f"{'z':>5} {'u':>6} {'field(as)':>9} {'frac i<24':>9} {'frac i<22':>9}")
-    for k, z in enumerate(z_grid):
-        print(f"{z:5.2f} {u[k]:6.2f} {choice['field_arcsec_by_z'][float(z)]:9.2f} "
-              f"{frac[k]:9.3f} {frac_b[k]:9.3f}")  # fmt: skip
+    for z in map(float, zs):
+        print(f"{z:5.2f} {choice['u_by_z'][z]:6.2f} {choice['field_arcsec_by_z'][z]:9.2f} "
+              f"{choice['fraction_by_z'][z]:9.3f} {choice['fraction_by_z_bright'][z]:9.3f}")  # fmt: skip
 
-    real = {"hsc_cutouts": [], "hst_galaxy": None}
-    if args.data.is_dir():
-        real["hsc_cutouts"] = measure_hsc_cutouts(args.data)
-        real["hst_galaxy"] = measure_hst_galaxy(args.data)
+    real = measure_real(args.data)
     if real["hsc_cutouts"]:
         r90 = np.array([r["r90_arcsec"] for r in real["hsc_cutouts"]])
         r50 = np.array([r["r50_arcsec"] for r in real["hsc_cutouts"]])
@@ -254,17 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "inputs": vars(args) | {"data": str(args.data), "out_json": str(args.out_json)},
-        "p_max_for_u_ge_1": p_max,
-        "population_s90_kpc": {
-            str(float(z)): {
-                "p50": float(np.median(s90[float(z)])),
-                "p90": float(np.percentile(s90[float(z)], 90)),
-                "p95": float(np.percentile(s90[float(z)], 95)),
-                "p90_bright": float(np.percentile(s90_bright[float(z)], 90)),
-            }
-            for z in z_grid
-        },
-        "dndz_weights": dict(zip(map(float, z_grid), w.tolist())),
+        "p_max_for_u_ge_1": p_limit,
+        "population_s90_kpc": s90_quantiles(s90, s90_bright, zs),
+        "dndz_weights": dict(zip(map(float, zs), w.tolist())),
         "grid": grid,
         "choice": choice,
         "real": real,

@@ -29,55 +29,36 @@ ellipticity): the all-pixel moments are dominated by a sample's faint sky.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from d4a_batch.config import PriorConfig
 from d4a_batch.physics.cosmology import model_pixel_arcsec
-from d4a_batch.prior.artifact import load_prior
-from d4a_batch.prior.unet import build_unet
-from d4a_batch.training.data import mock_images
 from d4a_batch.training.evaluate import (
     FEATURE_NAMES,
-    QUANTILES,
-    ROBUST_FEATURE_NAMES,
-    draw_samples,
-    feature_quantiles,
-    frechet_distance,
     image_on_prior_grid,
-    morphology_features,
     pca_fit,
     pca_project,
-    robust_shape_features,
     sample_grid_rgb,
     standardise,
 )
-from d4a_batch.training.loop import STATE_FILE, load_checkpoint_dir
+from d4a_batch.training.prior_comparison import (
+    Sampling,
+    evaluate_prior,
+    heldout_entry,
+    heldout_set,
+    load_model,
+    real_galaxy_entry,
+    same_grid,
+)
 
 DEFAULT_REAL = (
     Path(__file__).resolve().parents[1].parent / "shared/data/galsim/cosmos_147246_f814w.fits"
 )
 HST_PIXEL_ARCSEC = 0.03
-
-
-def load_model(path: Path) -> tuple[torch.nn.Module, PriorConfig, dict]:
-    """(eval-mode UNet, PriorConfig, info) of an artifact folder or a training checkpoint."""
-    if (path / STATE_FILE).exists():
-        state, cfg = load_checkpoint_dir(path)
-        model = build_unet(cfg.trained_prior)
-        model.load_state_dict(state["ema"])
-        info = {"kind": "checkpoint", "steps_trained": int(state["step"])}
-        return model.eval().requires_grad_(False), cfg.trained_prior, info
-    prior = load_prior(path)
-    steps = prior.metadata.get("training", {}).get("steps")
-    info = {"kind": "artifact", "prior_id": prior.prior_id, "steps_trained": steps}
-    return prior.model, prior.config, info
 
 
 def real_galaxy_x(path: Path, cfg: PriorConfig, z: float) -> np.ndarray:
@@ -93,23 +74,6 @@ def real_galaxy_x(path: Path, cfg: PriorConfig, z: float) -> np.ndarray:
     theta = float(model_pixel_arcsec(z, cfg.kpc_per_pixel))
     img = np.clip(image_on_prior_grid(gal, HST_PIXEL_ARCSEC, theta, cfg.image_size), 0, None)
     return to_model_space(np.repeat(img[None], cfg.in_channels, axis=0), cfg.stretch.a)[None]
-
-
-def percentile_of(
-    value: np.ndarray, population: np.ndarray, names: tuple[str, ...] = FEATURE_NAMES
-) -> dict[str, float]:
-    """Per feature: the fraction of ``population[K, D]`` below ``value[D]`` (in %)."""
-    return {name: float(100 * np.mean(population[:, j] < value[j])) for j, name in enumerate(names)}
-
-
-def robust_quantiles(r: np.ndarray) -> dict[str, dict[str, float]]:
-    """Quantiles (10/25/50/75/90 %) of ``robust_shape_features`` ``r[K, 2]`` (NaN-free rows)."""
-    r = r[np.all(np.isfinite(r), axis=1)]
-    qs = np.quantile(r, QUANTILES, axis=0)
-    return {
-        name: {f"q{round(100 * q):02d}": float(qs[k, j]) for k, q in enumerate(QUANTILES)}
-        for j, name in enumerate(ROBUST_FEATURE_NAMES)
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,60 +112,28 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(path)
         priors.append((label or path.name, path, *load_model(path)))
     cfg0 = priors[0][3]
+    if args.samples is not None and len(priors) != 1:
+        raise ValueError("--samples goes with exactly one --prior")
     structures = args.heldout_structure or [cfg0.mock_structure]
-    heldout_sets, robust_held = [], {}
+    heldout_sets = []
     for structure in structures:
-        t0 = time.perf_counter()
-        cfg_h = dataclasses.replace(cfg0, mock_structure=structure)
-        heldout = mock_images(np.arange(args.n_heldout), args.heldout_seed, cfg_h)
-        f_h = morphology_features(heldout, cfg0.stretch.a, cfg0.bands)
-        rob_h = robust_shape_features(heldout, cfg0.stretch.a, cfg0.bands)
-        half = args.n_heldout // 2
-        fa, fb = standardise(f_h[:half], f_h[half:])
-        floor = frechet_distance(fa, fb)
+        h = heldout_set(cfg0, structure, args.n_heldout, args.heldout_seed)
         print(f"[eval] held-out {structure}: {args.n_heldout} mocks in "
-              f"{time.perf_counter() - t0:.0f} s, floor FD (half vs half) {floor:.4f}", flush=True)  # fmt: skip
-        heldout_sets.append((structure, f_h, floor))
-        robust_held[structure] = rob_h
-    f_held = heldout_sets[0][1]
+              f"{h.seconds:.0f} s, floor FD (half vs half) {h.floor:.4f}", flush=True)  # fmt: skip
+        heldout_sets.append(h)
+    f_held = heldout_sets[0].features
 
+    sampling = Sampling(args.n_samples, args.steps, args.seed, args.batch_size, args.samples)
     results, projections, last = [], [], None
     mean, comps = pca_fit(standardise(f_held)[0], 2)
     for label, path, model, cfg, info in priors:
-        if (cfg.image_size, cfg.bands, cfg.kpc_per_pixel) != (
-            cfg0.image_size,
-            cfg0.bands,
-            cfg0.kpc_per_pixel,
-        ):
+        if not same_grid(cfg, cfg0):
             raise ValueError(f"{path}: priors to compare must share image size, bands, kpc/pixel")
-        t0 = time.perf_counter()
-        if args.samples is not None:
-            if len(priors) != 1:
-                raise ValueError("--samples goes with exactly one --prior")
-            x = np.load(args.samples)["x"].astype(np.float32)
-            shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-            if x.ndim != 4 or x.shape[1:] != shape:
-                raise ValueError(f"{args.samples}: samples {x.shape} do not fit the prior {shape}")
-            args.n_samples = len(x)
-        else:
-            x = draw_samples(model, cfg, args.n_samples, args.steps, args.seed, args.batch_size)
-        f = morphology_features(x, cfg.stretch.a, cfg.bands)
-        fds = {st: frechet_distance(*standardise(fh, f)) for st, fh, _ in heldout_sets}
-        fd = fds[structures[0]]
-        secs = time.perf_counter() - t0
-        by = ", ".join(f"{k} {v:.3f}" for k, v in fds.items())
-        print(f"[eval] {label}: FD {by} ({args.n_samples} samples, {secs:.0f} s)", flush=True)
-        results.append({
-            "label": label, "path": str(path), **info, "frechet_distance": fd,
-            "frechet_distance_by_heldout": fds, "mock_structure": cfg.mock_structure,
-            "n_samples": args.n_samples, "sampling_steps": args.steps, "seconds": secs,
-            "feature_mean": dict(zip(FEATURE_NAMES, f.mean(axis=0).tolist())),
-            "feature_std": dict(zip(FEATURE_NAMES, f.std(axis=0).tolist())),
-            "feature_quantiles": feature_quantiles(f),
-            "robust_feature_quantiles": robust_quantiles(
-                robust_shape_features(x, cfg.stretch.a, cfg.bands)
-            ),
-        })  # fmt: skip
+        res, x, f = evaluate_prior(label, path, model, cfg, info, heldout_sets, sampling)
+        by = ", ".join(f"{k} {v:.3f}" for k, v in res["frechet_distance_by_heldout"].items())
+        print(f"[eval] {label}: FD {by} ({res['n_samples']} samples, {res['seconds']:.0f} s)",
+              flush=True)  # fmt: skip
+        results.append(res)
         projections.append((label, pca_project(standardise(f_held, f)[1], mean, comps)))
         last = (x, f)
 
@@ -209,29 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.real is not None and args.real.exists():
         real = {"path": str(args.real), "by_z": {}}
         for z in args.real_z:
-            xr = real_galaxy_x(args.real, cfg0, z)
-            fr = morphology_features(xr, cfg0.stretch.a, cfg0.bands)[0]
-            rr = robust_shape_features(xr, cfg0.stretch.a, cfg0.bands)[0]
-            real["by_z"][str(z)] = {
-                "features": dict(zip(FEATURE_NAMES, fr.tolist())),
-                "robust_features": dict(zip(ROBUST_FEATURE_NAMES, rr.tolist())),
-                "percentile_in_samples": percentile_of(fr, last[1]),
-                "percentile_in_heldout": {st: percentile_of(fr, fh) for st, fh, _ in heldout_sets},
-            }
+            entry = real_galaxy_entry(
+                real_galaxy_x(args.real, cfg0, z), cfg0, last[1], heldout_sets
+            )
+            real["by_z"][str(z)] = entry
             print(f"[eval] real galaxy at z = {z}: "
-                  + ", ".join(f"{k} {v:.3g}" for k, v in zip(FEATURE_NAMES, fr)), flush=True)  # fmt: skip
+                  + ", ".join(f"{k} {v:.3g}" for k, v in entry["features"].items()), flush=True)  # fmt: skip
 
     heldout_report = {
-        st: {
-            "n": args.n_heldout, "seed": args.heldout_seed, "structure": st,
-            "floor_frechet_distance": floor,
-            "feature_mean": dict(zip(FEATURE_NAMES, fh.mean(axis=0).tolist())),
-            "feature_std": dict(zip(FEATURE_NAMES, fh.std(axis=0).tolist())),
-            "feature_quantiles": feature_quantiles(fh),
-            "robust_feature_quantiles": robust_quantiles(robust_held[st]),
-        }
-        for st, fh, floor in heldout_sets
-    }  # fmt: skip
+        h.structure: heldout_entry(h, args.n_heldout, args.heldout_seed) for h in heldout_sets
+    }
     report = {
         "features": list(FEATURE_NAMES),
         "heldout": heldout_report[structures[0]],

@@ -27,6 +27,7 @@ import torch
 from d4a_batch.config import SamplerConfig, to_dict
 from d4a_batch.figures import magnitude_figure
 from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampler_spec import SPEC_HELP, sampler_arg, sampler_from_args
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.magnitude import (
     PAPER_MAGNITUDES,
@@ -43,20 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prior", default=str(DEMO_PRIOR_DIR), help="prior artifact folder")
     p.add_argument("--out", type=Path, help="output folder (default runs/magnitude-<time>)")
-    p.add_argument("--samples", type=int, default=64, help="posterior samples per magnitude")
-    p.add_argument("--steps", type=int, default=100, help="DPS steps (fewer on a CPU)")
-    p.add_argument("--guidance", type=float, default=SamplerConfig().guidance)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, help="posterior samples per magnitude (default 64)")
+    p.add_argument("--steps", type=int, help="DPS steps (default 100; fewer on a CPU)")
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--z", type=float, default=MagnitudeConfig().z)
     p.add_argument("--galaxy-seed", type=int, default=MagnitudeConfig().galaxy_seed)
     p.add_argument("--magnitudes", default=",".join(f"{m:g}" for m in PAPER_MAGNITUDES))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--sampler", default=SamplerConfig().sampler, help="dps | dds | daps")
-    p.add_argument("--inner-steps", type=int, default=SamplerConfig().inner_steps, help="daps")
-    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations, help="dds, daps")
-    p.add_argument("--gauss-newton", type=int, default=SamplerConfig().gauss_newton, help="dds")
+    p.add_argument("--sampler", type=sampler_arg, help="dps | dds | daps or any " + SPEC_HELP)
+    p.add_argument("--inner-steps", type=int, help="daps")
+    p.add_argument("--cg", type=int, help="dds, daps")
+    p.add_argument("--gauss-newton", type=int, help="dds")
     p.add_argument("--clip-data-step", choices=("true", "false"),
-                   default=str(SamplerConfig().clip_data_step).lower(),
                    help="dds/daps: clip the data step's output to [-1, 1]")  # fmt: skip
     return p.parse_args(argv)
 
@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prior = load_prior(args.prior, device=device)
-    sampler = SamplerConfig(steps=args.steps, samples=args.samples, guidance=args.guidance,
-                            seed=args.seed, sampler=args.sampler, inner_steps=args.inner_steps,
-                            cg_iterations=args.cg, gauss_newton=args.gauss_newton,
-                            clip_data_step=args.clip_data_step == "true")  # fmt: skip
+    sampler = sampler_from_args(args, SamplerConfig(steps=100, samples=64, seed=0))
     cfg = MagnitudeConfig(
         magnitudes=tuple(float(m) for m in args.magnitudes.split(",")),
         z=args.z,

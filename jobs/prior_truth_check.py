@@ -20,7 +20,6 @@ runs/prior-truth-<time>, git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d4a_batch.config import SamplerConfig, from_dict, to_dict
+from d4a_batch.config import SamplerConfig, to_dict
 from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampler_spec import SPEC_HELP, sampler_arg, sampler_config
 from d4a_batch.schema import DEMO_PRIOR_DIR, REPO_ROOT
 from d4a_batch.validation.magnitude import MagnitudeConfig
 from d4a_batch.validation.prior_truth import run_prior_truth_check, summarise
@@ -37,14 +37,6 @@ from d4a_batch.validation.report import markdown_table, run_header, write_json
 
 COLUMNS = ("mag", "n", "snr", "chi2_median", "chi2_max", "chi2_truth", "cov68", "cov95",
            "cal68", "cal95", "psnr", "psnr_minus_rl", "seconds")  # fmt: skip
-
-
-def sampler_from(text: str) -> SamplerConfig:
-    """SamplerConfig() with the JSON object ``text``'s fields replaced (checked)."""
-    overrides = json.loads(text) if text else {}
-    if not isinstance(overrides, dict):
-        raise SystemExit(f"--sampler/--compare: expected a JSON object, got {text!r}")
-    return from_dict(SamplerConfig, to_dict(SamplerConfig()) | overrides)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,8 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--truth-seed", type=int, default=0)
     p.add_argument("--magnitudes", default="18,19,20,21,22,23,24")
     p.add_argument("--z", type=float, default=MagnitudeConfig().z)
-    p.add_argument("--sampler", default="", help="SamplerConfig overrides (JSON)")
-    p.add_argument("--compare", default="", help="a second sampler's overrides (JSON)")
+    p.add_argument("--sampler", default="", type=sampler_arg,
+                   help="SamplerConfig overrides (JSON) or any " + SPEC_HELP)  # fmt: skip
+    p.add_argument("--compare", default="", type=sampler_arg,
+                   help="a second sampler: overrides (JSON) or any SPEC")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args(argv)
 
@@ -121,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prior = load_prior(args.prior, device=device)
     cfg = MagnitudeConfig(magnitudes=tuple(float(m) for m in args.magnitudes.split(",")), z=args.z)
-    samplers = [sampler_from(args.sampler)] + ([sampler_from(args.compare)] if args.compare else [])
+    samplers = [sampler_config(args.sampler)] + (
+        [sampler_config(args.compare)] if args.compare else []
+    )
     runs = [run_one(prior, s, args, cfg) for s in samplers]
     labels = [label(s) for s in samplers]
     figure(out / "prior_truth.png", runs, labels)

@@ -29,6 +29,7 @@ import d4a_batch.sampling.dds as dds
 from d4a_batch.config import SamplerConfig
 from d4a_batch.physics.operator import ForwardOperator
 from d4a_batch.prior.artifact import load_prior
+from d4a_batch.sampler_spec import SPEC_HELP, sampler_arg, sampler_from_args
 from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.schema import DEMO_PRIOR_DIR
 from d4a_batch.validation.magnitude import MagnitudeConfig, make_observations
@@ -142,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior", default=str(DEMO_PRIOR_DIR))
     p.add_argument("--mags", type=float, nargs="+", default=[18.0, 20.0, 22.0, 24.0])
     p.add_argument("--z", type=float, default=0.5)
-    p.add_argument("--sampler", default=SamplerConfig().sampler)
-    p.add_argument("--steps", type=int, default=SamplerConfig().steps)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--cg", type=int, default=SamplerConfig().cg_iterations)
-    p.add_argument("--gauss-newton", type=int, default=SamplerConfig().gauss_newton)
+    p.add_argument("--sampler", type=sampler_arg, help="dps | dds | daps or any " + SPEC_HELP)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--samples", type=int, help="default 8")
+    p.add_argument("--cg", type=int)
+    p.add_argument("--gauss-newton", type=int)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cg-trace", action="store_true",
                    help="also record how far each data step's CG gets: the preconditioned "
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     prior = load_prior(args.prior)
-    cfg = dataclasses.replace(
-        SamplerConfig(), sampler=args.sampler, steps=args.steps, samples=args.samples,
-        cg_iterations=args.cg, gauss_newton=args.gauss_newton,
-    )  # fmt: skip
+    cfg = sampler_from_args(args, SamplerConfig(samples=8))
     result = profile(prior, cfg, args.mags, args.z, args.cg_trace)
     print(markdown_table(result["rows"], ("part", "seconds", "calls", "share"), ".3g"))
     if args.cg_trace:

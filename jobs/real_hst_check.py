@@ -19,7 +19,6 @@ Needs ../shared/data (exits with a message when it is absent).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 from d4a_batch.config import RunConfig, to_dict
 from d4a_batch.prior.artifact import read_prior_config
+from d4a_batch.sampler_spec import SPEC_HELP, sampler_arg, sampler_from_args
 from d4a_batch.schema import Col
 from d4a_batch.survey.fits_io import hsc_tan_wcs, write_hsc_cutout, write_psf
 from d4a_batch.survey.hats_io import (
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mag-i", type=float, default=20.0)
     p.add_argument("--steps", type=int)
     p.add_argument("--samples", type=int)
-    p.add_argument("--sampler", choices=("dps", "daps", "dds"))
+    p.add_argument("--sampler", type=sampler_arg, help="dps | daps | dds or any " + SPEC_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
@@ -97,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     prior_cfg, prior_meta = read_prior_config(args.prior)
-    sampler = RunConfig().sampler
-    changes = {"steps": args.steps, "samples": args.samples, "sampler": args.sampler}
-    sampler = dataclasses.replace(
-        sampler, seed=args.seed, **{k: v for k, v in changes.items() if v is not None}
-    )
-    config = RunConfig(sampler=sampler)
+    config = RunConfig(sampler=sampler_from_args(args, RunConfig().sampler))
     bands = tuple(prior_cfg.bands)
     i_band = bands.index("i")
     obs = degrade_to_hsc(hst_galaxy(), bands, args.mag_i)

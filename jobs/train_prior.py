@@ -58,6 +58,11 @@ from pathlib import Path
 
 from d4a_batch.config import PriorConfig, from_dict
 from d4a_batch.survey.storage import filesystem, join_uri
+from d4a_batch.training.inputs import (
+    data_folder_name,
+    training_images,
+    write_prior_samples,
+)
 from d4a_batch.training.loop import (
     LR_SCHEDULES,
     TrainConfig,
@@ -66,15 +71,6 @@ from d4a_batch.training.loop import (
     run_training,
 )
 from d4a_batch.training.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
-
-
-def data_folder_name(prior: PriorConfig, n_images: int, seed: int) -> str:
-    """Parquet folder name of a training set: the demo's name for smooth 0.5 kpc mocks, else
-    one that names the mock structure and the kpc/pixel (so runs never share wrong data)."""
-    if prior.mock_structure == "smooth" and prior.kpc_per_pixel == 0.5:
-        return f"data-{prior.image_size}-{n_images}-{seed}"
-    kpc = f"{prior.kpc_per_pixel:g}".replace(".", "p")
-    return f"data-{prior.mock_structure}-{prior.image_size}-{kpc}kpc-{n_images}-{seed}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,25 +169,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_image_file(path: Path):
-    """Training images ``[K, C, N, N]`` (uint8 or float32) of a .npy or .npy.xz file."""
-    import lzma
-
-    import numpy as np
-    import torch
-
-    opener = lzma.open if path.name.endswith(".xz") else open
-    with opener(path, "rb") as f:
-        return torch.from_numpy(np.load(f))
-
-
 def main_single_process(args: argparse.Namespace, cfg: TrainConfig) -> int:
     """``--single-process``: train without Ray, then export (stats drawn on the same device)."""
     import platform
 
     import torch
 
-    from d4a_batch.training.data import quantise_u8
     from d4a_batch.training.single import save_resumable_state, train_single_process
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,19 +183,7 @@ def main_single_process(args: argparse.Namespace, cfg: TrainConfig) -> int:
     else:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
-    if args.data:
-        images = load_image_file(Path(args.data))
-        source = {"file": str(args.data)}
-        recipe = Path(str(args.data) + ".json")
-        if recipe.exists():
-            source["recipe"] = json.loads(recipe.read_text())
-    else:
-        from d4a_batch.training.data import mock_images
-
-        images = torch.from_numpy(
-            quantise_u8(mock_images(range(args.n_images), args.data_seed, cfg.prior))
-        )
-        source = {"generated": args.n_images, "data_seed": args.data_seed}
+    images, source = training_images(args.data, args.n_images, args.data_seed, cfg.prior)
     print(f"[data] {tuple(images.shape)} {images.dtype} in {time.perf_counter() - t0:.0f} s")
     t_fit = time.perf_counter()
     last = train_single_process(
@@ -239,20 +210,10 @@ def main_single_process(args: argparse.Namespace, cfg: TrainConfig) -> int:
         )
         print(f"[export] wrote {out}", flush=True)
         if args.samples_out is not None:
-            import numpy as np
-
-            from d4a_batch.prior.artifact import load_prior
-            from d4a_batch.training.evaluate import draw_samples
-
             t0 = time.perf_counter()
-            prior = load_prior(out)
-            x = draw_samples(
-                prior.model, prior.config, args.n_samples_out, args.stats_steps, args.seed + 1,
-                batch=256, device=device,
-            )  # fmt: skip
-            args.samples_out.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(args.samples_out, x=x.astype(np.float16))
-            print(f"[samples] {len(x)} in {time.perf_counter() - t0:.0f} s -> {args.samples_out}")
+            n = write_prior_samples(out, args.samples_out, args.n_samples_out, args.stats_steps,
+                                    args.seed + 1, device)  # fmt: skip
+            print(f"[samples] {n} in {time.perf_counter() - t0:.0f} s -> {args.samples_out}")
     return 0
 
 

@@ -53,14 +53,11 @@ import os
 import sys
 from pathlib import Path
 
-from d4a_batch.config import ColumnMap, ConfigError, RunConfig, SamplerConfig, from_dict
+from d4a_batch.config import ColumnMap, ConfigError, RunConfig, from_dict
+from d4a_batch.sampler_spec import DEMO_SAMPLER, SPEC_HELP, run_config_sampler, sampler_config
 from d4a_batch.schema import DEMO_OUTPUT_DIR, DEMO_PRIOR_DIR, DEMO_SURVEY_DIR
 from d4a_batch.survey.storage import is_absolute, output_location_problem
 
-# the demo's sampler settings: sized to finish in about 5 minutes on 2 CPU cores. "dds"
-# (sampling/dds.py): at 25 steps DPS under-fits bright galaxies (4 of 32 demo objects POOR_FIT
-# at chi2/dof 3.9-8.8); DDS fits them (1.8-2.1) in less time (docs/HISTORY.md, 2026-12-02 DDS)
-DEMO_SAMPLER = SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10)
 DEMO_OBJECTS = 32
 EXIT_OK, EXIT_CRASH, EXIT_JOB_ERROR, EXIT_PARTITIONS_FAILED = 0, 1, 2, 3
 EXIT_LEASE_HELD, EXIT_TOO_MANY_ERRORS = 4, 5
@@ -130,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", help=f"output HATS catalog; default: {DEMO_OUTPUT_DIR}")
     p.add_argument("--prior", help=f"prior artifact folder; default: {DEMO_PRIOR_DIR}")
     p.add_argument("--config", type=Path, help="JSON of RunConfig fields (CLI options override)")
+    p.add_argument("--sampler", help=SPEC_HELP + "; over --config's (the options below override)")
     p.add_argument("--samples", type=int, help="posterior samples per object")
     p.add_argument("--steps", type=int, help="reverse diffusion steps")
     p.add_argument("--seed", type=int, help="sampler seed")
@@ -198,16 +196,15 @@ def run_config(args: argparse.Namespace, demo: bool) -> RunConfig:
         except OSError as e:
             raise ConfigError(f"--config {args.config}: cannot read it ({e})") from None
         try:
+            if isinstance(doc, dict) and "sampler" in doc:  # a SPEC or an object of fields
+                doc = {**doc, "sampler": run_config_sampler(doc["sampler"])}
             cfg = from_dict(RunConfig, doc)
         except ConfigError as e:
             raise ConfigError(f"--config {args.config}: {e}") from None
-    sampler = {
-        k: v
-        for k, v in (("samples", args.samples), ("steps", args.steps), ("seed", args.seed))
-        if v is not None
-    }
-    if sampler:
-        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **sampler))
+    sampler = sampler_config(
+        args.sampler, cfg.sampler, samples=args.samples, steps=args.steps, seed=args.seed
+    )
+    cfg = dataclasses.replace(cfg, sampler=sampler)
     if args.columns:  # checked key=name pairs (_column_pairs)
         cfg = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, **args.columns))
     if args.no_maps:

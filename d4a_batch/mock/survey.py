@@ -44,16 +44,13 @@ from astropy.wcs import WCS
 
 from d4a_batch.config import PhysicsConfig, PriorConfig, from_dict, to_dict
 from d4a_batch.mock.galaxies import draw_galaxy, sample_params
+from d4a_batch.mock.observe import INV_GAIN, SKY_VARIANCE, hsc_variance
 from d4a_batch.physics.operator import ForwardOperator, model_pixel_scale
 from d4a_batch.survey.fits_io import HSC_MASK_PLANES, PSF_SIZE, write_hsc_cutout, write_psf
 from d4a_batch.survey.storage import join_uri
 from d4a_batch.survey.tensors import tensor_array
 
 COSMOS_CENTRE = (150.1, 2.2)  # deg
-# HSC COSMOS coadd noise, measured on /work/shared/data/scarlet/hsc_cosmos_35.npz (g, r, i):
-# median VARIANCE (sky) and the slope of VARIANCE against IMAGE (1/gain, counts^-1)
-SKY_VARIANCE = {"g": 1.60e-4, "r": 1.99e-4, "i": 4.11e-4}
-INV_GAIN = {"g": 4.3e-5, "r": 3.3e-5, "i": 2.6e-5}
 MEDIAN_SEEING = {"g": 0.80, "r": 0.72, "i": 0.62}  # arcsec FWHM
 SATURATION = 1500.0  # counts per pixel above which a coadd pixel is SAT (and interpolated)
 # the demo survey's share of what real cutouts have (MockSurveyConfig fields)
@@ -220,7 +217,7 @@ def _make_object(k: int, ra: float, dec: float, cfg: MockSurveyConfig, tract: WC
     mask = np.zeros(model.shape, np.int32)
     bit = {n: np.int32(1 << b) for n, b in HSC_MASK_PLANES.items()}
     for c, b in enumerate(bands):
-        var = SKY_VARIANCE[b] + np.clip(model[c], 0, None) * INV_GAIN[b]
+        var = hsc_variance(model[c : c + 1], [b])[0]
         background = rng.uniform(-0.5, 0.5) * math.sqrt(SKY_VARIANCE[b])
         image[c] = model[c] + background + rng.standard_normal(model[c].shape) * np.sqrt(var)
         variance[c] = var

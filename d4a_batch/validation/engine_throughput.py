@@ -15,13 +15,17 @@ Both on the wall clock, loop first, with the load average before each. ``small_r
 runs the engine on one small catalog in several actor layouts (one pack on one
 single-threaded actor, as before issue 30; packs split over one single-threaded actor per
 CPU, the default since; one actor with every CPU as torch threads).
+
+``engine_sections`` runs both (``jobs/benchmark_throughput.py``'s sections 6 and 7) on one
+local Ray cluster; ``actor_sweep`` (its section 4) times the engine on a small mock survey
+against the number of actors.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from d4a_batch.config import RunConfig
+from d4a_batch.config import PriorConfig, RunConfig, SamplerConfig, to_dict
 from d4a_batch.mock.survey import MockSurveyConfig, ensure_mock_survey
 from d4a_batch.prior.artifact import read_prior_config
 
@@ -182,3 +186,78 @@ def small_run_layouts(
             rows.append({"layout": lay.name, "round": r, **run})
             log(f"{lay.name}: {run['seconds']:.1f} s; {run['chosen']}")
     return rows
+
+
+def actor_sweep(
+    prior_path: str, prior_cfg: PriorConfig, actors: Sequence[int], n_objects: int, steps: int,
+    samples: int, work: Path, log: Callable[[str], None] = print,
+) -> list[dict]:  # fmt: skip
+    """The whole engine (Ray Data: read, stage, sample, write) on a small mock survey of
+    ``n_objects``, DPS at ``steps`` x ``samples``, once per number of actors (its own Ray)."""
+    from d4a_batch.pipeline.engine import ExecutionOptions, run_survey
+    from d4a_batch.ray_setup import init_ray
+    from d4a_batch.validation.throughput import THROUGHPUT_SAMPLER
+
+    # small HATS partitions: the read tasks then feed the actor pool several blocks at once
+    survey = ensure_mock_survey(work / "survey", MockSurveyConfig(
+        n_objects=n_objects, bands=tuple(prior_cfg.bands),
+        kpc_per_pixel=prior_cfg.kpc_per_pixel, n_model=prior_cfg.image_size,
+        partition_rows=max(2, n_objects // 4),
+    ))  # fmt: skip
+    ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    config = RunConfig(sampler=SamplerConfig(sampler=THROUGHPUT_SAMPLER, steps=steps,
+                                             samples=samples))  # fmt: skip
+    rows = []
+    try:
+        for n in actors:
+            opts = ExecutionOptions(actors=n, batch_size=max(1, n_objects // (2 * n)),
+                                    overwrite=True)  # fmt: skip
+            s = run_survey(str(survey), str(work / f"out-{n}"), prior_path, config, opts)
+            rows.append({"actors": n, "objects": s.objects, "seconds": s.seconds,
+                         "objects_per_s": s.objects_per_s, "batch_size": opts.batch_size})  # fmt: skip
+            log(f"{n} actor(s): {s.line()}")
+    finally:
+        ray.shutdown()
+    return rows
+
+
+@dataclass(frozen=True)
+class EngineSections:
+    """Sections 6 and 7 of the throughput benchmark: engine vs loop at each of ``sizes``
+    (none: skipped) with ``sampler``, packs of ``batch_size``; the actor layouts on
+    ``layout_objects`` (0: skipped) with ``layout_sampler``, ``layout_repeats`` rounds."""
+
+    sizes: tuple[int, ...]
+    sampler: SamplerConfig
+    batch_size: int
+    layout_objects: int
+    layout_sampler: SamplerConfig
+    layout_repeats: int = 1
+
+
+def engine_sections(
+    prior_path: str, sections: EngineSections, work: Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Sections 6 and 7 on one local Ray cluster (its start-up not counted)."""
+    from d4a_batch.ray_setup import init_ray
+
+    doc: dict[str, Any] = {}
+    e = sections
+    ray = init_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    try:
+        if e.sizes:
+            config = RunConfig(sampler=e.sampler, write_maps=False)
+            doc["engine_vs_loop"] = {
+                "sampler": to_dict(e.sampler), "batch_size": e.batch_size,
+                "rows": engine_vs_loop(prior_path, e.sizes, config, work, e.batch_size, log),
+            }  # fmt: skip
+        if e.layout_objects:
+            config = RunConfig(sampler=e.layout_sampler, write_maps=False)
+            doc["layouts"] = {
+                "sampler": to_dict(e.layout_sampler), "objects": e.layout_objects,
+                "rows": small_run_layouts(prior_path, e.layout_objects, config, work,
+                                          e.batch_size, e.layout_repeats, log),
+            }  # fmt: skip
+    finally:
+        ray.shutdown()
+    return doc

@@ -1,7 +1,8 @@
 """Sampler frontier: DPS and DAPS at several budgets on the same scored mocks, in one run.
 
-A spec is ``sampler:steps`` or ``daps:steps:inner:cg`` (e.g. ``dps:50``, ``dps:25``,
-``daps:30:4:20``). Each spec re-runs the engine's sampling stage (``make_sampler`` /
+A spec is a sampler SPEC (``sampler_spec``), usually its tokens ``sampler:steps`` or
+``daps:steps:inner:cg`` (e.g. ``dps:50``, ``dps:25``, ``daps:30:4:20``), set over the run's
+sampler. Each spec re-runs the engine's sampling stage (``make_sampler`` /
 ``run_packs`` of ``validation.science``) on the same staged objects with the same seeds and
 is scored against the truth like the main run (``score_pack``). Budget columns:
 - ``net_evals``: network evaluations per sample (DPS: ``steps`` forward + backward passes;
@@ -29,68 +30,22 @@ import numpy as np
 import pandas as pd
 
 from d4a_batch.config import RunConfig
+from d4a_batch.sampler_spec import sampler_config, spec_fields
 
 # a spec's last token: the network in NCHW, as before 2026-12-08 (not a sampler field)
 NCHW = "nchw"
 
 
 def parse_spec(spec: str) -> dict:
-    """``dps:50`` / ``daps:30:4:20`` / ``dds:25:10[:gnK][:mode][:clip|:free]`` -> overrides.
-
-    Overrides of SamplerConfig fields. dds: STEPS, CG iterations, then in any order ``gnK``
-    (K Gauss-Newton iterations per step, ``gauss_newton``), ``mode`` for the deterministic
-    (DDS) variant, ``clip`` / ``free`` for a clipped / unclipped data step
-    (``clip_data_step``), ``rcgK`` (``refine_cg_iterations``), ``tolX``
-    (``gauss_newton_tol``). Any sampler: ``bf16`` / ``fp32`` (``network_precision``), and a
-    last ``nchw`` (``NCHW``), which the caller applies to the network itself.
-    """
-    parts = spec.split(":")
-    if parts[-1] == NCHW:
-        parts = parts[:-1]
-    precision = {"bf16": "bfloat16", "fp32": "float32"}
-    extra_precision = [p for p in parts[2:] if p in precision]
-    parts = [p for p in parts if p not in precision]
-    name = parts[0]
-    if name not in ("dps", "daps", "dds") or len(parts) < 2:
-        raise ValueError(
-            f"sampler spec {spec!r}: expected dps:STEPS, daps:STEPS[:INNER[:CG]] or "
-            "dds:STEPS[:CG[:gnK][:mode][:clip|:free]]"
-        )
-    out = {"sampler": name, "steps": int(parts[1])}
-    for p in extra_precision:
-        out["network_precision"] = precision[p]
-    if name == "daps":
-        if len(parts) > 2:
-            out["inner_steps"] = int(parts[2])
-        if len(parts) > 3:
-            out["cg_iterations"] = int(parts[3])
-    if name == "dds":
-        if len(parts) > 2:
-            out["cg_iterations"] = int(parts[2])
-        for extra in parts[3:]:
-            if extra == "mode":
-                out["dds_randomize"] = False
-            elif extra in ("clip", "free"):
-                out["clip_data_step"] = extra == "clip"
-            elif extra.startswith("gn") and extra[2:].isdigit() and int(extra[2:]) > 0:
-                out["gauss_newton"] = int(extra[2:])
-            elif extra.startswith("rcg") and extra[3:].isdigit():
-                out["refine_cg_iterations"] = int(extra[3:])
-            elif extra.startswith("tol") and _is_fraction(extra[3:]):
-                out["gauss_newton_tol"] = float(extra[3:])
-            else:
-                raise ValueError(
-                    f"sampler spec {spec!r}: after dds:STEPS:CG only 'mode', 'clip', 'free', "
-                    "'gnK' (K >= 1), 'rcgK', 'tolX' (0 <= X < 1), 'bf16', 'fp32', 'nchw'"
-                )
-    return out
-
-
-def _is_fraction(text: str) -> bool:
-    try:
-        return 0.0 <= float(text) < 1.0
-    except ValueError:
-        return False
+    """A frontier spec -> SamplerConfig fields: the token SPEC of ``sampler_spec``
+    (``dps:50``, ``daps:30:4:20``, ``dds:25:10[:gnK][:mode][:clip|:free][:rcgK][:tolX]``,
+    ``bf16``/``fp32``) with its STEPS required, and a last ``nchw`` (``NCHW``), which the
+    caller applies to the network itself."""
+    text = spec.removesuffix(":" + NCHW)
+    fields = spec_fields(text)
+    if "steps" not in fields:
+        raise ValueError(f"sampler spec {spec!r}: a frontier spec names its STEPS (dps:50)")
+    return fields
 
 
 def budget(cfg) -> tuple[int, int]:
@@ -118,7 +73,8 @@ def run_frontier(
     """
     rows, ref_seconds, ref_cpu = [], None, None
     for spec in specs:
-        cfg = replace(config, sampler=replace(config.sampler, **parse_spec(spec)))
+        # any sampler SPEC (sampler_spec) over the run's sampler, less a last ':nchw'
+        cfg = replace(config, sampler=sampler_config(spec.removesuffix(":" + NCHW), config.sampler))
         t0, c0 = time.perf_counter(), time.process_time()
         records = run_spec(cfg, spec)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -36,8 +36,9 @@ import torch
 
 from d4a_batch.config import PhysicsConfig, PriorConfig, SamplerConfig, StagingConfig
 from d4a_batch.mock.galaxies import draw_galaxy, sample_params
-from d4a_batch.mock.survey import INV_GAIN, MEDIAN_SEEING, SKY_VARIANCE
-from d4a_batch.physics.operator import ForwardOperator, ObservationBatch, model_pixel_scale
+from d4a_batch.mock.observe import observe_truth
+from d4a_batch.mock.survey import MEDIAN_SEEING
+from d4a_batch.physics.operator import ObservationBatch, model_pixel_scale
 from d4a_batch.prior.artifact import Prior
 from d4a_batch.sampling.deconvolve import deconvolve
 from d4a_batch.survey.fits_io import PSF_SIZE
@@ -134,19 +135,9 @@ def make_observations(
     psf = np.stack([gaussian_psf(cfg.psf_fwhm_arcsec[b], physics.hsc_pixel_arcsec) for b in bands])
     psf = np.broadcast_to(psf, (m_count, *psf.shape)).copy()
     offset = np.broadcast_to(np.asarray(cfg.offset, dtype=np.float64), (m_count, 2)).copy()
-    op = ForwardOperator(
-        torch.as_tensor(psf),
-        torch.full((m_count,), scale, dtype=torch.float64),
-        torch.as_tensor(offset),
-        (size, size),
-    )
-    with torch.no_grad():
-        model = op.linear(torch.as_tensor(truth)).numpy()
-    sky = np.array([SKY_VARIANCE[b] for b in bands])[None, :, None, None]
-    inv_gain = np.array([INV_GAIN[b] for b in bands])[None, :, None, None]
-    variance = sky + np.clip(model, 0, None) * inv_gain
     rng = np.random.default_rng(cfg.noise_seed)
-    image = model + np.sqrt(variance) * rng.standard_normal(model.shape)
+    seen = observe_truth(truth, psf, scale, offset, size, bands, rng)
+    model, image, variance = seen.model, seen.image, seen.variance
     valid = np.ones(model.shape, bool)
     obs = ObservationBatch.from_arrays(image, variance, valid, psf, offset, dtype=torch.float32)
     radius = aperture_radius_frac * n_model * scale

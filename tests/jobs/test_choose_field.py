@@ -1,4 +1,5 @@
-"""jobs/choose_field.py: the field choice obeys its two rules; real sizes measured with sep."""
+"""jobs/choose_field.py: the field choice obeys its two rules; real sizes measured with sep
+(``validation.field_choice``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from d4a_batch.physics.cosmology import upsampling_factor
 from d4a_batch.testing import load_job
+from d4a_batch.validation.field_choice import measure_hsc_cutouts, measure_hst_galaxy
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "choose_field.py"
 
@@ -36,13 +38,12 @@ def test_choice_meets_the_light_and_upsampling_rules(tmp_path):
 
 
 def test_real_cutout_sizes_with_sep(shared_data):
-    mod = load_job("choose_field")
-    rows = mod.measure_hsc_cutouts(shared_data)
+    rows = measure_hsc_cutouts(shared_data)
     assert len(rows) >= 5
     r50 = np.array([r["r50_arcsec"] for r in rows])
     r90 = np.array([r["r90_arcsec"] for r in rows])
     assert np.all(r90 > r50) and np.all(r50 > 0.3)  # observed: no source smaller than the PSF
-    hst = mod.measure_hst_galaxy(shared_data)
+    hst = measure_hst_galaxy(shared_data)
     assert 0.5 < hst["circle_r50_arcsec"] < hst["circle_r90_arcsec"] < 3.5
     assert hst["square_r90_arcsec"] <= hst["circle_r90_arcsec"] + 1e-9
 

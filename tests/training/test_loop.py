@@ -203,6 +203,7 @@ def test_train_prior_job_single_process_from_an_image_file(tmp_path):
     import numpy as np
 
     from d4a_batch.testing import load_job
+    from d4a_batch.training.inputs import load_image_file
 
     cfg_json = tmp_path / "tiny.json"
     cfg_json.write_text(json.dumps(to_dict(TINY)))
@@ -213,7 +214,7 @@ def test_train_prior_job_single_process_from_an_image_file(tmp_path):
     recipe = json.loads(Path(str(data) + ".json").read_text())
     assert recipe["shape"] == [24, 3, 16, 16] and recipe["seed"] == 0
     job = load_job("train_prior")
-    images = job.load_image_file(data)
+    images = load_image_file(data)
     assert images.dtype == torch.uint8 and tuple(images.shape) == (24, 3, 16, 16)
     args = ["--single-process", "--data", str(data), "--prior-config", str(cfg_json),
             "--storage", str(tmp_path / "train"), "--name", "t", "--steps", "6",

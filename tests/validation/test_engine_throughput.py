@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 
 from d4a_batch.config import RunConfig, SamplerConfig
 from d4a_batch.schema import Col, Status
-from d4a_batch.testing import load_job
 from d4a_batch.validation.engine_throughput import layouts, plain_loop
+from d4a_batch.validation.throughput_sections import report
 from tests.survey.conftest import tiny_prior, tiny_survey
 
 __all__ = ["tiny_prior", "tiny_survey"]
@@ -24,7 +24,6 @@ def test_the_plain_loop_gives_every_object_one_row_and_the_tables_show_it(
     assert set(rows[Col.STATUS].to_pylist()) == {Status.OK}
     assert loop["packs"] >= 3 and loop["seconds"] > loop["staging_seconds"] > 0
     # the benchmark's engine-only report of such rows
-    bench = load_job("benchmark_throughput")
     engine = {**loop, "chosen": "1 partitions, 8 objects in packs of <= 3, 2 actors x (...)"}
     doc = {
         "load_average_at_start": (1.0, 1.0, 1.0),
@@ -37,7 +36,7 @@ def test_the_plain_loop_gives_every_object_one_row_and_the_tables_show_it(
                       "engine_over_loop": loop["seconds"], "loop": loop, "engine": engine}],
         },
     }  # fmt: skip
-    text = bench.report(doc)
+    text = report(doc)
     assert "| objects | loop_seconds | engine_seconds |" in text and "| 8 |" in text
     names = [lay.name for lay in layouts(2, 8)]
     assert names[0].endswith("(before)") and "split" in names[1] and "2 threads" in names[2]
