@@ -228,7 +228,8 @@ class PackSampler:
                 obs, summaries.beta, a[SCALE], self.config.sampler.aperture_radius_frac,
                 cfg.image_size,
             )  # fmt: skip
-            calibrated = calibrated_columns(snr, summaries.std_flux, self.calibration)
+            calibrated = calibrated_columns(snr, summaries.std_flux, self.calibration,
+                                            self.config.sampler.aperture_radius_frac)  # fmt: skip
         except Exception as e:  # a failing pack becomes error rows; the run goes on
             log.exception("sampling failed for %d objects", pack.num_rows)
             why = f"sampling failed: {type(e).__name__}: {e}"

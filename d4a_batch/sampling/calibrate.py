@@ -14,6 +14,14 @@ NaN outside the edges or without calibration), ``Col.CALIB_LAMBDA68``/``95`` and
 ``Col.HALFWIDTH68_FLUX``/``95`` = λ_p · z_p · std_flux [C,N,N]. The raw std stays in
 ``Col.STD_FLUX``. Without a calibration, or with one fitted for another sampler config,
 everything but the S/N is NaN.
+
+No interval where it would be degenerate (``degenerate_intervals``): an object whose
+posterior flux has zero spread at some core pixel (the profiled amplitude α hit its clamp at
+0 in a band, so every sample has zero flux there: a bright unmasked neighbour the galaxy
+model anti-correlates with) gets NaN λ and half-widths: no λ makes a zero-width interval
+cover. The calibration fit (``validation.conformal``) leaves out the same objects by the same
+rule, which reads only the samples (never the truth), so the guarantee holds for the objects
+that get an interval.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 
 from d4a_batch.physics.operator import ObservationBatch
 from d4a_batch.prior.calibration import Calibration, sampler_fingerprint, z_score
+from d4a_batch.sampling.summaries import aperture_mask
 from d4a_batch.schema import Col
 
 CALIBRATED_SCALARS = (Col.SNR, Col.CALIB_BIN, Col.CALIB_LAMBDA68, Col.CALIB_LAMBDA95)
@@ -68,19 +77,37 @@ def observed_snr(
     return out
 
 
+def degenerate_intervals(std_flux: np.ndarray, radius_frac: float) -> np.ndarray:
+    """bool [B]: the posterior flux std std_flux[B,C,N,N] is zero (or not finite) at some
+    pixel of the core (the centred disc of radius ``radius_frac · N``, the calibration's
+    loss pixels) in some band."""
+    std = np.asarray(std_flux)
+    if std.ndim != 4 or std.shape[-1] != std.shape[-2]:
+        raise ValueError(f"degenerate_intervals: std_flux {std.shape}, expected [B, C, N, N]")
+    core = std[:, :, aperture_mask(std.shape[-1], radius_frac)]
+    return ~(np.isfinite(core) & (core > 0)).all((1, 2))
+
+
 def calibrated_columns(
-    snr: np.ndarray, std_flux: np.ndarray, calibration: Calibration | None
+    snr: np.ndarray,
+    std_flux: np.ndarray,
+    calibration: Calibration | None,
+    radius_frac: float | None = None,
 ) -> dict[str, np.ndarray]:
     """The calibrated columns of B objects (see the module docstring), keyed by ``Col`` names.
 
     ``snr[B]``, ``std_flux[B,C,N,N]`` -> scalars [B] float64 and half-width maps
     [B,C,N,N] float32. ``calibration`` None (absent, or fitted for another sampler config)
-    gives NaN for all but the S/N.
+    gives NaN for all but the S/N; ``radius_frac`` (the sampler's aperture) given, objects
+    with ``degenerate_intervals`` get NaN λ.
     """
     snr = np.asarray(snr, dtype=np.float64).reshape(-1)
     std = np.asarray(std_flux, dtype=np.float32)
     if std.ndim != 4 or std.shape[0] != snr.size:
         raise ValueError(f"calibrated_columns: snr {snr.shape}, std_flux {std.shape}")
+    usable = np.ones(snr.size, bool)
+    if radius_frac is not None:
+        usable = ~degenerate_intervals(std, radius_frac)
     cols: dict[str, np.ndarray] = {Col.SNR: snr}
     if calibration is None:
         cols[Col.CALIB_BIN] = np.full(snr.size, np.nan)
@@ -90,6 +117,7 @@ def calibrated_columns(
     for p, name in CALIBRATED_MAPS.items():
         fitted = calibration is not None and any(abs(p - q) < 1e-9 for q in calibration.levels)
         lam = calibration.lambda_for(p, snr) if fitted else np.full(snr.size, np.nan)
+        lam = np.where(usable, lam, np.nan)
         cols[_LAMBDA_COLS[p]] = lam
         cols[name] = (std * (lam * z_score(p)).astype(np.float32)[:, None, None, None]).astype(
             np.float32

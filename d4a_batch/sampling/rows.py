@@ -12,11 +12,15 @@ point ``sampling.deconvolve`` imports the algorithms (no import circle: issue 32
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+
+log = logging.getLogger(__name__)
 
 _STREAM_NOISE = 0  # x_T and the per-step noise
 _STREAM_PHOTOZ = 1  # the per-sample photo-z draw
@@ -120,4 +124,25 @@ def network_autocast(precision: str, device: torch.device):
     if precision not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"unknown network precision {precision!r}")
     on = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    if on and device.type == "cpu" and not cpu_has_native_bfloat16():
+        _warn_emulated_bfloat16()
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 matrix arithmetic natively (AVX512-BF16 or AMX, as
+    oneDNN reports it); True when torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+@functools.cache
+def _warn_emulated_bfloat16() -> None:
+    log.warning(
+        "network_precision 'bfloat16' on a CPU without native bfloat16 (no AVX512-BF16 or "
+        "AMX): the network may run slower than in float32 (the samples differ only at "
+        "bfloat16 rounding); for speed set the sampler's network_precision to 'float32' (its calibrated "
+        "interval columns then need a calibration for that config: jobs/calibrate_prior.py)"
+    )

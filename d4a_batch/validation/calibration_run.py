@@ -27,6 +27,7 @@ from d4a_batch.sampling.calibrate import observed_snr
 from d4a_batch.schema import Col, band_col
 from d4a_batch.survey.packs import SCALE
 from d4a_batch.validation.calibration import calibration_report
+from d4a_batch.validation.conformal import degenerate_samples
 from d4a_batch.validation.report import markdown_table
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import read_sampled_pack, truth_snr
@@ -102,10 +103,15 @@ def score_sets(
     ``_plugin`` columns from the plug-in λ, and each galaxy's id, magnitude, z, S/N, χ²."""
     reports = {}
     for name, data in sets.items():
-        lam = {level_key(p): cal.lambda_for(p, data["snr"]) for p in levels}
+        # the catalog gives no interval where it would be degenerate (sampling.calibrate)
+        usable = ~degenerate_samples(data["flux"], core)
+        lam = {level_key(p): np.where(usable, cal.lambda_for(p, data["snr"]), np.nan)
+               for p in levels}  # fmt: skip
         hat = {
-            level_key(p): plug_in_lambdas(cal, details, level_key(p), data["snr"]) for p in levels
-        }
+            level_key(p): np.where(usable, plug_in_lambdas(cal, details, level_key(p),
+                                                           data["snr"]), np.nan)
+            for p in levels
+        }  # fmt: skip
         rep = calibration_report(data["flux"], data["truth"], data["snr"], edges, core, levels,
                                  lam, core_radius=core_radius)  # fmt: skip
         rep_hat = calibration_report(data["flux"], data["truth"], data["snr"], edges, core,
@@ -115,8 +121,10 @@ def score_sets(
             for k, v in grp_hat.items():
                 if "_calibrated" in k:
                     grp[k.replace("_calibrated", "_plugin")] = v
+        rep["n_degenerate"] = int((~usable).sum())
         for i, g in enumerate(rep["per_galaxy"]):
             g |= {"object_id": int(data["object_id"][i]), "mag_i": float(data["mag_i"][i]),
+                  "degenerate": bool(not usable[i]),
                   "z": float(data["z"][i]), "snr_true": float(data["snr_true"][i]),
                   "chi2": float(data["chi2"][i])}  # fmt: skip
         reports[name] = rep

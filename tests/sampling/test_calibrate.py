@@ -67,6 +67,32 @@ def test_calibrated_columns_scale_the_std_by_lambda_and_z():
         calibrated_columns(np.array([5.0, 1.0]), std[:1], None)
 
 
+def test_no_interval_where_the_posterior_flux_has_no_spread_in_the_core():
+    """A band whose profiled amplitude hit 0 has zero flux std: no λ makes a zero-width
+    interval cover, so the object gets NaN (and the fit leaves it out by the same rule)."""
+    from d4a_batch.sampling.calibrate import degenerate_intervals
+    from d4a_batch.validation.conformal import degenerate_samples, fit_calibration
+
+    std = np.ones((3, 2, 8, 8), np.float32)
+    std[1, 1] = 0.0  # one band pinned
+    std[2, 0, 0, 0] = 0.0  # a corner pixel, outside the core disc (radius 0.25 · 8)
+    np.testing.assert_array_equal(degenerate_intervals(std, 0.25), [False, True, False])
+    cols = calibrated_columns(np.array([5.0] * 3), std, _cal(SamplerConfig()), 0.25)
+    assert np.isfinite(cols[Col.CALIB_LAMBDA68][[0, 2]]).all()
+    assert np.isnan(cols[Col.CALIB_LAMBDA68][1]) and np.isnan(cols[Col.HALFWIDTH68_FLUX][1]).all()
+    # the fit's rule on samples [G,S,C,N,N] is the catalog's on their std
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(40, 8, 2, 8, 8))
+    samples[3, :, 1] = 0.0
+    truth = rng.normal(size=(40, 2, 8, 8))
+    core = np.zeros((8, 8), bool)
+    core[2:6, 2:6] = True
+    assert np.flatnonzero(degenerate_samples(samples, core)).tolist() == [3]
+    _, counts, details = fit_calibration(samples, truth, np.full(40, 5.0), (0.0, 10.0), core,
+                                         bound="none")  # fmt: skip
+    assert counts == [39] and details["n_degenerate_left_out"] == 1
+
+
 def test_only_a_calibration_fitted_for_the_sampler_config_is_used():
     cal = _cal(SamplerConfig(steps=50))
     assert usable_calibration(cal, SamplerConfig(steps=50, seed=4)) is cal
