@@ -46,6 +46,18 @@ def _as_array(values: pd.Series) -> np.ndarray | None:
     return None
 
 
+def _text(values: pd.Series) -> np.ndarray:
+    """A column as strings, missing values (None, NaN, pandas' NA) as one token."""
+    return np.array(["<missing>" if _missing(v) else str(v) for v in values], dtype=object)
+
+
+def _missing(v: Any) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # arrays: not a missing scalar
+        return False
+
+
 def compare(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
     """The differences between catalogs a and b (``read_catalog``; see the module docstring)."""
     shared = a.index.intersection(b.index)
@@ -75,12 +87,12 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
                 "max_rel": float(per_obj.max() / scale) if per_obj.size and scale > 0 else 0.0,
             }
         else:
-            same = a[col].astype(str).to_numpy() == b[col].astype(str).to_numpy()
+            same = _text(a[col]) == _text(b[col])
             out["columns"][col] = {"n_different": int((~same).sum())}
     changed = []
     for col in (Col.STATUS, Col.FLAGS):
         if col in a and col in b:
-            for oid in shared[a[col].astype(str).to_numpy() != b[col].astype(str).to_numpy()]:
+            for oid in shared[_text(a[col]) != _text(b[col])]:
                 changed.append({"object_id": int(oid), "column": col,
                                 "first": str(a.at[oid, col]), "second": str(b.at[oid, col])})  # fmt: skip
     out["status_or_flags_changed"] = changed
@@ -101,8 +113,10 @@ def describe(diff: dict[str, Any], show: int = 20) -> str:
     lines.append(f"{len(cols)} shared columns, {len(differing)} with differences")
     for c in differing[:show]:
         d = cols[c]
-        nums = f", max |diff| {d['max_abs']:.3g} ({d['max_rel']:.2g} of the column's scale)"
-        lines.append(f"  {c}: {d['n_different']} objects{nums if 'max_abs' in d else ''}")
+        nums = ""
+        if "max_abs" in d:
+            nums = f", max |diff| {d['max_abs']:.3g} ({d['max_rel']:.2g} of the column's scale)"
+        lines.append(f"  {c}: {d['n_different']} objects{nums}")
     for ch in diff["status_or_flags_changed"][:show]:
         lines.append(f"  object {ch['object_id']}: {ch['column']} {ch['first']} -> {ch['second']}")
     return "\n".join(lines)

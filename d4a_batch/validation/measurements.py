@@ -330,6 +330,7 @@ def figure(table: pd.DataFrame, path) -> None:
     ax.axhline(0, color="k", lw=0.8)
     ax.axvline(2, color="0.5", ls=":", lw=0.8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("true r50 / PSF HWHM (i)")
     ax.set_ylabel("r50: (estimate − truth) / truth")
     ax.legend(fontsize=8)

@@ -23,6 +23,7 @@ def _write(root, ids, r50, maps, status, run_id):
         Col.R50_KPC: pa.array(r50, pa.float64()),
         Col.MEAN_FLUX: tensor_array(np.asarray(maps, np.float32)),
         Col.RUN_ID: [run_id] * len(ids),
+        Col.MESSAGE: pa.array([None] * len(ids), pa.string()),
     })  # fmt: skip
     pq.write_table(table, root / "dataset" / "part0.parquet")
 
@@ -58,3 +59,6 @@ def test_changes_are_found_and_sized(tmp_path, capsys):
     assert doc["columns"][Col.MEAN_FLUX]["n_different"] == 1
     assert abs(doc["columns"][Col.MEAN_FLUX]["max_abs"] - 1e-3) < 1e-6
     assert "mean_flux: 1 objects" in capsys.readouterr().out
+    # a text column that differs is listed without sizes
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "status: 1 objects\n" in capsys.readouterr().out
