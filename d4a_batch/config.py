@@ -425,10 +425,11 @@ class SamplerConfig:
     refine_cg_iterations: int = setting(0, non_negative)
     # dds: a row stops its Gauss-Newton iterations once one lowered its perturbed objective by
     # less than this fraction (the residual is near-linear there: faint objects); later
-    # iterations run on the other rows only. 0: every row runs all ``gauss_newton`` (the
-    # behaviour before 2026-12-08). 0.1 since 2026-12-08: with bfloat16 below, 0.72x the CPU
-    # time, chi2/dof within 1 % per i magnitude, coverage within 0.02 (docs/HISTORY.md, issue 30)
-    gauss_newton_tol: float = setting(0.1, between(0, 1, hi_open=True))
+    # iterations run on the other rows only. 0: every row runs all ``gauss_newton``. 0.1 with
+    # bfloat16 below is the calibrated "fast" sampler (sampler_spec.NAMED): 0.72x the CPU
+    # time, chi2/dof within 5 % per i magnitude, raw coverage 0.04-0.05 lower at i = 22-24
+    # (docs/HISTORY.md 2026-12-08 session 3, issue 30)
+    gauss_newton_tol: float = setting(0.0, between(0, 1, hi_open=True))
     # dds/daps: also clip the data step's output (DDS: x̂0' at every step; both: the final
     # sample) to the prior's range [-1, 1], as clip_x0 clips the network's x̂0. True was the
     # only behaviour before 2026-12-03: it pins empty-sky pixels that the data want below
@@ -437,11 +438,11 @@ class SamplerConfig:
     # free; docs/HISTORY.md, 2026-12-03 "the clip after the data step")
     clip_data_step: bool = setting(False)
     marginalise_photoz: bool = setting(False)
-    # the network's arithmetic: "auto" (bfloat16 autocast on CUDA, float32 elsewhere: the
-    # behaviour before 2026-12-08) | "bfloat16" (autocast on any device, the default since
-    # 2026-12-08: 2.5x faster on CPUs with AMX or AVX512-BF16, slower on those without, which
-    # get a warning: rows.network_autocast) | "float32" (issue 30)
-    network_precision: str = setting("bfloat16", one_of(*NETWORK_PRECISIONS))
+    # the network's arithmetic: "auto" (bfloat16 autocast on CUDA, float32 elsewhere) |
+    # "bfloat16" (autocast on any device: 2.5x faster on CPUs with AMX or AVX512-BF16, slower
+    # on those without, which get a warning: rows.network_autocast; samples depend on the
+    # batch at ~1e-3, not 1e-4; DAPS on a very bright galaxy gave NaN) | "float32" (issue 30)
+    network_precision: str = setting("auto", one_of(*NETWORK_PRECISIONS))
     # hallucination-score aperture, of the image side
     aperture_radius_frac: float = setting(30 / 256, between(0, 0.5, lo_open=True))
     keep_samples: int = setting(0, non_negative)  # raw samples kept per object in the output

@@ -4,7 +4,9 @@ Every job's ``--sampler`` (and ``--compare``, ``--engine-sampler``, ...) and the
 section of the engine's ``--config`` take the same SPEC, resolved by ``sampler_config``:
 
 - ``default``: the engine's ``SamplerConfig()``; ``demo``: the demo job's settings
-  (``DEMO_SAMPLER``). An empty SPEC is ``default``'s fields over the base (the base itself).
+  (``DEMO_SAMPLER``); ``fast``: the default in bfloat16 with ``gauss_newton_tol`` 0.1
+  (``FAST_SAMPLER``, calibrated; issue 30). An empty SPEC is ``default``'s fields over the
+  base (the base itself).
 - tokens, the frontier's short form: ``dps``, ``dps:50``, ``daps:30:4:20``,
   ``dds:25:10[:gnK][:mode][:clip|:free][:rcgK][:tolX]``, and ``bf16``/``fp32`` for any
   algorithm (``spec_fields`` says what each token sets);
@@ -30,14 +32,17 @@ from d4a_batch.config import ConfigError, SamplerConfig, from_dict, to_dict
 # (sampling/dds.py): at 25 steps DPS under-fits bright galaxies (4 of 32 demo objects POOR_FIT
 # at chi2/dof 3.9-8.8); DDS fits them (1.8-2.1) in less time
 # (docs/HISTORY.md, 2026-12-02 DDS). The float32 network on CPU and every row through all three
-# Gauss-Newton iterations, as before 2026-12-08: the demo's calibration (priors/demo-64) was
-# fitted so; the default's bfloat16 / gauss_newton_tol speed-up needs a demo refit first
+# Gauss-Newton iterations: the demo's calibration (priors/demo-64) was fitted so
 DEMO_SAMPLER = SamplerConfig(steps=25, samples=4, sampler="dds", cg_iterations=10,
                              network_precision="auto", gauss_newton_tol=0.0)  # fmt: skip
-NAMED = {"default": SamplerConfig(), "demo": DEMO_SAMPLER}
+# the default at 0.72x its CPU time, with its own calibration in priors/demo-64: the network in
+# bfloat16, rows stop Gauss-Newton at a 10 % gain (issue 30; not the default: raw coverage
+# 0.04-0.05 lower at i = 22-24, samples batch-dependent at ~1e-3; docs/HISTORY.md 2026-12-08)
+FAST_SAMPLER = SamplerConfig(network_precision="bfloat16", gauss_newton_tol=0.1)
+NAMED = {"default": SamplerConfig(), "demo": DEMO_SAMPLER, "fast": FAST_SAMPLER}
 ALGORITHMS = ("dps", "daps", "dds")
 SPEC_HELP = (
-    "sampler config: 'default', 'demo', tokens (dps:50, daps:30:4:20, dds:25:10:gn3), a JSON "
+    "sampler config: 'default', 'demo', 'fast', tokens (dps:50, daps:30:4:20, dds:25:10:gn3), a JSON "
     "object of SamplerConfig fields, or a JSON file of them (d4a_batch/sampler_spec.py)"
 )
 PRECISION = {"bf16": "bfloat16", "fp32": "float32"}

@@ -13,6 +13,9 @@ from d4a_batch.sampler_spec import DEMO_SAMPLER, run_config_sampler, sampler_con
 def test_names_tokens_json_and_files_name_the_same_configs(tmp_path):
     assert sampler_config("default") == SamplerConfig()
     assert sampler_config("demo") == DEMO_SAMPLER
+    fast = sampler_config("fast")
+    assert (fast.network_precision, fast.gauss_newton_tol) == ("bfloat16", 0.1)
+    assert fast.steps == SamplerConfig().steps and fast.samples == SamplerConfig().samples
     assert sampler_config("") == sampler_config(None) == SamplerConfig()
     dds = sampler_config("dds:25:10")
     assert (dds.sampler, dds.steps, dds.cg_iterations) == ("dds", 25, 10)
@@ -60,3 +63,14 @@ def test_the_engine_takes_the_same_spec_in_sampler_and_config(tmp_path):
     cfg = run_config(parse_args(["--sampler", "demo", "--seed", "4"]), demo=False)
     assert cfg.sampler == sampler_config("demo", seed=4)
     assert run_config(parse_args([]), demo=True).sampler == DEMO_SAMPLER
+
+
+def test_the_fast_sampler_has_the_shipped_priors_calibration():
+    from d4a_batch.prior.artifact import load_prior
+    from d4a_batch.sampler_spec import FAST_SAMPLER
+    from d4a_batch.sampling.calibrate import usable_calibration
+    from d4a_batch.schema import DEMO_PRIOR_DIR
+
+    cals = load_prior(DEMO_PRIOR_DIR).calibrations
+    assert usable_calibration(cals, FAST_SAMPLER) is not None
+    assert usable_calibration(cals, SamplerConfig()) is not None
