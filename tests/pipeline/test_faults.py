@@ -174,15 +174,28 @@ def _kill_an_actor_midway(thread, reached, release, result, out) -> None:
         pids = _sampling_actor_pids()
     assert pids, "no sampling actor appeared"
     assert reached.wait(600), "no partition was committed in 600 s"
-    pids = _sampling_actor_pids() or pids
     result["committed_at_kill"] = _committed(out)
     running_at_kill = thread.is_alive()
-    os.kill(pids[0], signal.SIGKILL)
-    result["killed"] = pids[0]
+    # an actor process found a moment ago may have exited since (Ray Data retires idle pool
+    # workers): kill one that is there now, looking again for a few seconds
+    killed, kill_deadline = None, time.monotonic() + 30
+    while killed is None and time.monotonic() < kill_deadline:
+        for pid in _sampling_actor_pids() or pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed = pid
+            break
+        else:
+            time.sleep(0.2)
+            pids = []
+    assert killed is not None, "no sampling actor left to kill"
+    result["killed"] = killed
     release.set()
     thread.join(timeout=600)
     assert running_at_kill and not thread.is_alive()
-    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
 
 
 def _kill_session(sid: int) -> None:
