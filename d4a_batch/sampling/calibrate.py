@@ -77,15 +77,20 @@ def observed_snr(
     return out
 
 
-def degenerate_intervals(std_flux: np.ndarray, radius_frac: float) -> np.ndarray:
+def degenerate_intervals(std_flux: np.ndarray, core: np.ndarray | None = None) -> np.ndarray:
     """bool [B]: the posterior flux std std_flux[B,C,N,N] is zero (or not finite) at some
-    pixel of the core (the centred disc of radius ``radius_frac · N``, the calibration's
-    loss pixels) in some band."""
+    selected pixel in some band. ``core``: bool [N,N] (every band) or [C,N,N]; None: every
+    pixel. The catalog selects the centred disc of radius ``aperture_radius_frac · N``
+    (``calibrated_columns``), the calibration fit its loss pixels (``validation.conformal``)."""
     std = np.asarray(std_flux)
     if std.ndim != 4 or std.shape[-1] != std.shape[-2]:
         raise ValueError(f"degenerate_intervals: std_flux {std.shape}, expected [B, C, N, N]")
-    core = std[:, :, aperture_mask(std.shape[-1], radius_frac)]
-    return ~(np.isfinite(core) & (core > 0)).all((1, 2))
+    if core is None:
+        px = std.reshape(std.shape[0], -1)
+    else:
+        core = np.asarray(core, bool)
+        px = (std[:, core] if core.ndim == 3 else std[:, :, core]).reshape(std.shape[0], -1)
+    return ~(np.isfinite(px) & (px > 0)).all(1)
 
 
 def calibrated_columns(
@@ -107,7 +112,7 @@ def calibrated_columns(
         raise ValueError(f"calibrated_columns: snr {snr.shape}, std_flux {std.shape}")
     usable = np.ones(snr.size, bool)
     if radius_frac is not None:
-        usable = ~degenerate_intervals(std, radius_frac)
+        usable = ~degenerate_intervals(std, aperture_mask(std.shape[-1], radius_frac))
     cols: dict[str, np.ndarray] = {Col.SNR: snr}
     if calibration is None:
         cols[Col.CALIB_BIN] = np.full(snr.size, np.nan)

@@ -23,11 +23,10 @@ from d4a_batch.prior.calibration import (
     sampler_fingerprint,
     saved_sampler_dict,
 )
-from d4a_batch.sampling.calibrate import observed_snr
+from d4a_batch.sampling.calibrate import degenerate_intervals, observed_snr
 from d4a_batch.schema import Col, band_col
 from d4a_batch.survey.packs import SCALE
 from d4a_batch.validation.calibration import calibration_report
-from d4a_batch.validation.conformal import degenerate_samples
 from d4a_batch.validation.report import markdown_table
 from d4a_batch.validation.samples import flux_samples
 from d4a_batch.validation.science import read_sampled_pack, truth_snr
@@ -104,7 +103,7 @@ def score_sets(
     reports = {}
     for name, data in sets.items():
         # the catalog gives no interval where it would be degenerate (sampling.calibrate)
-        usable = ~degenerate_samples(data["flux"], core)
+        usable = ~degenerate_intervals(data["flux"].std(1), core)
         lam = {level_key(p): np.where(usable, cal.lambda_for(p, data["snr"]), np.nan)
                for p in levels}  # fmt: skip
         hat = {

@@ -32,6 +32,7 @@ import numpy as np
 from scipy.stats import binom
 
 from d4a_batch.prior.calibration import level_key, z_score
+from d4a_batch.sampling.calibrate import degenerate_intervals
 from d4a_batch.validation.calibration import _check, _selection, snr_bins
 from d4a_batch.validation.metrics import COVERAGE_LEVELS
 
@@ -242,8 +243,8 @@ def fit_calibration(
 ) -> tuple[dict[str, list[float | None]], list[int], dict[str, Any]]:
     """λ per S/N bin and level: ({level_key: [λ per bin]}, n per bin, details).
 
-    Galaxies whose samples are degenerate at a selected pixel (``degenerate_samples``: the
-    catalog gives them no interval) are left out first (``details["n_degenerate_left_out"]``).
+    Galaxies whose samples have no spread at a selected pixel (the catalog's rule,
+    ``sampling.calibrate.degenerate_intervals``: it gives them no interval) are left out first (``details["n_degenerate_left_out"]``).
     A bin with fewer than ``min_per_bin`` galaxies, or whose bound does not reach α, takes
     the λ fitted on all galaxies pooled (recorded in details as ``source``: "bin" / "pooled"
     / "none"). ``mask`` selects the pixels of the loss (the catalog's calibration uses the
@@ -251,7 +252,7 @@ def fit_calibration(
     """
     s, t = _check(samples, truth)
     # the objects the catalog gives no interval (sampling.calibrate.degenerate_intervals)
-    usable = ~degenerate_samples(s, mask)
+    usable = ~degenerate_intervals(s.std(1), mask)
     s, t, snr = s[usable], t[usable], np.asarray(snr)[usable]
     bins = snr_bins(snr, edges)
     n_bins = len(edges) - 1
@@ -281,16 +282,6 @@ def fit_calibration(
         details[key] = {"pooled": _fit_doc(pooled), "bins": info}
     details["n_degenerate_left_out"] = int((~usable).sum())
     return lambdas, counts, details
-
-
-def degenerate_samples(samples: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """bool [G]: flux samples samples[G,S,C,N,N] whose spread is zero (or not finite) at some
-    selected pixel (``mask`` [N,N], None: all) in some band: the catalog's
-    ``sampling.calibrate.degenerate_intervals`` on the same samples."""
-    s = np.asarray(samples)
-    std = s.std(1)
-    core = std[:, _selection(mask, s.shape[2:])]  # [G, P]
-    return ~(np.isfinite(core) & (core > 0)).all(1)
 
 
 def _fit_doc(fit: LambdaFit) -> dict[str, Any]:

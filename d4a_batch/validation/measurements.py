@@ -200,17 +200,12 @@ def done_when(table: pd.DataFrame) -> dict[str, dict]:
     - ``axis_ratio``: the posterior's median absolute error below the observed image's in
       every i-magnitude bin with ≥ ``MIN_PER_BIN`` objects.
     """
-    q = Col.R50_ARCSEC
-    t = table[_usable(table, q)]
-    s = t[(t["size_ratio"] < 2.0) & (t["mag_true"] <= 22.0)]
-    true = s[f"{q}_true"].to_numpy()
-    post = _stats(errors(s[q].to_numpy(), true, "relative"))["median_abs"]
-    obs = _stats(errors(s[obs_col(q)].to_numpy(), true, "relative"))["median_abs"]
-    cov = covered(s[pct_col(q, 16)], s[pct_col(q, 84)], s[q], true, "relative")
-    cov = cov[np.isfinite(cov)]
-    cov_v = float(cov.mean()) if cov.size else np.nan
+    small = table[(table["size_ratio"] < 2.0) & (table["mag_true"] <= 22.0)]
+    (stats,) = summary_rows(small, "mag_true", (), [Col.R50_ARCSEC])  # its one bin: "all"
+    post, obs = stats["post_median_abs"], stats["obs_median_abs"]
+    cov_v = stats["post_coverage_16_84"]
     r50 = {
-        "n": len(s),
+        "n": stats["n_objects"],
         "post_median_abs_rel": post,
         "obs_median_abs_rel": obs,
         "ratio": post / obs if obs > 0 else np.nan,

@@ -71,23 +71,26 @@ def test_no_interval_where_the_posterior_flux_has_no_spread_in_the_core():
     """A band whose profiled amplitude hit 0 has zero flux std: no λ makes a zero-width
     interval cover, so the object gets NaN (and the fit leaves it out by the same rule)."""
     from d4a_batch.sampling.calibrate import degenerate_intervals
-    from d4a_batch.validation.conformal import degenerate_samples, fit_calibration
+    from d4a_batch.sampling.summaries import aperture_mask
+    from d4a_batch.validation.conformal import fit_calibration
 
     std = np.ones((3, 2, 8, 8), np.float32)
     std[1, 1] = 0.0  # one band pinned
     std[2, 0, 0, 0] = 0.0  # a corner pixel, outside the core disc (radius 0.25 · 8)
-    np.testing.assert_array_equal(degenerate_intervals(std, 0.25), [False, True, False])
+    np.testing.assert_array_equal(
+        degenerate_intervals(std, aperture_mask(8, 0.25)), [False, True, False]
+    )
     cols = calibrated_columns(np.array([5.0] * 3), std, _cal(SamplerConfig()), 0.25)
     assert np.isfinite(cols[Col.CALIB_LAMBDA68][[0, 2]]).all()
     assert np.isnan(cols[Col.CALIB_LAMBDA68][1]) and np.isnan(cols[Col.HALFWIDTH68_FLUX][1]).all()
-    # the fit's rule on samples [G,S,C,N,N] is the catalog's on their std
+    # the fit applies the same rule to the std of samples [G,S,C,N,N]
     rng = np.random.default_rng(0)
     samples = rng.normal(size=(40, 8, 2, 8, 8))
     samples[3, :, 1] = 0.0
     truth = rng.normal(size=(40, 2, 8, 8))
     core = np.zeros((8, 8), bool)
     core[2:6, 2:6] = True
-    assert np.flatnonzero(degenerate_samples(samples, core)).tolist() == [3]
+    assert np.flatnonzero(degenerate_intervals(samples.std(1), core)).tolist() == [3]
     _, counts, details = fit_calibration(samples, truth, np.full(40, 5.0), (0.0, 10.0), core,
                                          bound="none")  # fmt: skip
     assert counts == [39] and details["n_degenerate_left_out"] == 1
